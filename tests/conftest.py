@@ -14,3 +14,25 @@ import jax  # noqa: E402
 
 # Tests use tiny models: compile time dominates, so skip most XLA optimisation passes.
 jax.config.update("jax_disable_most_optimizations", True)
+
+import importlib.util  # noqa: E402
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def load_config_file(name: str, *args):
+    """Loads ``configs/<name>`` the way ml_collections' config flag does and calls get_config."""
+    path = REPO / "configs" / name
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(*args)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """One TFDS data dir shared by the whole test session (offline datasets build once)."""
+    return str(tmp_path_factory.mktemp("tensorflow_datasets"))

@@ -1,0 +1,97 @@
+"""Orbax checkpoints of a whole run: one pytree of arrays plus a JSON record.
+
+A checkpoint at step ``s`` holds ``state`` (any pytree of jax Arrays: params, EMA/old params,
+optimizer state, step, RNG key data, tracker state) and ``meta`` (JSON: the config, the data
+position and anything else a resumed run needs to continue *the same* run). Saving is
+asynchronous; restoring puts every array back with the sharding of a template state, so a
+restored run is laid out exactly like a fresh one. If the newest checkpoint cannot be read
+(a partial write, a corrupted file), restore falls back to the previous one with a warning.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+
+def make_manager(directory: str, *, max_to_keep: int = 3, save_interval_steps: int = 1,
+                 asynchronous: bool = True) -> ocp.CheckpointManager:
+    """An Orbax ``CheckpointManager`` over ``directory`` (created if missing).
+
+    Args:
+      directory: where step folders are written (usually ``<workdir>/checkpoints``).
+      max_to_keep: how many most recent checkpoints are kept.
+      save_interval_steps: ``save`` is a no-op at steps that are not multiples of this unless
+        ``force=True``.
+      asynchronous: write in a background thread (training continues meanwhile).
+    """
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
+        enable_async_checkpointing=asynchronous, create=True)
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict, *,
+         force: bool = False) -> bool:
+    """Saves ``state`` and the JSON-able ``meta`` at ``step``; returns whether it was saved."""
+    return manager.save(
+        int(step),
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+        force=force)
+
+
+def abstract_like(state: Any) -> Any:
+    """Shape/dtype/sharding template of ``state`` for restoring without allocating it twice."""
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+
+
+def restore_latest(manager: ocp.CheckpointManager, template: Any
+                   ) -> Optional[tuple[int, Any, dict]]:
+    """Restores the newest readable checkpoint.
+
+    Args:
+      manager: the checkpoint manager.
+      template: a state with the structure, dtypes and shardings to restore into (a real state
+        or the output of :func:`abstract_like`).
+
+    Returns:
+      ``(step, state, meta)``, or ``None`` when the directory holds no checkpoint. A checkpoint
+      that fails to load is skipped with a warning and the previous one is tried.
+
+    Raises:
+      RuntimeError: if checkpoints exist but none can be read.
+    """
+    steps = sorted(manager.all_steps(), reverse=True)
+    if not steps:
+        return None
+    abstract = abstract_like(template)
+    errors = []
+    for step in steps:
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        except Exception as e:  # noqa: BLE001 - any unreadable checkpoint means: try the previous
+            logging.warning("Checkpoint at step %d in %s is unreadable (%s: %s); trying an "
+                            "older one.", step, manager.directory, type(e).__name__, e)
+            errors.append(f"step {step}: {type(e).__name__}: {e}")
+            continue
+        return step, restored.state, restored.meta
+    raise RuntimeError(f"No readable checkpoint in {manager.directory}: " + "; ".join(errors))
+
+
+def read_meta(directory: str, step: Optional[int] = None) -> tuple[int, dict]:
+    """Reads only the JSON record of a checkpoint (newest when ``step`` is None).
+
+    Useful to learn a checkpoint's config (image shape, architecture) before building models.
+    """
+    manager = ocp.CheckpointManager(os.path.abspath(directory))
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"No checkpoint found in {directory}")
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    manager.close()
+    return step, meta

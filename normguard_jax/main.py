@@ -1,0 +1,44 @@
+"""Command-line entry: ``python -m normguard_jax.main --config=configs/X.py --workdir=DIR``.
+
+The config file's ``job`` field picks the run function; any field can be overridden with
+``--config.<path>=value``. The config is validated before anything is built or compiled.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow is only used by clu's writers.
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from normguard_jax import pretrain  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
+
+JOBS = {
+    "pretrain": pretrain.run,
+}
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    config = _CONFIG.value
+    if config.job not in JOBS:
+        raise app.UsageError(f"config.job must be one of {sorted(JOBS)}, got {config.job!r}")
+    logging.info("Config:\n%s", config)
+    JOBS[config.job](config, _WORKDIR.value)
+
+
+def entry():
+    """Console-script entry point (``normguard``)."""
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)
+
+
+if __name__ == "__main__":
+    entry()

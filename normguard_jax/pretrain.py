@@ -1,0 +1,270 @@
+"""Pretraining of a class-conditional flow-matching generator (the RL base model).
+
+``run(config, workdir)`` trains, logs and checkpoints; it resumes automatically from the newest
+checkpoint in ``<workdir>/checkpoints``. Everything random is a function of ``(config.seed,
+step)``, so a run that was interrupted and resumed ends bit-identical to an uninterrupted one.
+
+The train step is one jitted function over a ``Mesh``: the batch is sharded over all devices,
+the state is replicated, and XLA inserts the gradient all-reduce.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from typing import Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import periodic_actions
+from flax import nnx
+
+from normguard_jax import (checkpointing, config_checks, data, flow, generate, models, optim,
+                           reporting, sharding)
+from normguard_jax.interrupts import StopFlag
+from normguard_jax.objectives.base import Context
+from normguard_jax.objectives.flow_matching import flow_matching_loss, make_flow_matching_batch
+from normguard_jax.train_state import TrainState
+
+Hook = Callable[[int, TrainState, dict], None]
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks every pretraining field; raises ConfigError naming the first bad one."""
+    c = config_checks
+    c.integer(config, "seed", 0)
+    c.one_of(config, "model.arch", models.GENERATORS)
+    c.one_of(config, "model.size", models.SIZES[config.model.arch])
+    c.one_of(config, "model.dtype", ("float32", "bfloat16"))
+    c.one_of(config, "flow.sigma_sampler", flow.TIMESTEP_SAMPLERS)
+    c.number(config, "flow.logit_std", 0, strict_minimum=True)
+    c.number(config, "flow.logit_mean")
+    c.number(config, "flow.train_shift", 0, strict_minimum=True)
+    c.number(config, "flow.label_dropout", 0, 1)
+    c.number(config, "optim.lr", 0, strict_minimum=True)
+    c.integer(config, "optim.warmup_steps", 0)
+    c.one_of(config, "optim.schedule", optim.SCHEDULES)
+    c.number(config, "optim.final_lr_fraction", 0, 1)
+    c.number(config, "optim.b1", 0, 1)
+    c.number(config, "optim.b2", 0, 1)
+    c.number(config, "optim.eps", 0, strict_minimum=True)
+    c.number(config, "optim.weight_decay", 0)
+    c.number(config, "optim.grad_clip", 0)
+    c.number(config, "optim.ema_decay", 0, 1)
+    c.integer(config, "train.steps", 1)
+    c.integer(config, "train.batch_size", 1)
+    for field in ("log_every", "sample_every", "checkpoint_every", "keep_checkpoints"):
+        c.integer(config, f"train.{field}", 1)
+    c.integer(config, "sample.num_steps", 1)
+    c.number(config, "sample.shift", 0, strict_minimum=True)
+    c.number(config, "sample.guidance_scale", 0)
+    c.integer(config, "sample.per_class", 1)
+    c.integer(config, "mesh.fsdp", 1)
+    if config.mesh.data != -1:
+        c.integer(config, "mesh.data", 1)
+
+
+def build_generator(config: ml_collections.ConfigDict, image_shape, num_classes: int):
+    """``(graphdef, params, velocity)`` of the configured generator, initialised from the seed."""
+    model = models.build_generator(
+        config.model.arch, image_shape=tuple(image_shape), num_classes=num_classes,
+        rngs=nnx.Rngs(config.seed), dtype=jnp.dtype(config.model.dtype),
+        remat=config.model.remat, **models.SIZES[config.model.arch][config.model.size])
+    graphdef, params = models.split_generator(model)
+    return graphdef, params, models.make_velocity_fn(graphdef)
+
+
+def sigma_sampler(config: ml_collections.ConfigDict):
+    """The training σ sampler ``(key, batch) -> (B,)`` from the ``flow`` block."""
+    kwargs = {"shift": config.flow.train_shift}
+    if config.flow.sigma_sampler == "logit_normal":
+        kwargs.update(mean=config.flow.logit_mean, std=config.flow.logit_std)
+    return functools.partial(flow.TIMESTEP_SAMPLERS[config.flow.sigma_sampler], **kwargs)
+
+
+def train_step(state: TrainState, batch: dict, *, velocity, optimizer, schedule, sampler,
+               null_class: int, label_dropout: float, ema_decay: float):
+    """One flow-matching update.
+
+    Args:
+      state: the replicated :class:`TrainState`.
+      batch: ``image`` (B, H, W, C) float32 in [-1, 1] and ``label`` (B,) int32, sharded.
+      velocity, optimizer, schedule, sampler: static pieces built from the config.
+      null_class, label_dropout, ema_decay: static hyper-parameters.
+
+    Returns:
+      ``(new_state, metrics)`` with scalar metrics ``loss``, ``grad_norm``, ``param_norm``,
+      ``lr`` (the rate used for this update).
+    """
+    key = jax.random.fold_in(state.key(), state.step)
+    fm_batch = make_flow_matching_batch(key, batch["image"], batch["label"],
+                                        sigma_sampler=sampler, null_class=null_class,
+                                        label_dropout=label_dropout)
+    ctx = Context(velocity=velocity)
+    (loss, _), grads = jax.value_and_grad(flow_matching_loss, has_aux=True)(
+        state.params, fm_batch, ctx)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = optax.incremental_update(params, state.ema_params, 1.0 - ema_decay)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+               "param_norm": optax.global_norm(params), "lr": schedule(state.step)}
+    new_state = state.replace(step=state.step + 1, params=params, ema_params=ema,
+                              opt_state=opt_state)
+    return new_state, metrics
+
+
+def _meta(config, split, step: int) -> dict:
+    return {"config": config.to_dict(), "step": int(step), "data_position": int(step),
+            "image_shape": list(split.image_shape), "num_classes": int(split.num_classes),
+            "class_names": list(split.class_names)}
+
+
+def _check_resume_compatible(meta: dict, config, split, workdir: str) -> None:
+    old = meta["config"]
+    for section, field in (("model", "arch"), ("model", "size"), ("data", "name")):
+        if old[section][field] != config[section][field]:
+            raise config_checks.ConfigError(
+                f"config.{section}.{field}={config[section][field]!r} differs from the "
+                f"checkpoint in {workdir} ({old[section][field]!r}); use a new workdir")
+    if tuple(meta["image_shape"]) != tuple(split.image_shape):
+        raise config_checks.ConfigError(
+            f"image shape {tuple(split.image_shape)} of config.data.name={config.data.name!r} "
+            f"differs from the checkpoint's {tuple(meta['image_shape'])} in {workdir}")
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, hooks: Iterable[Hook] = ()
+        ) -> TrainState:
+    """Trains (or resumes) a generator; returns the final state.
+
+    Writes into ``workdir``: ``checkpoints/`` (Orbax), TensorBoard events, ``metrics.jsonl``,
+    ``samples/*.png`` and ``parameters.txt``.
+
+    Args:
+      config: a pretraining config (``configs/pretrain_*.py``); validated first.
+      workdir: the run directory; an existing checkpoint there is resumed.
+      hooks: callables ``hook(step, state, metrics)`` run after every step (tests use them to
+        simulate a crash).
+    """
+    validate(config)
+    os.makedirs(workdir, exist_ok=True)
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    sharding.check_batch_divisible(config.train.batch_size, mesh, "config.train.batch_size")
+    split = data.load_split(config.data.name, config.data.split, config.data.data_dir or None)
+    null_class = split.num_classes
+
+    graphdef, params, velocity = build_generator(config, split.image_shape, split.num_classes)
+    summary = models.parameter_summary(params)
+    logging.info("Generator %s/%s on %s %s:\n%s", config.model.arch, config.model.size,
+                 config.data.name, split.image_shape, summary)
+    total = config.train.steps
+    optimizer, schedule = optim.build_optimizer(config.optim, total)
+    repl = sharding.replicated(mesh)
+    state = jax.device_put(TrainState.create(params, optimizer, jax.random.key(config.seed)),
+                           repl)
+
+    manager = checkpointing.make_manager(os.path.join(workdir, "checkpoints"),
+                                         max_to_keep=config.train.keep_checkpoints,
+                                         save_interval_steps=config.train.checkpoint_every)
+    restored = checkpointing.restore_latest(manager, state)
+    if restored is not None:
+        _, state, meta = restored
+        _check_resume_compatible(meta, config, split, workdir)
+        logging.info("Resumed from step %d in %s", int(state.step), workdir)
+    start = int(state.step)
+
+    step_fn = jax.jit(
+        functools.partial(train_step, velocity=velocity, optimizer=optimizer,
+                          schedule=schedule, sampler=sigma_sampler(config),
+                          null_class=null_class, label_dropout=config.flow.label_dropout,
+                          ema_decay=config.optim.ema_decay),
+        in_shardings=(repl, sharding.batch_sharding(mesh)), out_shardings=(repl, repl),
+        donate_argnums=0)
+
+    writer = reporting.make_writer(workdir)
+    if jax.process_index() == 0 and start == 0:
+        with open(os.path.join(workdir, "parameters.txt"), "w", encoding="utf-8") as f:
+            f.write(summary + "\n")
+        writer.write_hparams(_flat_hparams(config))
+    progress = periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
+                                               every_steps=config.train.log_every)
+    grid_labels = jnp.asarray(generate.class_grid_labels(split.num_classes,
+                                                         config.sample.per_class))
+    grid_key = jax.random.fold_in(jax.random.key(config.seed), 2**31 - 1)  # fixed across runs
+
+    def write_samples(step: int):
+        images = generate.generate_images(
+            velocity, state.ema_params, grid_labels, grid_key, image_shape=split.image_shape,
+            num_steps=config.sample.num_steps, shift=config.sample.shift,
+            guidance_scale=config.sample.guidance_scale, null_class=null_class)
+        reporting.write_grid(writer, workdir, step, "samples_ema", images,
+                             config.sample.per_class)
+
+    saved = {"step": start if restored is not None else None}
+
+    def checkpoint(step: int, force: bool):
+        if saved["step"] == step:
+            return
+        if checkpointing.save(manager, step, state, _meta(config, split, step), force=force):
+            saved["step"] = step
+
+    p_index, p_count = jax.process_index(), jax.process_count()
+    t0 = time.time()
+    step = start
+    with StopFlag() as stop:
+        try:
+            for step in range(start, total):
+                local = data.local_batch(split, step, config.train.batch_size, config.seed,
+                                         p_index, p_count)
+                batch = sharding.global_batch(local, mesh)
+                state, metrics = step_fn(state, batch)
+                done = step + 1
+                progress(done)
+                if done % config.train.log_every == 0 or done == total:
+                    scalars = jax.device_get(metrics)
+                    if not np.isfinite(scalars["loss"]):
+                        raise FloatingPointError(
+                            f"non-finite loss {scalars['loss']} at step {done} (steps "
+                            f"{done - config.train.log_every + 1}..{done}); last good "
+                            f"checkpoint is in {manager.directory}")
+                    writer.write_scalars(done, scalars)
+                for hook in hooks:
+                    hook(done, state, metrics)
+                checkpoint(done, force=False)
+                if done % config.train.sample_every == 0 and done != total:
+                    write_samples(done)
+                if stop.requested:
+                    logging.warning("SIGTERM: checkpointing step %d and stopping.", done)
+                    checkpoint(done, force=True)
+                    break
+            else:
+                checkpoint(total, force=True)
+                write_samples(total)
+        except KeyboardInterrupt:
+            logging.warning("Interrupted: checkpointing step %d.", int(state.step))
+            checkpoint(int(state.step), force=True)
+            raise
+        finally:
+            manager.wait_until_finished()
+            writer.flush()
+    logging.info("Trained steps %d..%d in %.1f s", start, int(state.step), time.time() - t0)
+    manager.close()
+    return state
+
+
+def _flat_hparams(config: ml_collections.ConfigDict) -> dict:
+    flat = {}
+
+    def walk(prefix, node):
+        for k, v in node.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, (dict, ml_collections.ConfigDict)):
+                walk(key + ".", v)
+            elif isinstance(v, (int, float, str, bool)):
+                flat[key] = v
+    walk("", config)
+    return flat

@@ -1,0 +1,127 @@
+"""Metric writers, image grids and progress reporting.
+
+Every run writes, under its workdir:
+- TensorBoard event files (scalars and image grids) through clu's ``metric_writers``;
+- ``metrics.jsonl``: one JSON object per logged step, for scripts and plots;
+- ``samples/<tag>_<step>.png``: the image grids, to look at without TensorBoard.
+Only process 0 writes; other processes get a writer that only logs to the console.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from clu import metric_writers
+from clu.metric_writers import interface
+from PIL import Image
+
+
+class JsonlWriter(interface.MetricWriter):
+    """Appends ``{"step": s, name: value, ...}`` lines to a file; only scalars are written."""
+
+    def __init__(self, path: str):
+        self._path = path
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+        row = {"step": int(step)}
+        row.update({k: float(np.asarray(v)) for k, v in scalars.items()})
+        with open(self._path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def write_summaries(self, step, values, metadata=None):
+        pass
+
+    def write_images(self, step, images):
+        pass
+
+    def write_videos(self, step, videos):
+        pass
+
+    def write_audios(self, step, audios, *, sample_rate):
+        pass
+
+    def write_texts(self, step, texts):
+        pass
+
+    def write_histograms(self, step, arrays, num_buckets=None):
+        pass
+
+    def write_hparams(self, hparams):
+        pass
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+
+def make_writer(workdir: str) -> metric_writers.MetricWriter:
+    """TensorBoard + console + ``metrics.jsonl`` on process 0; console only elsewhere."""
+    if jax.process_index() != 0:
+        return metric_writers.create_default_writer(workdir, just_logging=True)
+    return metric_writers.MultiWriter([
+        metric_writers.create_default_writer(workdir, asynchronous=False),
+        JsonlWriter(os.path.join(workdir, "metrics.jsonl")),
+    ])
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """Reads a ``metrics.jsonl`` file into a list of dicts (empty list if missing)."""
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def image_grid(images, ncols: int | None = None, pad: int = 1) -> np.ndarray:
+    """Tiles images into one uint8 RGB picture.
+
+    Args:
+      images: (N, H, W, C) float in [-1, 1] (values outside are clipped), C in {1, 3}.
+      ncols: images per row (default: ceil(sqrt(N))).
+      pad: pixels of grey between tiles.
+
+    Returns:
+      (rows·(H+pad)+pad, ncols·(W+pad)+pad, 3) uint8.
+    """
+    x = np.asarray(images, np.float32)
+    n, h, w, c = x.shape
+    if c == 1:
+        x = np.repeat(x, 3, axis=-1)
+    ncols = ncols or int(math.ceil(math.sqrt(n)))
+    nrows = int(math.ceil(n / ncols))
+    u8 = np.round((np.clip(x, -1, 1) + 1) * 127.5).astype(np.uint8)
+    grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, 3), 128, np.uint8)
+    for i in range(n):
+        r, col = divmod(i, ncols)
+        grid[pad + r * (h + pad):pad + r * (h + pad) + h,
+             pad + col * (w + pad):pad + col * (w + pad) + w] = u8[i]
+    return grid
+
+
+def save_png(path: str, grid: np.ndarray, upscale: int = 1) -> None:
+    """Writes a uint8 (H, W, 3) array as PNG, optionally enlarged by nearest-neighbour ``upscale``."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    if upscale > 1:
+        grid = np.repeat(np.repeat(grid, upscale, axis=0), upscale, axis=1)
+    Image.fromarray(grid).save(path)
+
+
+def write_grid(writer, workdir: str, step: int, tag: str, images, ncols: int) -> str:
+    """Sends an image grid to TensorBoard and to ``<workdir>/samples/<tag>_<step>.png``.
+
+    Returns the PNG path (written on process 0 only).
+    """
+    grid = image_grid(images, ncols)
+    writer.write_images(step, {tag: grid[None]})
+    path = os.path.join(workdir, "samples", f"{tag}_{int(step):07d}.png")
+    if jax.process_index() == 0:
+        save_png(path, grid, upscale=2)
+    return path
