@@ -12,6 +12,8 @@ INSTALL_REQUIRES = [
     "ml-collections>=1.1,<2",
     "tensorflow-datasets>=4.9.10,<5",
     "array-record>=0.8",
+    # tensorflow-datasets imports it when building but declares it only for old Pythons.
+    "importlib_resources",
     "clu>=0.0.12",
     # clu's metric writers import tensorflow and write through tensorboard.
     "tensorflow-cpu>=2.21,<2.22",

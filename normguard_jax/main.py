@@ -13,7 +13,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow is only used by
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from normguard_jax import pretrain  # noqa: E402
+from normguard_jax import pretrain, reporting  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
                                           lock_config=True)
@@ -27,6 +27,7 @@ JOBS = {
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    reporting.quiet_library_logs()
     config = _CONFIG.value
     if config.job not in JOBS:
         raise app.UsageError(f"config.job must be one of {sorted(JOBS)}, got {config.job!r}")

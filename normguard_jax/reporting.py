@@ -10,11 +10,13 @@ Only process 0 writes; other processes get a writer that only logs to the consol
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from typing import Any, Mapping
 
 import jax
+from absl import logging as absl_logging
 import numpy as np
 from clu import metric_writers
 from clu.metric_writers import interface
@@ -60,6 +62,23 @@ class JsonlWriter(interface.MetricWriter):
 
     def close(self):
         pass
+
+
+class _DropLibraryInfo(logging.Filter):
+    """Drops INFO/DEBUG records emitted from inside the given packages (Orbax is very chatty)."""
+
+    def __init__(self, packages):
+        super().__init__()
+        self._markers = tuple(f"{os.sep}{p}{os.sep}" for p in packages)
+
+    def filter(self, record):
+        return record.levelno >= logging.WARNING or not any(
+            m in record.pathname for m in self._markers)
+
+
+def quiet_library_logs(packages=("orbax", "etils", "tensorflow_datasets")) -> None:
+    """Keeps warnings of ``packages`` but hides their INFO lines on the absl log handler."""
+    absl_logging.get_absl_handler().addFilter(_DropLibraryInfo(packages))
 
 
 def make_writer(workdir: str) -> metric_writers.MetricWriter:
