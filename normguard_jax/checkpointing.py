@@ -83,6 +83,16 @@ def restore_latest(manager: ocp.CheckpointManager, template: Any
     raise RuntimeError(f"No readable checkpoint in {manager.directory}: " + "; ".join(errors))
 
 
+def restore_state(directory: str, step: int, template: Any) -> Any:
+    """Restores only the ``state`` item of the checkpoint at ``step`` into ``template``'s layout."""
+    manager = make_manager(directory, asynchronous=False)
+    try:
+        return manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_like(template)))).state
+    finally:
+        manager.close()
+
+
 def read_meta(directory: str, step: Optional[int] = None) -> tuple[int, dict]:
     """Reads only the JSON record of a checkpoint (newest when ``step`` is None).
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import os
 import time
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -268,3 +268,41 @@ def _flat_hparams(config: ml_collections.ConfigDict) -> dict:
                 flat[key] = v
     walk("", config)
     return flat
+
+
+class Pretrained(NamedTuple):
+    """A generator restored from a pretraining workdir.
+
+    Attributes:
+      velocity: pure ``velocity(params, x, sigma, cond) -> v``.
+      params: the restored parameters (the EMA by default).
+      config: the pretraining config the checkpoint was written with.
+      image_shape: (H, W, C).
+      num_classes: number of real classes (the null class is ``num_classes``).
+      step: the checkpoint's step.
+    """
+
+    velocity: Callable
+    params: object
+    config: ml_collections.ConfigDict
+    image_shape: tuple
+    num_classes: int
+    step: int
+
+
+def load_pretrained(workdir: str, *, use_ema: bool = True, step: int | None = None) -> Pretrained:
+    """Restores the generator of a pretraining run (newest checkpoint unless ``step`` is given).
+
+    Raises:
+      FileNotFoundError: no checkpoint in ``<workdir>/checkpoints``.
+    """
+    directory = os.path.join(workdir, "checkpoints")
+    step, meta = checkpointing.read_meta(directory, step)
+    config = ml_collections.ConfigDict(meta["config"])
+    _, params, velocity = build_generator(config, meta["image_shape"], meta["num_classes"])
+    optimizer, _ = optim.build_optimizer(config.optim, config.train.steps)
+    template = TrainState.create(params, optimizer, jax.random.key(0))
+    state = checkpointing.restore_state(directory, step, template)
+    return Pretrained(velocity=velocity, params=state.ema_params if use_ema else state.params,
+                      config=config, image_shape=tuple(meta["image_shape"]),
+                      num_classes=int(meta["num_classes"]), step=int(step))
