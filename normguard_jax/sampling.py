@@ -261,10 +261,9 @@ def dance_sde_step(
     reference training scripts use ``η = 0.3``.
 
     Log-prob (``(B,)``, per-pixel mean): the Gaussian log-density of ``x_next`` under
-    ``N(mean, std²)``. The reference implementation effectively keeps only the quadratic term
-    ``-(x_next - mean)²/(2·std²)`` (its ``-log std - ½log 2π`` terms are discarded); those terms do
-    not depend on the parameters, so likelihood ratios are identical either way.
-    ``include_constants=False`` reproduces the reference's numbers.
+    ``N(mean, std²)``, constants included, as in the reference. ``include_constants=False``
+    keeps only the quadratic term ``-(x_next - mean)²/(2·std²)``; the dropped terms do not depend
+    on the parameters, so likelihood ratios are identical either way.
 
     Args:
       x, v: ``(B, H, W, C)`` state and velocity at ``sigma``.
