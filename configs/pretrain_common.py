@@ -35,7 +35,7 @@ def make(dataset: str, arch: str) -> ml_collections.ConfigDict:
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 5e-4           # peak learning rate.
-    c.optim.warmup_steps = 200  # linear warm-up length.
+    c.optim.warmup_steps = 100  # linear warm-up length.
     c.optim.schedule = "cosine"  # after warm-up: "cosine" | "constant".
     c.optim.final_lr_fraction = 0.1  # cosine floor as a fraction of lr.
     c.optim.b1 = 0.9            # AdamW β1.
@@ -43,14 +43,14 @@ def make(dataset: str, arch: str) -> ml_collections.ConfigDict:
     c.optim.eps = 1e-8          # AdamW ε.
     c.optim.weight_decay = 0.0  # decoupled weight decay.
     c.optim.grad_clip = 1.0     # global-norm clipping threshold (0 = off).
-    c.optim.ema_decay = 0.999   # EMA of params used for samples and as the RL base model.
+    c.optim.ema_decay = 0.995   # EMA of params (samples, RL base); warmed up as min(d, (1+t)/(10+t)).
 
     c.train = ml_collections.ConfigDict()
-    c.train.steps = 2000        # optimizer steps in the whole run.
+    c.train.steps = 1200        # optimizer steps in the whole run.
     c.train.batch_size = 128    # global batch, split over all devices and processes.
     c.train.log_every = 50      # scalars (loss, grad/param norm, lr, steps/s) every N steps.
-    c.train.sample_every = 500  # sample grid (TensorBoard + PNG) every N steps and at the end.
-    c.train.checkpoint_every = 250  # checkpoint interval; also saved at the end and on SIGTERM.
+    c.train.sample_every = 300  # sample grid (TensorBoard + PNG) every N steps and at the end.
+    c.train.checkpoint_every = 200  # checkpoint interval; also saved at the end and on SIGTERM.
     c.train.keep_checkpoints = 3    # how many recent checkpoints to keep.
 
     c.sample = ml_collections.ConfigDict()

@@ -110,7 +110,9 @@ def train_step(state: TrainState, batch: dict, *, velocity, optimizer, schedule,
         state.params, fm_batch, ctx)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    ema = optax.incremental_update(params, state.ema_params, 1.0 - ema_decay)
+    # EMA warm-up: early on the average must not be dominated by the (zero-output) init.
+    decay = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step))
+    ema = optax.incremental_update(params, state.ema_params, 1.0 - decay)
     metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
                "param_norm": optax.global_norm(params), "lr": schedule(state.step)}
     new_state = state.replace(step=state.step + 1, params=params, ema_params=ema,
