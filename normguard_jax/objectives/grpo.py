@@ -1,0 +1,209 @@
+"""Flow-GRPO: clipped policy gradient on stored stochastic sampling transitions.
+
+A rollout with a stochastic sampler (Flow-GRPO's SDE, or CPS) stores, for every trained step of
+every sample, the state ``x`` at ``σ``, the next state ``x_next`` at ``σ_next`` and the per-pixel
+mean log-probability of that transition under the sampling (old) policy. Training re-scores the
+same transition under the current parameters and applies PPO's clipped surrogate:
+
+    ratio_i  = exp(log p_θ(x_next | x) - old_log_prob_i)
+    A_i      = clip(advantage_i, -adv_clip_max, adv_clip_max)
+    policy_i = max(-A_i·ratio_i, -A_i·clip(ratio_i, 1 - ε, 1 + ε))
+    loss     = mean_i(policy_i) + kl_weight · mean_i(kl_i)
+
+as in Flow-GRPO's ``scripts/train_sd3.py`` (one transition per row here; the reference loops over
+steps and averages per step, which gives the same mean when every sample contributes the same
+steps). Defaults are the reference's: ``ε = clip_range = 1e-4``, ``adv_clip_max = 5``,
+``kl_weight = 0`` (``train.beta``), noise level 0.7 for the SDE and 0.8 for CPS.
+
+KL term (only when ``kl_weight > 0``; one extra reference pass at the same points):
+``kl_i = mean_pixels((μ_θ - μ_ref)²) / (2·s²)`` exactly as the reference computes it, i.e. with
+``s`` the ``std_dev_t`` that its step function returns: for the SDE that is the diffusion
+coefficient ``g = a·sqrt(σ/(1-σ'))`` WITHOUT the ``sqrt(σ - σ_next)`` factor (so the value is the
+exact Gaussian KL times ``σ - σ_next``), for CPS it is the true step std ``σ_next·sin(η·π/2)``.
+Where that std is 0 (CPS's last step) the KL is defined as 0.
+
+Log-probs come from :mod:`normguard_jax.sampling` in scoring mode (``x_next=`` given): per-pixel
+means; the SDE's includes the Gaussian constants; CPS's is ``-mean((x_next - μ)²)`` unless
+``cps_true_density`` is set. The stored ``old_log_prob`` must have been computed with the same
+sampler options.
+
+Classifier-free guidance during training (``guidance_scale != 1``, Flow-GRPO's ``train.cfg``)
+replaces the velocity by the guided one, for the policy and for the reference alike. The
+velocity points exposed to NormGuard are then the guided velocities, and the guided reference is
+always computed and filled in (one reference pass, also with ``kl_weight = 0``) so that a
+velocity-local penalty compares like with like.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Literal, Optional
+
+import jax
+import jax.numpy as jnp
+
+from normguard_jax import sampling
+from normguard_jax.objectives.base import Aux, Context, VelocityPoints
+
+_FIELD = "config.objective."
+
+
+def _check(ok: bool, field: str, requirement: str, value) -> None:
+    if not ok:
+        raise ValueError(f"{_FIELD}{field} must be {requirement}, got {value!r}")
+
+
+# Sampler name -> (step function, builder of its keyword options, KL std rule).
+def _sde_options(cfg: "GRPOConfig", batch: dict) -> dict:
+    return {"noise_level": cfg.resolved_noise_level, "sigma_max": batch["sigma_max"]}
+
+
+def _cps_options(cfg: "GRPOConfig", batch: dict) -> dict:
+    return {"noise_level": cfg.resolved_noise_level, "true_density": cfg.cps_true_density}
+
+
+def _sde_kl_std(cfg: "GRPOConfig", batch: dict, step: sampling.StepOutput) -> jax.Array:
+    # The reference divides by its std_dev_t, the diffusion coefficient g (no sqrt(-dt)).
+    return sampling.flow_grpo_noise_scale(batch["sigma"], batch["sigma_max"],
+                                          cfg.resolved_noise_level)
+
+
+def _cps_kl_std(cfg: "GRPOConfig", batch: dict, step: sampling.StepOutput) -> jax.Array:
+    return step.std
+
+
+_SAMPLERS: dict[str, tuple[Callable, Callable, Callable]] = {
+    "sde": (sampling.flow_grpo_sde_step, _sde_options, _sde_kl_std),
+    "cps": (sampling.cps_step, _cps_options, _cps_kl_std),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+    """Hyper-parameters of Flow-GRPO (static; defaults are the reference's).
+
+    Attributes:
+      sampler: "sde" (Flow-GRPO's reverse SDE) or "cps" (coefficients-preserving sampling); must
+        be the sampler that produced the stored transitions.
+      noise_level: the sampler's noise level (``a`` for "sde", ``η`` for "cps"); None uses the
+        reference default (0.7 / 0.8, ``sampling.DEFAULT_NOISE_LEVELS``).
+      cps_true_density: for "cps", score with the true Gaussian density instead of the
+        reference's ``-mean((x_next - μ)²)``.
+      clip_range: PPO ratio clip ε (reference ``train.clip_range = 1e-4``).
+      adv_clip_max: advantages are clipped to ``±adv_clip_max`` (reference 5).
+      kl_weight: β of the KL-to-reference term (reference ``train.beta``, 0 = off).
+      guidance_scale: classifier-free guidance during training; 1 = off (reference uses the
+        sampling guidance scale when ``train.cfg`` is set).
+      null_class: label of the unconditional class; required (>= 0) when guidance is on.
+    """
+
+    sampler: Literal["sde", "cps"] = "sde"
+    noise_level: Optional[float] = None
+    cps_true_density: bool = False
+    clip_range: float = 1e-4
+    adv_clip_max: float = 5.0
+    kl_weight: float = 0.0
+    guidance_scale: float = 1.0
+    null_class: int = -1
+
+    def __post_init__(self):
+        _check(self.sampler in _SAMPLERS, "sampler", f"one of {sorted(_SAMPLERS)}", self.sampler)
+        _check(self.noise_level is None or self.noise_level >= 0, "noise_level",
+               ">= 0 or None", self.noise_level)
+        _check(self.clip_range > 0, "clip_range", "> 0", self.clip_range)
+        _check(self.adv_clip_max > 0, "adv_clip_max", "> 0", self.adv_clip_max)
+        _check(self.kl_weight >= 0, "kl_weight", ">= 0", self.kl_weight)
+        _check(self.guidance_scale >= 0, "guidance_scale", ">= 0", self.guidance_scale)
+        _check(self.guidance_scale == 1.0 or self.null_class >= 0, "null_class",
+               ">= 0 (the null label) when guidance_scale != 1", self.null_class)
+
+    @property
+    def resolved_noise_level(self) -> float:
+        """The noise level in use: ``noise_level`` or the sampler's reference default."""
+        if self.noise_level is None:
+            return sampling.DEFAULT_NOISE_LEVELS[self.sampler]
+        return self.noise_level
+
+    @property
+    def guided(self) -> bool:
+        """Whether classifier-free guidance is applied during training."""
+        return self.guidance_scale != 1.0
+
+
+def _velocity(cfg: GRPOConfig, ctx: Context, params, x, sigma, cond) -> jax.Array:
+    if cfg.guided:
+        return sampling.guided_velocity(ctx.velocity, params, x, sigma, cond,
+                                        guidance_scale=cfg.guidance_scale,
+                                        null_class=cfg.null_class)
+    return ctx.velocity(params, x, sigma, cond)
+
+
+def make_objective(cfg: GRPOConfig):
+    """Returns the Flow-GRPO objective ``(params, batch, ctx) -> (loss, Aux)``.
+
+    Batch (one row per stored stochastic transition; B = samples × trained steps):
+      ``x`` (B, H, W, C) float32: state at ``sigma``;
+      ``x_next`` (B, H, W, C): the stored next state (no gradient flows into it);
+      ``sigma``, ``sigma_next`` (B,) float32: the step's levels (``σ_next < σ``);
+      ``sigma_max``: the schedule's ``sigmas[1]`` (only read by the "sde" sampler). A scalar works
+        unsharded; give it as a (B,) array (every entry equal) to shard the batch.
+      ``cond`` (B,) int32 labels;
+      ``old_log_prob`` (B,) float32: log-prob stored at sampling time (same sampler options);
+      ``advantage`` (B,) float32: the sample's advantage, repeated over its steps.
+    Only transitions of stochastic steps belong in the batch (Euler steps outside an SDE
+    window have no density).
+
+    Context: ``ctx.velocity``; ``ctx.ref_params`` when ``kl_weight > 0`` or guidance is on.
+
+    Metrics (batch means): ``grpo/policy_loss``, ``grpo/kl`` (the un-weighted KL term, 0 when
+    ``kl_weight == 0``), ``grpo/approx_kl`` (``½·mean((new - old)²)`` as the reference logs it),
+    ``grpo/clipfrac`` (``|ratio - 1| > ε``), ``grpo/ratio``, ``grpo/log_prob``.
+
+    Points: the policy velocity at ``(x, σ, cond)`` (guided if guidance is on); ``v_ref`` filled
+    whenever the reference was evaluated.
+    """
+    step_fn, options_fn, kl_std_fn = _SAMPLERS[cfg.sampler]
+    needs_ref = cfg.kl_weight > 0 or cfg.guided
+
+    def objective(params, batch: dict, ctx: Context):
+        x, sigma, cond = batch["x"], batch["sigma"], batch["cond"]
+        options = options_fn(cfg, batch)
+        v = _velocity(cfg, ctx, params, x, sigma, cond)
+        new = step_fn(x, v, sigma, batch["sigma_next"], x_next=batch["x_next"], **options)
+        old_log_prob = batch["old_log_prob"]
+        log_ratio = new.log_prob - old_log_prob
+        ratio = jnp.exp(log_ratio)
+        adv = jnp.clip(batch["advantage"], -cfg.adv_clip_max, cfg.adv_clip_max)
+        unclipped = -adv * ratio
+        clipped = -adv * jnp.clip(ratio, 1.0 - cfg.clip_range, 1.0 + cfg.clip_range)
+        policy_loss = jnp.mean(jnp.maximum(unclipped, clipped))
+
+        v_ref = None
+        kl = jnp.zeros_like(policy_loss)
+        if needs_ref:
+            v_ref = jax.lax.stop_gradient(_velocity(cfg, ctx, ctx.ref_params, x, sigma, cond))
+        if cfg.kl_weight > 0:
+            ref = step_fn(x, v_ref, sigma, batch["sigma_next"], x_next=batch["x_next"], **options)
+            std = kl_std_fn(cfg, batch, new)
+            positive = std > 0
+            safe_std = jnp.where(positive, std, 1.0)
+            kl_i = jnp.where(positive, sampling.flow_grpo_kl(new.mean, ref.mean, safe_std), 0.0)
+            kl = jnp.mean(kl_i)
+            loss = policy_loss + cfg.kl_weight * kl
+        else:
+            loss = policy_loss
+
+        sg = jax.lax.stop_gradient
+        metrics = {
+            "grpo/policy_loss": sg(policy_loss),
+            "grpo/kl": sg(kl),
+            "grpo/approx_kl": sg(0.5 * jnp.mean(jnp.square(log_ratio))),
+            "grpo/clipfrac": jnp.mean((jnp.abs(sg(ratio) - 1.0) > cfg.clip_range)
+                                      .astype(jnp.float32)),
+            "grpo/ratio": sg(jnp.mean(ratio)),
+            "grpo/log_prob": sg(jnp.mean(new.log_prob)),
+        }
+        points = VelocityPoints(v_theta=v, x=x, sigma=sigma, cond=cond, v_ref=v_ref)
+        return loss, Aux(metrics=metrics, points=points)
+
+    return objective
