@@ -1,0 +1,79 @@
+"""Shared RL post-training config; ``rl_<method>.py`` add the method's ``objective`` block.
+
+Any field can be overridden on the command line, e.g. ``--config.normguard.weight=0.1``.
+"""
+
+import ml_collections
+
+
+def make(method: str, objective: dict) -> ml_collections.ConfigDict:
+    """RL config for ``method`` (a key of normguard_jax.objectives.OBJECTIVES)."""
+    c = ml_collections.ConfigDict()
+    c.job = "rl"                # main.py dispatches to normguard_jax.rl.run.
+    c.seed = 0                  # prompts, rollout noise, re-noising and minibatch order.
+    c.method = method           # RL objective: grpo | nft | awm | dpo | ram.
+    c.aux_dir = "workdir/aux_nets"  # cache of the reward classifier (trained on first use).
+
+    c.base = ml_collections.ConfigDict()
+    c.base.workdir = "workdir/pretrain_mnist_dit"  # pretraining workdir: base model θ_ref = θ_0.
+    c.base.use_ema = True       # start from (and regularise towards) the EMA parameters.
+
+    c.rewards = ml_collections.ConfigDict()   # reward name -> weight (normguard_jax.rewards.REWARDS).
+    c.rewards.classifier_logprob = 1.0        # alignment: log p(class | image); saturates near 0.
+    c.rewards.contrast = 1.0                  # over-optimisable proxy with headroom (pixel std).
+
+    c.rollout = ml_collections.ConfigDict()
+    c.rollout.prompts_per_iter = 8   # G: distinct class prompts per iteration.
+    c.rollout.group_size = 8         # K: samples per prompt (advantages are per group).
+    c.rollout.sampler = "ode"        # ode | sde (Flow-GRPO) | cps | dance.
+    c.rollout.noise_level = -1.0     # sampler noise level; -1 = the sampler's reference default.
+    c.rollout.num_steps = 10         # sampling steps per rollout.
+    c.rollout.shift = 3.0            # schedule time shift.
+    c.rollout.guidance_scale = 1.5   # CFG scale of the rollouts (1 = off).
+    c.rollout.sde_window_start = 0   # first stochastic (trained) step, Flow-GRPO only.
+    c.rollout.sde_window_end = -1    # one past the last stochastic step; -1 = num_steps.
+
+    c.advantages = ml_collections.ConfigDict()
+    c.advantages.clip = 5.0          # advantages clipped to ±clip.
+    c.advantages.global_std = False  # normalise by the batch std instead of the group's.
+
+    c.objective = ml_collections.ConfigDict(objective)  # method hyper-parameters (see rl_<method>.py).
+
+    c.normguard = ml_collections.ConfigDict()
+    c.normguard.weight = 0.0         # λ; 0 = off (the ratio is still measured and logged).
+    c.normguard.form = "relative"    # relative: ‖v_θ‖/‖v_ref‖ - 1; absolute: ‖v_θ‖ - ‖v_ref‖.
+    c.normguard.power = 1            # 1 = hinge, 2 = squared hinge.
+    c.normguard.margin = 0.0         # slack before the hinge activates.
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 1e-4               # learning rate (after warm-up).
+    c.optim.warmup_steps = 0        # linear warm-up in optimizer steps.
+    c.optim.schedule = "constant"   # constant | cosine.
+    c.optim.final_lr_fraction = 1.0  # cosine floor (unused for constant).
+    c.optim.b1 = 0.9                # AdamW β1.
+    c.optim.b2 = 0.999              # AdamW β2.
+    c.optim.eps = 1e-8              # AdamW ε.
+    c.optim.weight_decay = 0.0      # decoupled weight decay.
+    c.optim.grad_clip = 1.0         # global-norm clip (0 = off).
+
+    c.train = ml_collections.ConfigDict()
+    c.train.iterations = 100        # rollout + update iterations.
+    c.train.inner_epochs = 1        # passes over each iteration's training batch.
+    c.train.minibatch_size = 32     # rows per optimizer step.
+    c.train.sigma_sampler = "schedule"  # σ of re-noised batches: schedule | uniform | logit_normal.
+    c.train.old_policy = "nft"      # θ_old EMA preset (objectives.nft.OLD_POLICY_DECAY_PRESETS).
+    c.train.log_every = 5           # iterations between scalar logs.
+    c.train.sample_every = 50       # iterations between fixed-seed sample grids.
+    c.train.checkpoint_every = 10   # iterations between checkpoints (also at the end, on SIGTERM).
+    c.train.keep_checkpoints = 3    # checkpoints kept.
+
+    c.sample = ml_collections.ConfigDict()
+    c.sample.num_steps = 20         # ODE steps of the sample grids.
+    c.sample.shift = 3.0            # schedule shift of the sample grids.
+    c.sample.guidance_scale = 1.5   # CFG scale of the sample grids.
+    c.sample.per_class = 6          # grid columns per class.
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1                # data-parallel axis (-1: all devices).
+    c.mesh.fsdp = 1                 # parameter-sharding axis.
+    return c

@@ -1,0 +1,368 @@
+"""The RL post-training loop: prompts → grouped rollouts → rewards → advantages → updates.
+
+``run(config, workdir)`` fine-tunes a pretrained generator (``config.base.workdir``) with one of
+the objectives of :mod:`normguard_jax.objectives`, optionally wrapped by NormGuard. One
+iteration:
+
+1. prompts: G class labels drawn from ``fold_in(key, iteration)``, each repeated K times;
+2. rollouts from the current policy θ with the configured sampler, steps and CFG (one jitted
+   ``lax.scan``), batch sharded over the mesh;
+3. rewards (a weighted combination from :mod:`normguard_jax.rewards`);
+4. per-prompt advantages;
+5. ``inner_epochs`` passes of jitted, sharded minibatch updates on the method's training batch;
+   then the old/EMA policy θ_old is moved towards θ.
+
+The reference θ_ref is the frozen base model and is never updated. The state that changes
+(θ, θ_old, optimizer, counters, key) is one pytree in one Orbax checkpoint; prompts, noise and
+minibatch order are functions of ``(seed, iteration)``, so a resumed run continues the same run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+from typing import Callable, Iterable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import periodic_actions
+
+from normguard_jax import (advantages, auxnets, checkpointing, config_checks, flow, generate,
+                           normguard, optim, pretrain, reporting, rewards, sampling, sharding)
+from normguard_jax.interrupts import StopFlag
+from normguard_jax.objectives import OBJECTIVES, nft
+from normguard_jax.objectives.base import Context
+from normguard_jax.rl_batches import NEEDS_TRAJECTORY, TRAINING_BATCHES, Rollout
+
+Hook = Callable[[int, "RLState", dict], None]
+
+
+@flax.struct.dataclass
+class RLState:
+    """Everything of an RL run that changes, as one checkpointable pytree.
+
+    Attributes:
+      iteration: int32, completed iterations (also the prompt position).
+      updates: int32, optimizer steps taken (drives the old-policy EMA schedule).
+      params: policy θ.
+      old_params: old / EMA policy θ_old.
+      opt_state: optax state.
+      rng: uint32 key data of the run's base key.
+    """
+
+    iteration: jax.Array
+    updates: jax.Array
+    params: object
+    old_params: object
+    opt_state: object
+    rng: jax.Array
+
+    def key(self) -> jax.Array:
+        """The run's typed base key."""
+        return jax.random.wrap_key_data(self.rng)
+
+
+# ----------------------------------------------------------------------------------------------
+# Config.
+# ----------------------------------------------------------------------------------------------
+
+SIGMA_SAMPLERS = ("schedule", "uniform", "logit_normal")
+
+
+def objective_config(config: ml_collections.ConfigDict, null_class: int):
+    """The method's frozen config dataclass from ``config.objective`` (validated there).
+
+    Fields that must agree with the rollout (``sampler``, ``noise_level``) and the data
+    (``null_class``) are taken from there rather than duplicated in ``config.objective``.
+    """
+    cls, _ = OBJECTIVES[config.method]
+    names = {f.name for f in dataclasses.fields(cls)}
+    fields = dict(config.objective)
+    shared = {"null_class": null_class, "sampler": config.rollout.sampler,
+              "noise_level": None if config.rollout.noise_level < 0 else config.rollout.noise_level}
+    fields.update({k: v for k, v in shared.items() if k in names})
+    try:
+        return cls(**fields)
+    except TypeError as e:
+        raise config_checks.ConfigError(f"config.objective: {e}") from None
+
+
+def trained_steps(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """Indices of the stochastic (stored, trained) sampler steps."""
+    r = config.rollout
+    end = r.num_steps if r.sde_window_end < 0 else r.sde_window_end
+    return tuple(range(r.sde_window_start, end))
+
+
+def rows_per_iteration(config: ml_collections.ConfigDict) -> int:
+    """Rows of the training batch built from one iteration's rollout."""
+    n = config.rollout.prompts_per_iter * config.rollout.group_size
+    return {"grpo": n * len(trained_steps(config)),
+            "dpo": config.rollout.prompts_per_iter}.get(config.method, n)
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Checks every RL field that can be checked before the base model is loaded."""
+    c = config_checks
+    c.integer(config, "seed", 0)
+    c.one_of(config, "method", OBJECTIVES)
+    c.integer(config, "rollout.prompts_per_iter", 1)
+    c.integer(config, "rollout.group_size", 2)
+    c.one_of(config, "rollout.sampler", sampling.STEP_FNS)
+    c.integer(config, "rollout.num_steps", 1)
+    c.number(config, "rollout.shift", 0, strict_minimum=True)
+    c.number(config, "rollout.guidance_scale", 0)
+    c.integer(config, "rollout.sde_window_start", 0, config.rollout.num_steps - 1)
+    if config.rollout.sde_window_end >= 0:
+        c.integer(config, "rollout.sde_window_end", config.rollout.sde_window_start + 1,
+                  config.rollout.num_steps)
+    if config.method == "grpo" and config.rollout.sampler not in ("sde", "cps"):
+        raise c.ConfigError("config.rollout.sampler must be 'sde' or 'cps' for method 'grpo' "
+                            f"(its log-probs), got {config.rollout.sampler!r}")
+    c.number(config, "advantages.clip", 0, strict_minimum=True)
+    c.integer(config, "train.iterations", 1)
+    c.integer(config, "train.inner_epochs", 1)
+    c.integer(config, "train.minibatch_size", 1)
+    c.one_of(config, "train.sigma_sampler", SIGMA_SAMPLERS)
+    c.one_of(config, "train.old_policy", nft.OLD_POLICY_DECAY_PRESETS)
+    for field in ("log_every", "sample_every", "checkpoint_every", "keep_checkpoints"):
+        c.integer(config, f"train.{field}", 1)
+    c.number(config, "optim.lr", 0, strict_minimum=True)
+    c.number(config, "optim.grad_clip", 0)
+    c.integer(config, "sample.per_class", 1)
+    n = config.rollout.prompts_per_iter * config.rollout.group_size
+    if n % num_devices:
+        raise c.ConfigError(f"config.rollout.prompts_per_iter * group_size = {n} must be "
+                            f"divisible by the {num_devices} devices")
+    rows = rows_per_iteration(config)
+    mb = config.train.minibatch_size
+    if mb % num_devices or rows % mb:
+        raise c.ConfigError(f"config.train.minibatch_size={mb} must divide the {rows} training "
+                            f"rows of an iteration and be divisible by the {num_devices} devices")
+    try:
+        normguard.NormGuardConfig(**config.normguard)
+    except (TypeError, ValueError) as e:
+        raise c.ConfigError(f"config.{e}" if str(e).startswith("normguard.") else str(e)) from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure pieces.
+# ----------------------------------------------------------------------------------------------
+
+
+def rollout(params, labels, key, *, velocity, image_shape, sigmas, method, noise_level,
+            sde_window, guidance_scale, null_class, reward_fn, group_size, adv_clip,
+            global_std, keep_trajectory) -> tuple[Rollout, dict]:
+    """Samples K images per prompt, scores them and computes their advantages.
+
+    Args:
+      params: policy θ.
+      labels: (N,) int32, group-contiguous (N = G·K).
+      key: typed key of this iteration's rollout.
+      velocity, image_shape, sigmas, method, noise_level, sde_window, guidance_scale,
+        null_class: sampler settings (static).
+      reward_fn: ``(images, labels) -> ((N,), components)``.
+      group_size: K. adv_clip, global_std: advantage options.
+      keep_trajectory: keep states and log-probs (Flow-GRPO) or only the final images.
+
+    Returns:
+      ``(rollout, components)`` with per-sample reward components.
+    """
+    x = generate.initial_noise(jax.random.fold_in(key, 0), labels.shape[0], image_shape)
+    vfn = generate.conditional_velocity_fn(velocity, params, labels,
+                                           guidance_scale=guidance_scale, null_class=null_class)
+    traj = sampling.sample(vfn, x, sigmas, jax.random.fold_in(key, 1), method=method,
+                           noise_level=noise_level, sde_window=sde_window)
+    images = traj.states[-1]
+    total, components = reward_fn(images, labels)
+    adv = advantages.group_advantages(total.reshape(-1, group_size), global_std=global_std,
+                                      clip=adv_clip).reshape(-1)
+    return Rollout(labels=labels, images=images, rewards=total, advantages=adv,
+                   trajectory=traj if keep_trajectory else None), components
+
+
+def update(params, opt_state, old_params, ref_params, batch, *, objective, optimizer, velocity):
+    """One optimizer step of ``objective`` on a minibatch; returns (params, opt_state, metrics)."""
+    ctx = Context(velocity=velocity, ref_params=ref_params, old_params=old_params)
+    (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(params, batch, ctx)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    metrics = dict(aux.metrics, loss=loss, grad_norm=optax.global_norm(grads))
+    return params, opt_state, metrics
+
+
+def sigma_sampler_for(config: ml_collections.ConfigDict, sigmas):
+    """σ sampler of re-noised training batches: the rollout schedule's levels, or a density."""
+    name = config.train.sigma_sampler
+    if name == "schedule":
+        return nft.schedule_sigma_sampler(sigmas)
+    return flow.TIMESTEP_SAMPLERS[name]
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop.
+# ----------------------------------------------------------------------------------------------
+
+
+def _reward_context(config, base):
+    nets = auxnets.AuxNetCache(base.config.data.name, aux_dir=config.aux_dir,
+                               data_dir=base.config.data.data_dir or None)
+    return rewards.RewardContext(dataset=base.config.data.name, image_shape=base.image_shape,
+                                 num_classes=base.num_classes, nets=nets)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, hooks: Iterable[Hook] = ()
+        ) -> RLState:
+    """Runs (or resumes) RL post-training; returns the final state.
+
+    Writes into ``workdir``: ``checkpoints/``, TensorBoard events, ``metrics.jsonl`` and
+    ``samples/*.png`` (fixed-seed ODE samples of θ).
+    """
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    validate(config, mesh.devices.size)
+    base = pretrain.load_pretrained(config.base.workdir, use_ema=config.base.use_ema)
+    null_class = base.num_classes
+    reward_ctx = _reward_context(config, base)
+    reward_fn = rewards.build_combined(dict(config.rewards), reward_ctx)
+    cls_make = OBJECTIVES[config.method][1]
+    guard = normguard.NormGuardConfig(**config.normguard)
+    objective = normguard.with_normguard(
+        cls_make(objective_config(config, null_class)), guard)
+    os.makedirs(workdir, exist_ok=True)
+
+    iterations = config.train.iterations
+    rows = rows_per_iteration(config)
+    steps_per_iter = config.train.inner_epochs * rows // config.train.minibatch_size
+    optimizer, schedule = optim.build_optimizer(config.optim, iterations * steps_per_iter)
+    repl, data_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    ref_params = jax.device_put(base.params, repl)
+    # θ, θ_old and θ_ref start equal but must not share buffers: θ is donated to the update.
+    copy = lambda tree: jax.tree.map(jnp.copy, tree)
+    state = jax.device_put(RLState(
+        iteration=jnp.zeros((), jnp.int32), updates=jnp.zeros((), jnp.int32),
+        params=copy(base.params), old_params=copy(base.params),
+        opt_state=optimizer.init(base.params),
+        rng=jax.random.key_data(jax.random.key(config.seed))), repl)
+
+    manager = checkpointing.make_manager(os.path.join(workdir, "checkpoints"),
+                                         max_to_keep=config.train.keep_checkpoints,
+                                         save_interval_steps=config.train.checkpoint_every)
+    restored = checkpointing.restore_latest(manager, state)
+    if restored is not None:
+        _, state, _ = restored
+        logging.info("Resumed RL from iteration %d in %s", int(state.iteration), workdir)
+    start = int(state.iteration)
+
+    sigmas = jnp.asarray(flow.inference_sigmas(config.rollout.num_steps, config.rollout.shift))
+    window = trained_steps(config)
+    noise_level = None if config.rollout.noise_level < 0 else config.rollout.noise_level
+    rollout_fn = jax.jit(functools.partial(
+        rollout, velocity=base.velocity, image_shape=base.image_shape, sigmas=sigmas,
+        method=config.rollout.sampler, noise_level=noise_level,
+        sde_window=(window[0], window[-1] + 1), guidance_scale=config.rollout.guidance_scale,
+        null_class=null_class, reward_fn=reward_fn, group_size=config.rollout.group_size,
+        adv_clip=config.advantages.clip, global_std=config.advantages.global_std,
+        keep_trajectory=config.method in NEEDS_TRAJECTORY),
+        in_shardings=(repl, data_sh, repl))
+    sampler = sigma_sampler_for(config, sigmas)
+    batch_fn = jax.jit(functools.partial(TRAINING_BATCHES[config.method],
+                                         sigma_sampler=sampler, trained_steps=window,
+                                         group_size=config.rollout.group_size))
+    update_fn = jax.jit(functools.partial(update, objective=objective, optimizer=optimizer,
+                                          velocity=base.velocity),
+                        in_shardings=(repl, repl, repl, repl, data_sh),
+                        out_shardings=(repl, repl, repl), donate_argnums=(0, 1))
+    decay = dict(zip(("flat", "rate", "max_decay"),
+                     nft.OLD_POLICY_DECAY_PRESETS[config.train.old_policy]))
+    old_update_fn = jax.jit(functools.partial(nft.update_old_params, **decay))
+
+    writer = reporting.make_writer(workdir)
+    progress = periodic_actions.ReportProgress(num_train_steps=iterations, writer=writer,
+                                               every_steps=config.train.log_every)
+    grid_labels = jnp.asarray(generate.class_grid_labels(base.num_classes,
+                                                         config.sample.per_class))
+    grid_key = jax.random.fold_in(jax.random.key(config.seed), 2**31 - 1)
+
+    def write_samples(it: int):
+        images = generate.generate_images(
+            base.velocity, state.params, grid_labels, grid_key, image_shape=base.image_shape,
+            num_steps=config.sample.num_steps, shift=config.sample.shift,
+            guidance_scale=config.sample.guidance_scale, null_class=null_class)
+        reporting.write_grid(writer, workdir, it, "samples", images, config.sample.per_class)
+
+    def meta(it):
+        return {"config": config.to_dict(), "iteration": int(it),
+                "base_workdir": os.path.abspath(config.base.workdir), "base_step": base.step}
+
+    if start == 0:
+        write_samples(0)
+    g, k = config.rollout.prompts_per_iter, config.rollout.group_size
+    mb = config.train.minibatch_size
+    t0 = time.time()
+    with StopFlag() as stop:
+        try:
+            for it in range(start, iterations):
+                key_it = jax.random.fold_in(state.key(), it)
+                prompts = jax.random.randint(jax.random.fold_in(key_it, 0), (g,), 0,
+                                             base.num_classes)
+                labels = jax.device_put(jnp.repeat(prompts, k).astype(jnp.int32), data_sh)
+                ro, components = rollout_fn(state.params, labels, jax.random.fold_in(key_it, 1))
+                batch = batch_fn(ro, jax.random.fold_in(key_it, 2))
+                params, opt_state = state.params, state.opt_state
+                step_metrics = []
+                for epoch in range(config.train.inner_epochs):
+                    perm = jax.random.permutation(jax.random.fold_in(key_it, 3 + epoch), rows)
+                    for j in range(rows // mb):
+                        idx = perm[j * mb:(j + 1) * mb]
+                        minibatch = jax.device_put(
+                            jax.tree.map(lambda a, idx=idx: a[idx], batch), data_sh)
+                        params, opt_state, m = update_fn(params, opt_state, state.old_params,
+                                                         ref_params, minibatch)
+                        step_metrics.append(m)
+                updates = state.updates + steps_per_iter
+                state = state.replace(
+                    iteration=state.iteration + 1, updates=updates, params=params,
+                    opt_state=opt_state,
+                    old_params=old_update_fn(state.old_params, params, updates))
+                done = it + 1
+                progress(done)
+                metrics = {f"train/{name}": jnp.mean(jnp.stack([m[name] for m in step_metrics]))
+                           for name in step_metrics[0]}
+                metrics.update({"reward/mean": jnp.mean(ro.rewards),
+                                "reward/std": jnp.std(ro.rewards),
+                                "lr": schedule(state.updates - 1)})
+                metrics.update({f"reward/{n}": jnp.mean(v) for n, v in components.items()})
+                if done % config.train.log_every == 0 or done == iterations:
+                    scalars = jax.device_get(metrics)
+                    if not np.isfinite(scalars["train/loss"]):
+                        raise FloatingPointError(
+                            f"non-finite loss at iteration {done}; last good checkpoint is in "
+                            f"{manager.directory}")
+                    writer.write_scalars(done, scalars)
+                for hook in hooks:
+                    hook(done, state, metrics)
+                checkpointing.save(manager, done, state, meta(done))
+                if done % config.train.sample_every == 0 and done != iterations:
+                    write_samples(done)
+                if stop.requested:
+                    logging.warning("SIGTERM: checkpointing iteration %d and stopping.", done)
+                    if manager.latest_step() != done:
+                        checkpointing.save(manager, done, state, meta(done), force=True)
+                    break
+            else:
+                if manager.latest_step() != iterations:
+                    checkpointing.save(manager, iterations, state, meta(iterations), force=True)
+                write_samples(iterations)
+        finally:
+            manager.wait_until_finished()
+            writer.flush()
+    logging.info("RL iterations %d..%d in %.1f s", start, int(state.iteration), time.time() - t0)
+    manager.close()
+    return state
