@@ -54,19 +54,10 @@ import jax
 import jax.numpy as jnp
 
 from normguard_jax import flow
-from normguard_jax.objectives.base import Aux, Context, VelocityPoints
+from normguard_jax.objectives.base import (Aux, Context, VelocityPoints, check_field,
+                                           pixel_mean)
 
-_FIELD = "config.objective."
 _TINY = 1e-10
-
-
-def _check(ok: bool, field: str, requirement: str, value) -> None:
-    if not ok:
-        raise ValueError(f"{_FIELD}{field} must be {requirement}, got {value!r}")
-
-
-def _pixel_mean(a: jax.Array) -> jax.Array:
-    return jnp.mean(a, axis=tuple(range(1, a.ndim)))
 
 
 # weighting name -> (per-sample error e (B,), sigma (B,), power p) -> log-prob (B,)
@@ -85,8 +76,8 @@ def _elbo_std(sigma: jax.Array) -> jax.Array:
 
 # KL time weighting name -> (v, v', sigma) -> (B,)
 KL_WEIGHTINGS: dict[str, Callable[[jax.Array, jax.Array, jax.Array], jax.Array]] = {
-    "uniform": lambda v, w, s: _pixel_mean(jnp.square(v - w)),
-    "elbo": lambda v, w, s: _pixel_mean(jnp.square(v - w)) / (2.0 * jnp.square(_elbo_std(s))),
+    "uniform": lambda v, w, s: pixel_mean(jnp.square(v - w)),
+    "elbo": lambda v, w, s: pixel_mean(jnp.square(v - w)) / (2.0 * jnp.square(_elbo_std(s))),
 }
 
 
@@ -120,17 +111,17 @@ class AWMConfig:
     off_policy: bool = False
 
     def __post_init__(self):
-        _check(self.weighting in WEIGHTINGS, "weighting", f"one of {sorted(WEIGHTINGS)}",
+        check_field(self.weighting in WEIGHTINGS, "weighting", f"one of {sorted(WEIGHTINGS)}",
                self.weighting)
-        _check(self.ghuber_power > 0, "ghuber_power", "> 0", self.ghuber_power)
-        _check(self.clip_range > 0, "clip_range", "> 0", self.clip_range)
-        _check(self.adv_clip_max > 0, "adv_clip_max", "> 0", self.adv_clip_max)
-        _check(self.advantage_max > 0, "advantage_max", "> 0", self.advantage_max)
-        _check(self.kl_weight >= 0, "kl_weight", ">= 0", self.kl_weight)
-        _check(self.kl_time_weighting in KL_WEIGHTINGS, "kl_time_weighting",
+        check_field(self.ghuber_power > 0, "ghuber_power", "> 0", self.ghuber_power)
+        check_field(self.clip_range > 0, "clip_range", "> 0", self.clip_range)
+        check_field(self.adv_clip_max > 0, "adv_clip_max", "> 0", self.adv_clip_max)
+        check_field(self.advantage_max > 0, "advantage_max", "> 0", self.advantage_max)
+        check_field(self.kl_weight >= 0, "kl_weight", ">= 0", self.kl_weight)
+        check_field(self.kl_time_weighting in KL_WEIGHTINGS, "kl_time_weighting",
                f"one of {sorted(KL_WEIGHTINGS)}", self.kl_time_weighting)
-        _check(self.ema_kl_weight >= 0, "ema_kl_weight", ">= 0", self.ema_kl_weight)
-        _check(self.ema_kl_time_weighting in KL_WEIGHTINGS, "ema_kl_time_weighting",
+        check_field(self.ema_kl_weight >= 0, "ema_kl_weight", ">= 0", self.ema_kl_weight)
+        check_field(self.ema_kl_time_weighting in KL_WEIGHTINGS, "ema_kl_time_weighting",
                f"one of {sorted(KL_WEIGHTINGS)}", self.ema_kl_time_weighting)
 
     @property
@@ -150,7 +141,7 @@ def matching_log_prob(v: jax.Array, target: jax.Array, sigma: jax.Array, weighti
     Returns:
       (B,) float32; ``e`` is the per-pixel MEAN squared error, not a sum.
     """
-    e = _pixel_mean(jnp.square(v - target))
+    e = pixel_mean(jnp.square(v - target))
     return WEIGHTINGS[weighting](e, sigma, power)
 
 
@@ -197,7 +188,7 @@ def make_objective(cfg: AWMConfig):
         metrics = {
             "awm/policy_loss": sg(policy_loss),
             "awm/log_prob": sg(jnp.mean(log_prob)),
-            "awm/matching_error": sg(jnp.mean(_pixel_mean(jnp.square(v - target)))),
+            "awm/matching_error": sg(jnp.mean(pixel_mean(jnp.square(v - target)))),
             "awm/ratio": sg(jnp.mean(ratio)),
             "awm/clipfrac": jnp.mean((jnp.abs(sg(ratio) - 1.0) > cfg.clip_range)
                                      .astype(jnp.float32)),

@@ -23,6 +23,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import flax.struct
 import jax
+import jax.numpy as jnp
 
 Params = Any
 VelocityFn = Callable[[Params, jax.Array, jax.Array, jax.Array], jax.Array]
@@ -76,6 +77,17 @@ class Context:
     ref_params: Params = None
     old_params: Params = None
     key: Optional[jax.Array] = None
+
+
+def pixel_mean(a: jax.Array) -> jax.Array:
+    """Mean over all non-batch axes: (B, ...) -> (B,)."""
+    return jnp.mean(a, axis=tuple(range(1, a.ndim)))
+
+
+def check_field(ok: bool, field: str, requirement: str, value) -> None:
+    """Raises ``ValueError("config.objective.<field> must be <requirement>, got <value>")``."""
+    if not ok:
+        raise ValueError(f"config.objective.{field} must be {requirement}, got {value!r}")
 
 
 Objective = Callable[[Params, dict, Context], tuple[jax.Array, Aux]]

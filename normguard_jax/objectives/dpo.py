@@ -35,18 +35,9 @@ import jax.numpy as jnp
 
 from normguard_jax import advantages as advantages_lib
 from normguard_jax import flow
-from normguard_jax.objectives.base import Aux, Context, VelocityPoints
+from normguard_jax.objectives.base import (Aux, Context, VelocityPoints, check_field,
+                                           pixel_mean)
 
-_FIELD = "config.objective."
-
-
-def _check(ok: bool, field: str, requirement: str, value) -> None:
-    if not ok:
-        raise ValueError(f"{_FIELD}{field} must be {requirement}, got {value!r}")
-
-
-def _pixel_mean(a: jax.Array) -> jax.Array:
-    return jnp.mean(a, axis=tuple(range(1, a.ndim)))
 
 
 _REFERENCES = {"ref": lambda ctx: ctx.ref_params, "old": lambda ctx: ctx.old_params}
@@ -66,8 +57,8 @@ class DPOConfig:
     reference: Literal["ref", "old"] = "ref"
 
     def __post_init__(self):
-        _check(self.beta > 0, "beta", "> 0", self.beta)
-        _check(self.reference in _REFERENCES, "reference", f"one of {sorted(_REFERENCES)}",
+        check_field(self.beta > 0, "beta", "> 0", self.beta)
+        check_field(self.reference in _REFERENCES, "reference", f"one of {sorted(_REFERENCES)}",
                self.reference)
 
 
@@ -102,8 +93,8 @@ def make_objective(cfg: DPOConfig):
         v = ctx.velocity(params, x, sigma, cond)
         v_base = jax.lax.stop_gradient(ctx.velocity(reference_params(ctx), x, sigma, cond))
         b = batch["sigma"].shape[0]
-        err = _pixel_mean(jnp.square(v - target))
-        err_base = _pixel_mean(jnp.square(v_base - target))
+        err = pixel_mean(jnp.square(v - target))
+        err_base = pixel_mean(jnp.square(v_base - target))
         inside = -0.5 * cfg.beta * ((err[:b] - err_base[:b]) - (err[b:] - err_base[b:]))
         valid = jnp.asarray(batch["valid"], jnp.float32)
         loss = jnp.mean(valid * -jax.nn.log_sigmoid(inside))

@@ -43,14 +43,8 @@ import jax
 import jax.numpy as jnp
 
 from normguard_jax import sampling
-from normguard_jax.objectives.base import Aux, Context, VelocityPoints
+from normguard_jax.objectives.base import Aux, Context, VelocityPoints, check_field
 
-_FIELD = "config.objective."
-
-
-def _check(ok: bool, field: str, requirement: str, value) -> None:
-    if not ok:
-        raise ValueError(f"{_FIELD}{field} must be {requirement}, got {value!r}")
 
 
 # Sampler name -> (step function, builder of its keyword options, KL std rule).
@@ -107,14 +101,14 @@ class GRPOConfig:
     null_class: int = -1
 
     def __post_init__(self):
-        _check(self.sampler in _SAMPLERS, "sampler", f"one of {sorted(_SAMPLERS)}", self.sampler)
-        _check(self.noise_level is None or self.noise_level >= 0, "noise_level",
+        check_field(self.sampler in _SAMPLERS, "sampler", f"one of {sorted(_SAMPLERS)}", self.sampler)
+        check_field(self.noise_level is None or self.noise_level >= 0, "noise_level",
                ">= 0 or None", self.noise_level)
-        _check(self.clip_range > 0, "clip_range", "> 0", self.clip_range)
-        _check(self.adv_clip_max > 0, "adv_clip_max", "> 0", self.adv_clip_max)
-        _check(self.kl_weight >= 0, "kl_weight", ">= 0", self.kl_weight)
-        _check(self.guidance_scale >= 0, "guidance_scale", ">= 0", self.guidance_scale)
-        _check(self.guidance_scale == 1.0 or self.null_class >= 0, "null_class",
+        check_field(self.clip_range > 0, "clip_range", "> 0", self.clip_range)
+        check_field(self.adv_clip_max > 0, "adv_clip_max", "> 0", self.adv_clip_max)
+        check_field(self.kl_weight >= 0, "kl_weight", ">= 0", self.kl_weight)
+        check_field(self.guidance_scale >= 0, "guidance_scale", ">= 0", self.guidance_scale)
+        check_field(self.guidance_scale == 1.0 or self.null_class >= 0, "null_class",
                ">= 0 (the null label) when guidance_scale != 1", self.null_class)
 
     @property

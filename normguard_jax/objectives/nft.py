@@ -41,18 +41,9 @@ import jax
 import jax.numpy as jnp
 
 from normguard_jax import flow
-from normguard_jax.objectives.base import Aux, Context, VelocityPoints
+from normguard_jax.objectives.base import (Aux, Context, VelocityPoints, check_field,
+                                           pixel_mean)
 
-_FIELD = "config.objective."
-
-
-def _check(ok: bool, field: str, requirement: str, value) -> None:
-    if not ok:
-        raise ValueError(f"{_FIELD}{field} must be {requirement}, got {value!r}")
-
-
-def _pixel_mean(a: jax.Array) -> jax.Array:
-    return jnp.mean(a, axis=tuple(range(1, a.ndim)))
 
 
 # Advantage modes of the reference (``train.adv_mode``), applied after clipping to ±A_max.
@@ -86,12 +77,12 @@ class NFTConfig:
     weight_floor: float = 1e-5
 
     def __post_init__(self):
-        _check(self.beta > 0, "beta", "> 0", self.beta)
-        _check(self.adv_clip_max > 0, "adv_clip_max", "> 0", self.adv_clip_max)
-        _check(self.kl_weight >= 0, "kl_weight", ">= 0", self.kl_weight)
-        _check(self.advantage_mode in ADVANTAGE_MODES, "advantage_mode",
+        check_field(self.beta > 0, "beta", "> 0", self.beta)
+        check_field(self.adv_clip_max > 0, "adv_clip_max", "> 0", self.adv_clip_max)
+        check_field(self.kl_weight >= 0, "kl_weight", ">= 0", self.kl_weight)
+        check_field(self.advantage_mode in ADVANTAGE_MODES, "advantage_mode",
                f"one of {sorted(ADVANTAGE_MODES)}", self.advantage_mode)
-        _check(self.weight_floor > 0, "weight_floor", "> 0", self.weight_floor)
+        check_field(self.weight_floor > 0, "weight_floor", "> 0", self.weight_floor)
 
 
 def adaptive_x0_loss(x0_hat: jax.Array, x0: jax.Array, floor: float) -> tuple[jax.Array, jax.Array]:
@@ -105,8 +96,8 @@ def adaptive_x0_loss(x0_hat: jax.Array, x0: jax.Array, floor: float) -> tuple[ja
       ``(loss, mse)``, each (B,): the weighted loss and the raw per-pixel mean squared error.
     """
     d = x0_hat - x0
-    weight = jax.lax.stop_gradient(jnp.maximum(_pixel_mean(jnp.abs(d)), floor))
-    mse = _pixel_mean(jnp.square(d))
+    weight = jax.lax.stop_gradient(jnp.maximum(pixel_mean(jnp.abs(d)), floor))
+    mse = pixel_mean(jnp.square(d))
     return mse / weight, mse
 
 
@@ -167,7 +158,7 @@ def make_objective(cfg: NFTConfig):
         loss = policy_loss
         if cfg.kl_weight > 0:
             v_ref = sg(ctx.velocity(ctx.ref_params, x, sigma, cond))
-            kl = jnp.mean(_pixel_mean(jnp.square(v - v_ref)))
+            kl = jnp.mean(pixel_mean(jnp.square(v - v_ref)))
             loss = loss + cfg.kl_weight * kl
             metrics["nft/kl"] = sg(kl)
         points = VelocityPoints(v_theta=v, x=x, sigma=sigma, cond=cond, v_ref=v_ref)

@@ -52,18 +52,9 @@ import jax
 import jax.numpy as jnp
 
 from normguard_jax import flow
-from normguard_jax.objectives.base import Aux, Context, VelocityPoints
+from normguard_jax.objectives.base import (Aux, Context, VelocityPoints, check_field,
+                                           pixel_mean)
 
-_FIELD = "config.objective."
-
-
-def _check(ok: bool, field: str, requirement: str, value) -> None:
-    if not ok:
-        raise ValueError(f"{_FIELD}{field} must be {requirement}, got {value!r}")
-
-
-def _pixel_mean(a: jax.Array) -> jax.Array:
-    return jnp.mean(a, axis=tuple(range(1, a.ndim)))
 
 
 _OLD_VELOCITY = ("self", "old")
@@ -84,9 +75,9 @@ class RAMConfig:
     old_velocity: Literal["self", "old"] = "self"
 
     def __post_init__(self):
-        _check(self.scale >= 0, "scale", ">= 0", self.scale)
-        _check(self.adv_clip_max > 0, "adv_clip_max", "> 0", self.adv_clip_max)
-        _check(self.old_velocity in _OLD_VELOCITY, "old_velocity", f"one of {list(_OLD_VELOCITY)}",
+        check_field(self.scale >= 0, "scale", ">= 0", self.scale)
+        check_field(self.adv_clip_max > 0, "adv_clip_max", "> 0", self.adv_clip_max)
+        check_field(self.old_velocity in _OLD_VELOCITY, "old_velocity", f"one of {list(_OLD_VELOCITY)}",
                self.old_velocity)
 
 
@@ -134,12 +125,12 @@ def make_objective(cfg: RAMConfig):
             v_old = sg(v)
         adv = jnp.clip(batch["advantage"], -cfg.adv_clip_max, cfg.adv_clip_max)
         target = sg(ram_target(v_ref, v_old, x0, noise, adv, cfg.scale))
-        loss = jnp.mean(_pixel_mean(jnp.square(v - target)))
+        loss = jnp.mean(pixel_mean(jnp.square(v - target)))
         metrics = {
             "ram/loss": sg(loss),
-            "ram/correction": sg(jnp.mean(_pixel_mean(jnp.square(target - v_ref)))),
-            "ram/ref_deviation": sg(jnp.mean(_pixel_mean(jnp.square(v - v_ref)))),
-            "ram/matching_error": sg(jnp.mean(_pixel_mean(
+            "ram/correction": sg(jnp.mean(pixel_mean(jnp.square(target - v_ref)))),
+            "ram/ref_deviation": sg(jnp.mean(pixel_mean(jnp.square(v - v_ref)))),
+            "ram/matching_error": sg(jnp.mean(pixel_mean(
                 jnp.square(v - flow.velocity_target(x0, noise))))),
         }
         points = VelocityPoints(v_theta=v, x=x, sigma=sigma, cond=cond, v_ref=v_ref)
