@@ -15,7 +15,7 @@ def make(method: str, objective: dict) -> ml_collections.ConfigDict:
     c.aux_dir = "workdir/aux_nets"  # cache of the reward classifier (trained on first use).
 
     c.base = ml_collections.ConfigDict()
-    c.base.workdir = "workdir/pretrain_mnist_dit"  # pretraining workdir: base model θ_ref = θ_0.
+    c.base.workdir = "workdir/pretrain_mnist_unet"  # pretraining workdir: base model θ_ref = θ_0.
     c.base.use_ema = True       # start from (and regularise towards) the EMA parameters.
 
     c.rewards = ml_collections.ConfigDict()   # reward name -> weight (normguard_jax.rewards.REWARDS).
