@@ -127,9 +127,9 @@ def laplacian(x: jax.Array) -> jax.Array:
 class PatchDetector(nnx.Module):
     """Real-vs-generated logit from local patches (positive: judged real).
 
-    Input: the image and its Laplacian, stacked on channels. Three 3×3 convs (strides 1, 2, 1,
-    leaky ReLU) and a 1×1 conv to one logit per patch (receptive field 11×11 px); the output is
-    the mean over patches.
+    Input: the image and its Laplacian, stacked on channels. Three 3×3 convs (strides 1, 2, 2,
+    leaky ReLU) and a 1×1 conv to one logit per patch (an (H/4, W/4) grid of patches with
+    11×11 px receptive fields); the output is the mean over patches.
 
     ``__call__(x)``: (B, H, W, C) float32 in [-1, 1] -> (B,) float32 logits.
     """
@@ -140,7 +140,7 @@ class PatchDetector(nnx.Module):
         w0, w1 = widths
         self.conv0 = nnx.Conv(2 * c, w0, (3, 3), strides=1, rngs=rngs)
         self.conv1 = nnx.Conv(w0, w1, (3, 3), strides=2, rngs=rngs)
-        self.conv2 = nnx.Conv(w1, w1, (3, 3), strides=1, rngs=rngs)
+        self.conv2 = nnx.Conv(w1, w1, (3, 3), strides=2, rngs=rngs)
         self.head = nnx.Conv(w1, 1, (1, 1), rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -1,0 +1,180 @@
+"""The ``evaluate`` job: every reward and every quality metric of one generator checkpoint.
+
+``run(config, workdir)`` samples ``per_class`` images of every class at fixed seeds, scores them
+with every reward defined for the dataset (``rewards.REWARDS``) and the configured combined
+reward, computes the quality metrics of ``evaluation`` against the held-out split, does the same
+for an equally sized, class-balanced set of real training images (the noise floor of every
+number at this set size), and writes ``evaluation.json``, ``evaluation.md`` and
+``samples_eval.png`` into the workdir. Everything is a function of the config and the
+checkpoint, so a second run writes identical numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from normguard_jax import (auxnets, checkpointing, config_checks, data, evaluation, generate,
+                           pretrain, reporting, rewards, sampling)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks every field that can be checked without reading the checkpoint."""
+    c = config_checks
+    c.integer(config, "seed", 0)
+    if not isinstance(config.checkpoint, str) or not config.checkpoint:
+        raise c.ConfigError("config.checkpoint must name a pretraining workdir, got "
+                            f"{config.checkpoint!r}")
+    c.integer(config, "checkpoint_step", -1)
+    c.one_of(config, "use_ema", (True, False))
+    c.one_of(config, "aux.preset", auxnets.PRESETS)
+    c.one_of(config, "sample.method", sampling.STEP_FNS)
+    c.integer(config, "sample.num_steps", 1)
+    c.number(config, "sample.shift", 0, strict_minimum=True)
+    c.number(config, "sample.guidance_scale", 0)
+    if config.sample.noise_level != -1.0:
+        c.number(config, "sample.noise_level", 0)
+    c.integer(config, "sample.per_class", 2)
+    c.integer(config, "sample.batch_size", 1)
+    c.integer(config, "metrics.knn_k", 1)
+    c.number(config, "metrics.range_tolerance", 0)
+    c.integer(config, "metrics.batch_size", 1)
+    if config.metrics.knn_k >= config.sample.per_class * 2:
+        raise c.ConfigError(f"config.metrics.knn_k={config.metrics.knn_k} needs more samples "
+                            f"than config.sample.per_class={config.sample.per_class} gives")
+
+
+def generate_set(pre: pretrain.Pretrained, labels: np.ndarray, sample: ml_collections.ConfigDict,
+                 seed: int) -> np.ndarray:
+    """Samples one image per label in batches of ``sample.batch_size``.
+
+    Batch i uses ``fold_in(key(seed), i)`` (the last batch is padded with repeats of its last
+    label, and the extra images dropped).
+
+    Returns:
+      (N, H, W, C) float32, raw (not clipped).
+    """
+    labels = np.asarray(labels, np.int32)
+    bs = sample.batch_size
+    noise_level = None if sample.noise_level == -1.0 else float(sample.noise_level)
+    out = []
+    for i, start in enumerate(range(0, len(labels), bs)):
+        chunk = labels[start:start + bs]
+        padded = np.concatenate([chunk, np.repeat(chunk[-1:], bs - len(chunk))])
+        images = generate.generate_images(
+            pre.velocity, pre.params, jnp.asarray(padded), jax.random.fold_in(
+                jax.random.key(seed), i),
+            image_shape=tuple(pre.image_shape), num_steps=sample.num_steps, shift=sample.shift,
+            guidance_scale=sample.guidance_scale, null_class=pre.num_classes,
+            method=sample.method, noise_level=noise_level)
+        out.append(np.asarray(images)[:len(chunk)])
+    return np.concatenate(out)
+
+
+def first_per_class(split: data.ImageSplit, per_class: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``per_class`` images of each class (stored order), class-major, as float32."""
+    idx = np.concatenate([np.flatnonzero(split.labels == c)[:per_class]
+                          for c in range(split.num_classes)])
+    return data.to_model_range(split.images[idx]), split.labels[idx].astype(np.int32)
+
+
+def score_set(images, labels, reward_fns, combined, reference, nets, config) -> dict:
+    """Means of every reward, of the combined reward, and all quality metrics of one set."""
+    per_image = rewards.score_images(reward_fns, images, labels, config.metrics.batch_size)
+    total = sum(w * per_image[name] for name, w in combined.weights)
+    quality = evaluation.quality_metrics(images, labels, reference, nets,
+                                         tol=config.metrics.range_tolerance)
+    return {"rewards": {k: float(np.mean(v)) for k, v in per_image.items()},
+            "combined_reward": float(np.mean(total)), "quality": quality}
+
+
+def _markdown(result: dict) -> str:
+    gen, real = result["generated"], result["real_train"]
+    lines = [
+        f"# Evaluation of `{result['checkpoint']}` (step {result['step']})",
+        "",
+        f"Dataset `{result['dataset']}`; {result['num_samples']} samples "
+        f"({result['config']['sample']['per_class']} per class), sampler "
+        f"`{result['config']['sample']['method']}` with {result['config']['sample']['num_steps']}"
+        f" steps, CFG {result['config']['sample']['guidance_scale']}, seed "
+        f"{result['config']['seed']}. Reference: {result['reference_size']} held-out images "
+        f"(`{result['config']['reference_split']}`). The real column is an equally sized set of "
+        "training images: the best a generator can do at this set size.",
+        "",
+        "| | generated | real (train) |",
+        "|---|---:|---:|",
+    ]
+    lines.append(f"| combined reward {result['combined_weights']} | "
+                 f"{gen['combined_reward']:.4f} | {real['combined_reward']:.4f} |")
+    for name in gen["rewards"]:
+        lines.append(f"| reward `{name}` | {gen['rewards'][name]:.4f} | "
+                     f"{real['rewards'][name]:.4f} |")
+    for name in gen["quality"]:
+        arrow = {1: " (↑)", -1: " (↓)"}.get(evaluation.DIRECTION.get(name), "")
+        lines.append(f"| metric `{name}`{arrow} | {gen['quality'][name]:.4f} | "
+                     f"{real['quality'][name]:.4f} |")
+    lines.append("")
+    lines.append("Auxiliary nets (cached in `{}`):".format(result["config"]["aux"]["dir"]))
+    for name, meta in result["aux_nets"].items():
+        held = ", ".join(f"{k} {v:.3f}" for k, v in meta.items() if k.startswith("heldout"))
+        lines.append(f"- {name}: {held}")
+    return "\n".join(lines) + "\n"
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Evaluates ``config.checkpoint``; returns the dict written to ``evaluation.json``."""
+    validate(config)
+    step = None if config.checkpoint_step == -1 else config.checkpoint_step
+    step, meta = checkpointing.read_meta(os.path.join(config.checkpoint, "checkpoints"), step)
+    dataset = meta["config"]["data"]["name"]
+    data_dir = config.data_dir or meta["config"]["data"]["data_dir"] or None
+    nets = auxnets.AuxNetCache(dataset, aux_dir=config.aux.dir, data_dir=data_dir,
+                               preset=config.aux.preset)
+    ctx = rewards.RewardContext(dataset=dataset, image_shape=tuple(meta["image_shape"]),
+                                num_classes=int(meta["num_classes"]), nets=nets)
+    weights = dict(config.rewards.to_dict())
+    rewards.check_weights(weights, ctx)
+
+    os.makedirs(workdir, exist_ok=True)
+    t0 = time.time()
+    pre = pretrain.load_pretrained(config.checkpoint, use_ema=config.use_ema, step=step)
+    reward_fns = {name: rewards.build_reward(name, ctx) for name in rewards.applicable(ctx)}
+    combined = rewards.build_combined(weights, ctx)
+    qnets = evaluation.quality_nets(nets, config.metrics.batch_size)
+    ref_split = data.load_split(dataset, config.reference_split, data_dir)
+    reference = evaluation.make_reference(ref_split.images, ref_split.labels, qnets,
+                                          k=config.metrics.knn_k)
+
+    labels = generate.class_grid_labels(pre.num_classes, config.sample.per_class)
+    samples = generate_set(pre, labels, config.sample, config.seed)
+    real_images, real_labels = first_per_class(data.load_split(dataset, "train", data_dir),
+                                               config.sample.per_class)
+    result = {
+        "checkpoint": config.checkpoint, "step": int(step), "dataset": dataset,
+        "num_samples": int(len(samples)), "reference_size": int(reference.size),
+        "combined_weights": weights, "config": config.to_dict(),
+        "aux_nets": {name: {k: v for k, v in net.meta.items() if k.startswith("heldout")}
+                     for name, net in sorted(nets.loaded().items())},
+        "generated": score_set(samples, labels, reward_fns, combined, reference, qnets, config),
+        "real_train": score_set(real_images, real_labels, reward_fns, combined, reference, qnets,
+                                config),
+    }
+    with open(os.path.join(workdir, "evaluation.json"), "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(workdir, "evaluation.md"), "w", encoding="utf-8") as f:
+        f.write(_markdown(result))
+    shown = min(config.sample.per_class, 8)
+    keep = np.concatenate([np.arange(c * config.sample.per_class, c * config.sample.per_class
+                                     + shown) for c in range(pre.num_classes)])
+    reporting.save_png(os.path.join(workdir, "samples_eval.png"),
+                       reporting.image_grid(samples[keep], shown), upscale=2)
+    logging.info("Evaluated %s (step %d) in %.1f s:\n%s", config.checkpoint, step,
+                 time.time() - t0, _markdown(result))
+    return result

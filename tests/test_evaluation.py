@@ -1,0 +1,318 @@
+"""Quality metrics: closed forms, toy point clouds, degradations, the validity ordering, and
+the evaluate job's reproducibility."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.linalg
+from sklearn.neighbors import NearestNeighbors
+
+from normguard_jax import (auxnets, config_checks, data, degradations, evaluate, evaluation,
+                           pretrain)
+
+from conftest import load_config_file
+
+
+def _random_spd(rng, d):
+    a = rng.normal(size=(d, d))
+    return a @ a.T / d + 0.1 * np.eye(d)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fréchet distance.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_frechet_distance_of_diagonal_gaussians_is_closed_form():
+    rng = np.random.default_rng(0)
+    mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
+    var1, var2 = rng.uniform(0.1, 3, 5), rng.uniform(0.1, 3, 5)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(var1) - np.sqrt(var2)) ** 2)
+    got = evaluation.frechet_distance(mu1, np.diag(var1), mu2, np.diag(var2))
+    np.testing.assert_allclose(got, expected, rtol=1e-10)
+
+
+def test_frechet_distance_matches_scipy_sqrtm_for_full_covariances():
+    rng = np.random.default_rng(1)
+    for d in (2, 7, 32):
+        c1, c2 = _random_spd(rng, d), _random_spd(rng, d)
+        mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+        root = scipy.linalg.sqrtm(c1 @ c2).real
+        expected = np.sum((mu1 - mu2) ** 2) + np.trace(c1) + np.trace(c2) - 2 * np.trace(root)
+        np.testing.assert_allclose(evaluation.frechet_distance(mu1, c1, mu2, c2), expected,
+                                   rtol=1e-7, atol=1e-9)
+        # Symmetric in its two arguments.
+        np.testing.assert_allclose(evaluation.frechet_distance(mu2, c2, mu1, c1), expected,
+                                   rtol=1e-7, atol=1e-9)
+
+
+def test_frechet_distance_is_zero_for_identical_sets_and_positive_otherwise():
+    f = np.random.default_rng(2).normal(size=(300, 8))
+    stats = evaluation.feature_statistics(f)
+    assert evaluation.frechet_distance(*stats, *stats) == pytest.approx(0.0, abs=1e-9)
+    shifted = evaluation.feature_statistics(f + 0.5)
+    np.testing.assert_allclose(evaluation.frechet_distance(*stats, *shifted), 8 * 0.25, rtol=1e-6)
+
+
+def test_frechet_distance_from_samples_converges_to_the_gaussian_value():
+    rng = np.random.default_rng(3)
+    c1, c2 = _random_spd(rng, 3), _random_spd(rng, 3)
+    mu2 = np.array([1.0, 0.0, -1.0])
+    x = rng.multivariate_normal(np.zeros(3), c1, size=40_000)
+    y = rng.multivariate_normal(mu2, c2, size=40_000)
+    from_samples = evaluation.frechet_distance(*evaluation.feature_statistics(x),
+                                               *evaluation.feature_statistics(y))
+    exact = evaluation.frechet_distance(np.zeros(3), c1, mu2, c2)
+    np.testing.assert_allclose(from_samples, exact, rtol=0.05)
+
+
+# ---------------------------------------------------------------------------------------------
+# Precision / recall.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_knn_radii_agree_with_sklearn():
+    f = np.random.default_rng(4).normal(size=(200, 5))
+    ours = evaluation.knn_radii(f, k=3)
+    dist, _ = NearestNeighbors(n_neighbors=4).fit(f).kneighbors(f)   # column 0 is the point
+    np.testing.assert_allclose(ours, dist[:, 3], rtol=1e-6)
+
+
+def test_precision_recall_on_toy_point_clouds():
+    rng = np.random.default_rng(5)
+    blob_a = rng.normal(size=(200, 2)) * 0.3
+    blob_b = rng.normal(size=(200, 2)) * 0.3 + np.array([10.0, 0.0])
+    real = np.concatenate([blob_a, blob_b])
+    # Same distribution, fresh draw: both close to 1.
+    fresh = np.concatenate([rng.normal(size=(200, 2)) * 0.3,
+                            rng.normal(size=(200, 2)) * 0.3 + np.array([10.0, 0.0])])
+    p, r = evaluation.precision_recall(real, fresh, k=3)
+    assert p > 0.9 and r > 0.9
+    # Identical sets: exactly 1 and 1.
+    assert evaluation.precision_recall(real, real, k=3) == (1.0, 1.0)
+    # Mode collapse onto blob A: precision stays high, recall drops to about one half.
+    p, r = evaluation.precision_recall(real, rng.normal(size=(400, 2)) * 0.3, k=3)
+    assert p > 0.9 and 0.4 < r < 0.6
+    # Samples far from the data: precision 0 (recall 0 too).
+    p, r = evaluation.precision_recall(real, rng.normal(size=(400, 2)) * 0.3 + 50.0, k=3)
+    assert (p, r) == (0.0, 0.0)
+
+
+def test_precision_recall_by_hand_in_one_dimension():
+    real = np.array([[0.0], [1.0], [2.0], [3.0]])   # 1-NN radii: 1, 1, 1, 1
+    fake = np.array([[0.5], [10.0], [11.5]])        # 1-NN radii: 9.5, 1.5, 1.5
+    p, r = evaluation.precision_recall(real, fake, k=1)
+    assert p == pytest.approx(1 / 3)                # only 0.5 lies within a real ball
+    assert r == pytest.approx(1.0)                  # 0.5's ball (radius 9.5) covers all reals
+
+
+# ---------------------------------------------------------------------------------------------
+# Pixel statistics and degradations.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_pixel_statistics_closed_form():
+    x = np.array([0.0, 1.0, -1.0, 1.02, -1.2, 2.0]).reshape(1, 1, 6, 1)
+    assert evaluation.out_of_range(x, tol=0.05) == pytest.approx(2 / 6)
+    assert evaluation.out_of_range(x, tol=0.0) == pytest.approx(3 / 6)
+    assert evaluation.overshoot(x) == pytest.approx((0.02 + 0.2 + 1.0) / 6)
+    # Two classes: images {-1, +1} (RMS distance 2) and {0, 0.5, 0.5} (distances .5, .5, 0).
+    imgs = np.stack([np.full((2, 2, 1), v) for v in (-1.0, 1.0, 0.0, 0.5, 0.5)])
+    labels = np.array([0, 0, 1, 1, 1])
+    expected = np.mean([2.0, (0.5 + 0.5 + 0.0) / 3])
+    assert evaluation.class_diversity(imgs, labels) == pytest.approx(expected)
+
+
+def test_interleaved_halves_are_disjoint_and_class_balanced():
+    labels = np.repeat(np.arange(4), [6, 7, 6, 9])
+    a, b = evaluation.interleaved_halves(labels)
+    assert len(np.intersect1d(a, b)) == 0 and len(a) + len(b) == len(labels)
+    assert np.all(np.abs(np.bincount(labels[a]) - np.bincount(labels[b])) <= 1)
+
+
+def test_degradations_are_identity_at_zero_and_behave_as_documented():
+    key = jax.random.key(0)
+    fns = {name: jax.jit(fn) for name, fn in degradations.DEGRADATIONS.items()}
+    x = jax.random.uniform(jax.random.key(1), (3, 8, 8, 1), minval=-1, maxval=1)
+    for name, fn in fns.items():
+        np.testing.assert_allclose(fn(x, 0.0, key), x, atol=1e-5, err_msg=name)
+    flat = jnp.full((3, 8, 8, 1), 0.25)
+    np.testing.assert_allclose(fns["blur"](flat, 1.5, key), flat, atol=1e-6)
+    blurred = fns["blur"](x, 1.5, key)
+    assert float(jnp.std(blurred)) < float(jnp.std(x))
+    assert float(jnp.max(jnp.abs(blurred))) <= 1.0 + 1e-6
+    inflated = fns["contrast"](x, 1.0, key)
+    mean = x.mean(axis=(1, 2, 3), keepdims=True)
+    np.testing.assert_allclose(inflated, mean + 2.0 * (x - mean), atol=1e-6)
+    digit = jnp.full((3, 8, 8, 1), -1.0).at[:, 2:6, 3:5, 0].set(1.0)
+    noisy = fns["background_noise"](digit, 0.3, key)
+    np.testing.assert_array_equal(noisy[:, 2:6, 3:5], digit[:, 2:6, 3:5])   # ink untouched
+    assert float(jnp.std(noisy[:, :2])) > 0.1                                # background noisy
+    per_image = fns["noise"](jnp.zeros((3, 8, 8, 1)), jnp.array([0.0, 1.0, 0.0]), key)
+    assert float(jnp.std(per_image[0])) == 0.0 and 0.6 < float(jnp.std(per_image[1])) < 1.4
+
+
+def test_repeat_subset_keeps_size_and_labels_but_not_diversity():
+    images = np.arange(12, dtype=np.float32).reshape(12, 1, 1, 1)
+    labels = np.array([0, 1] * 6)
+    reduced = degradations.repeat_subset(images, labels, 2)
+    assert reduced.shape == images.shape
+    for c in (0, 1):
+        assert len(np.unique(reduced[labels == c])) == 2
+        assert set(np.unique(reduced[labels == c])) <= set(images[labels == c].ravel())
+
+
+# ---------------------------------------------------------------------------------------------
+# Validity with trained (tiny) metric nets.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_validity(data_dir, tmp_path_factory):
+    """Metrics of real held-out digits and of every validity set, with tiny metric nets."""
+    aux = str(tmp_path_factory.mktemp("aux"))
+    nets = auxnets.AuxNetCache("digits_mnist", aux_dir=aux, data_dir=data_dir, preset="tiny")
+    test = data.load_split("digits_mnist", "test", data_dir)
+    ref_idx, cand_idx = evaluation.interleaved_halves(test.labels)
+    qnets = evaluation.quality_nets(nets)
+    reference = evaluation.make_reference(test.images[ref_idx], test.labels[ref_idx], qnets)
+    images = data.to_model_range(test.images[cand_idx])
+    labels = test.labels[cand_idx]
+    real = evaluation.quality_metrics(images, labels, reference, qnets)
+    rows = {}
+    for family, strength, x in degradations.validity_sets(images, labels, seed=0):
+        rows.setdefault(family, []).append(
+            evaluation.quality_metrics(x, labels, reference, qnets))
+    return real, rows
+
+
+# The metrics each degradation family is meant to move (the validity table in
+# experiments/results/validity.md shows the others: e.g. k-NN precision rises under blur, a
+# known weakness, and realism is blind to set diversity).
+RESPONDS = {
+    "noise": ("fd", "precision", "recall", "realism", "detector_p_real", "detector_logit",
+              "out_of_range", "overshoot"),
+    "blur": ("fd", "recall", "realism", "detector_p_real", "detector_logit"),
+    "contrast": ("fd", "realism", "detector_p_real", "detector_logit", "out_of_range",
+                 "overshoot"),
+    "background_noise": ("fd", "precision", "recall", "realism", "detector_p_real",
+                         "detector_logit", "out_of_range", "overshoot"),
+    "diversity": ("fd", "recall"),
+}
+# Finite-sample slack (250 images per set): fractions may fluctuate by a few images.
+SLACK = {"fd": 0.0, "precision": 0.05, "recall": 0.05, "realism": 0.05,
+         "detector_p_real": 0.1, "detector_logit": 0.5, "out_of_range": 0.0, "overshoot": 0.0}
+
+
+@pytest.mark.slow
+def test_real_data_scores_best_and_metrics_worsen_with_strength(tiny_validity):
+    real, rows = tiny_validity
+    assert real["out_of_range"] == 0.0 and real["overshoot"] == 0.0
+    for family, ladder in rows.items():
+        for metric in RESPONDS[family]:
+            sign, slack = evaluation.DIRECTION[metric], SLACK[metric]
+            best = sign * real[metric]
+            values = [sign * r[metric] for r in ladder]      # higher is better after the sign
+            where = (family, metric, real[metric], [r[metric] for r in ladder])
+            assert all(v <= best + slack for v in values), where          # real is best
+            assert all(b <= a + slack for a, b in zip(values, values[1:])), where  # monotone
+            assert values[-1] < best, where                     # strictly worse at the end
+    # FD has no slack at all: real beats every degraded set, and every ladder is monotone.
+    for family, ladder in rows.items():
+        fd = [real["fd"]] + [r["fd"] for r in ladder]
+        assert all(b >= a for a, b in zip(fd, fd[1:])), (family, fd)
+
+
+@pytest.mark.slow
+def test_fd_and_recall_worsen_as_diversity_is_reduced(tiny_validity):
+    real, rows = tiny_validity
+    fd = [real["fd"]] + [r["fd"] for r in rows["diversity"]]
+    recall = [real["recall"]] + [r["recall"] for r in rows["diversity"]]
+    ratio = [real["diversity_ratio"]] + [r["diversity_ratio"] for r in rows["diversity"]]
+    assert all(b > a for a, b in zip(fd, fd[1:])), fd
+    assert all(b <= a for a, b in zip(recall, recall[1:])) and recall[-1] < 0.1, recall
+    assert all(b < a for a, b in zip(ratio, ratio[1:])) and ratio[-1] < 1e-6, ratio
+
+
+# ---------------------------------------------------------------------------------------------
+# The evaluate job.
+# ---------------------------------------------------------------------------------------------
+
+
+def _tiny_eval_config(data_dir, checkpoint, aux):
+    config = load_config_file("evaluate.py")
+    config.checkpoint = checkpoint
+    config.data_dir = data_dir
+    config.aux.update(dir=aux, preset="tiny")
+    config.sample.update(num_steps=2, per_class=6, batch_size=32)
+    config.metrics.batch_size = 64
+    return config
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(data_dir, tmp_path_factory):
+    config = load_config_file("pretrain_mnist_dit.py")
+    config.data.update(name="digits_sklearn", data_dir=data_dir)
+    config.model.size = "tiny"
+    config.train.update(batch_size=16, steps=2, log_every=1, sample_every=1000,
+                        checkpoint_every=2)
+    config.optim.warmup_steps = 1
+    config.sample.update(num_steps=2, per_class=1)
+    workdir = str(tmp_path_factory.mktemp("pretrain"))
+    pretrain.run(config, workdir)
+    return workdir
+
+
+@pytest.mark.slow
+def test_evaluate_twice_gives_identical_numbers(data_dir, tiny_checkpoint, tmp_path):
+    aux = str(tmp_path / "aux")
+    config = _tiny_eval_config(data_dir, tiny_checkpoint, aux)
+    first = evaluate.run(config, str(tmp_path / "a"))
+    second = evaluate.run(config, str(tmp_path / "b"))
+    text_a = (tmp_path / "a" / "evaluation.json").read_text()
+    assert text_a == (tmp_path / "b" / "evaluation.json").read_text()
+    assert json.loads(text_a) == json.loads(json.dumps(first)) == json.loads(json.dumps(second))
+    assert (tmp_path / "a" / "evaluation.md").exists()
+    assert (tmp_path / "a" / "samples_eval.png").exists()
+    gen = first["generated"]
+    assert first["num_samples"] == 60
+    assert {"classifier_logprob", "contrast", "jpeg_zeros"} <= set(gen["rewards"])
+    assert set(evaluation.DIRECTION) <= set(gen["quality"])
+    # The combined reward is the weighted sum of the component means.
+    expected = sum(w * gen["rewards"][n] for n, w in first["combined_weights"].items())
+    assert gen["combined_reward"] == pytest.approx(expected, rel=1e-5)
+    # Real training images sit closer to the held-out set than 2-step samples of a 2-step model.
+    assert first["real_train"]["quality"]["fd"] < gen["quality"]["fd"]
+
+
+@pytest.mark.parametrize("path, value, message", [
+    ("checkpoint", "", "config.checkpoint must name a pretraining workdir"),
+    ("sample.method", "heun", "config.sample.method must be one of"),
+    ("aux.preset", "huge", "config.aux.preset must be one of"),
+    ("sample.per_class", 1, "config.sample.per_class must be an integer >= 2"),
+])
+def test_bad_evaluate_config_fails_before_anything_is_built(data_dir, tmp_path, path, value,
+                                                            message):
+    config = _tiny_eval_config(data_dir, "/nonexistent", str(tmp_path / "aux"))
+    node = config
+    *parents, leaf = path.split(".")
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+    with pytest.raises(config_checks.ConfigError, match=message):
+        evaluate.run(config, str(tmp_path / "eval"))
+    assert not (tmp_path / "eval").exists() and not (tmp_path / "aux").exists()
+
+
+@pytest.mark.slow
+def test_unknown_reward_in_evaluate_config_fails_before_building(data_dir, tiny_checkpoint,
+                                                                  tmp_path):
+    config = _tiny_eval_config(data_dir, tiny_checkpoint, str(tmp_path / "aux"))
+    config.rewards.contrast = 0.0
+    config.rewards.classifier_logprob = 0.0
+    with pytest.raises(config_checks.ConfigError, match="config.rewards must give"):
+        evaluate.run(config, str(tmp_path / "eval"))
+    assert not (tmp_path / "eval").exists() and not (tmp_path / "aux").exists()
