@@ -28,9 +28,7 @@ Everything is deterministic given the spec's seed: batches come from
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import json
 import os
 import shutil
@@ -46,6 +44,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
+from normguard_jax import file_lock
 from normguard_jax import data, degradations
 from normguard_jax.models import small_nets
 
@@ -319,18 +318,6 @@ def cache_dir(aux_dir: str, dataset: str, net: str) -> str:
     return os.path.join(os.fspath(aux_dir), dataset.replace("/", "__"), net)
 
 
-@contextlib.contextmanager
-def _exclusive(path: str):
-    """An inter-process file lock (flock) on ``path``."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def load_or_train(net: str, dataset: str, *, aux_dir: str, data_dir: str | None,
                   preset: str = "default") -> AuxNet:
     """Returns the cached net, training and caching it first if needed.
@@ -355,7 +342,7 @@ def load_or_train(net: str, dataset: str, *, aux_dir: str, data_dir: str | None,
     meta_path = os.path.join(directory, "meta.json")
     params_path = os.path.abspath(os.path.join(directory, "params"))
     netdef = NETS[net]
-    with _exclusive(directory + ".lock"):
+    with file_lock.exclusive(directory + ".lock"):
         if os.path.exists(meta_path):
             with open(meta_path, encoding="utf-8") as f:
                 meta = json.load(f)

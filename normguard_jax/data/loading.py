@@ -10,14 +10,13 @@ source (`builder.as_data_source`, the call behind `tfds.data_source`), so readin
 `tf.data` pipeline.
 """
 
-import contextlib
 import dataclasses
-import fcntl
 import os
 
 import numpy as np
 import tensorflow_datasets as tfds
 
+from normguard_jax import file_lock
 from normguard_jax.data import digits, shapes
 
 DATASETS: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
@@ -77,17 +76,6 @@ def _lock_path(data_dir: str, name: str) -> str:
     return os.path.join(data_dir, "." + name.replace("/", "__") + ".lock")
 
 
-@contextlib.contextmanager
-def _exclusive(path: str):
-    """An inter-process lock (flock) on `path`; threads of one process each open their own fd."""
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _catalogue_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
     offline = ", ".join(sorted(DATASETS))
     try:
@@ -120,7 +108,7 @@ def prepare(name: str, data_dir: str | os.PathLike | None) -> tfds.core.DatasetB
     data_dir = tfds.core.constants.DATA_DIR if data_dir is None else os.fspath(data_dir)
     os.makedirs(data_dir, exist_ok=True)
     base, config = _parse_name(name)
-    with _exclusive(_lock_path(data_dir, name)):
+    with file_lock.exclusive(_lock_path(data_dir, name)):
         if base not in DATASETS:
             return _catalogue_builder(name, data_dir)
         builder = DATASETS[base](data_dir=data_dir, config=config, file_format=FILE_FORMAT)
