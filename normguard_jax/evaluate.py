@@ -21,8 +21,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from normguard_jax import (auxnets, checkpointing, config_checks, data, evaluation, generate,
-                           pretrain, reporting, rewards, sampling)
+from normguard_jax import (auxnets, config_checks, data, diagnostics, evaluation,
+                           generate, pretrain, reporting, rewards, rl, sampling)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -128,23 +128,53 @@ def _markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def load_generator(checkpoint: str, *, use_ema: bool, step: int | None
+                   ) -> tuple[pretrain.Pretrained, pretrain.Pretrained | None]:
+    """``(generator, reference)`` of a pretraining or RL workdir.
+
+    A pretraining workdir gives its (EMA or raw) parameters and no reference; an RL workdir
+    gives the policy θ (``use_ema`` does not apply) and its frozen base θ_ref.
+    """
+    if rl.is_rl_workdir(checkpoint, step):
+        return rl.load_policy(checkpoint, step=step)
+    return pretrain.load_pretrained(checkpoint, use_ema=use_ema, step=step), None
+
+
+def norm_ratio_summary(pre: pretrain.Pretrained, ref: pretrain.Pretrained | None,
+                       labels: np.ndarray, sample: ml_collections.ConfigDict, seed: int) -> dict:
+    """Mean ρ = ‖v_θ‖/‖v_ref‖ over samples, per ODE step and overall (1 without a reference).
+
+    Uses the first batch of ``labels`` (at most ``sample.batch_size``) with the batch-0 key of
+    :func:`generate_set`, so the states are those of the first evaluated samples.
+    """
+    if ref is None:
+        return {"mean": 1.0, "per_step": [1.0] * sample.num_steps}
+    chunk = jnp.asarray(np.asarray(labels, np.int32)[:sample.batch_size])
+    ratios = diagnostics.velocity_norm_ratios(
+        pre.velocity, pre.params, ref.params, chunk, jax.random.fold_in(jax.random.key(seed), 0),
+        image_shape=tuple(pre.image_shape), num_steps=sample.num_steps, shift=sample.shift,
+        guidance_scale=sample.guidance_scale, null_class=pre.num_classes)
+    per_step = np.asarray(jnp.mean(ratios, axis=1))
+    return {"mean": float(per_step.mean()), "per_step": [float(r) for r in per_step]}
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Evaluates ``config.checkpoint``; returns the dict written to ``evaluation.json``."""
+    """Evaluates ``config.checkpoint`` (a pretraining or RL workdir); returns the dict written
+    to ``evaluation.json``. For an RL workdir the velocity-norm ratio to its base is included."""
     validate(config)
     step = None if config.checkpoint_step == -1 else config.checkpoint_step
-    step, meta = checkpointing.read_meta(os.path.join(config.checkpoint, "checkpoints"), step)
-    dataset = meta["config"]["data"]["name"]
-    data_dir = config.data_dir or meta["config"]["data"]["data_dir"] or None
+    t0 = time.time()
+    pre, ref = load_generator(config.checkpoint, use_ema=config.use_ema, step=step)
+    base_config = (ref or pre).config
+    dataset = base_config.data.name
+    data_dir = config.data_dir or base_config.data.data_dir or None
     nets = auxnets.AuxNetCache(dataset, aux_dir=config.aux.dir, data_dir=data_dir,
                                preset=config.aux.preset)
-    ctx = rewards.RewardContext(dataset=dataset, image_shape=tuple(meta["image_shape"]),
-                                num_classes=int(meta["num_classes"]), nets=nets)
+    ctx = rewards.RewardContext(dataset=dataset, image_shape=tuple(pre.image_shape),
+                                num_classes=pre.num_classes, nets=nets)
     weights = dict(config.rewards.to_dict())
     rewards.check_weights(weights, ctx)
-
     os.makedirs(workdir, exist_ok=True)
-    t0 = time.time()
-    pre = pretrain.load_pretrained(config.checkpoint, use_ema=config.use_ema, step=step)
     reward_fns = {name: rewards.build_reward(name, ctx) for name in rewards.applicable(ctx)}
     combined = rewards.build_combined(weights, ctx)
     qnets = evaluation.quality_nets(nets, config.metrics.batch_size)
@@ -157,7 +187,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     real_images, real_labels = first_per_class(data.load_split(dataset, "train", data_dir),
                                                config.sample.per_class)
     result = {
-        "checkpoint": config.checkpoint, "step": int(step), "dataset": dataset,
+        "checkpoint": config.checkpoint, "step": int(pre.step), "dataset": dataset,
+        "norm_ratio": norm_ratio_summary(pre, ref, labels, config.sample, config.seed),
         "num_samples": int(len(samples)), "reference_size": int(reference.size),
         "combined_weights": weights, "config": config.to_dict(),
         "aux_nets": {name: {k: v for k, v in net.meta.items() if k.startswith("heldout")}
@@ -175,6 +206,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                      + shown) for c in range(pre.num_classes)])
     reporting.save_png(os.path.join(workdir, "samples_eval.png"),
                        reporting.image_grid(samples[keep], shown), upscale=2)
-    logging.info("Evaluated %s (step %d) in %.1f s:\n%s", config.checkpoint, step,
+    logging.info("Evaluated %s (step %d) in %.1f s:\n%s", config.checkpoint, pre.step,
                  time.time() - t0, _markdown(result))
     return result

@@ -13,7 +13,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow is only used by
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from normguard_jax import evaluate, pretrain, reporting, rl  # noqa: E402
+from normguard_jax import evaluate, pretrain, quickstart, reporting, rl  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
                                           lock_config=True)
@@ -23,6 +23,7 @@ JOBS = {
     "pretrain": pretrain.run,
     "evaluate": evaluate.run,
     "rl": rl.run,
+    "quickstart": quickstart.run,
 }
 
 

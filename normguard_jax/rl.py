@@ -152,6 +152,55 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         raise c.ConfigError(f"config.{e}" if str(e).startswith("normguard.") else str(e)) from None
 
 
+def build_optimizer(config: ml_collections.ConfigDict):
+    """``(optimizer, schedule)`` of the run, the schedule spanning all its optimizer steps."""
+    steps_per_iter = (config.train.inner_epochs * rows_per_iteration(config)
+                      // config.train.minibatch_size)
+    return optim.build_optimizer(config.optim, config.train.iterations * steps_per_iter)
+
+
+def initial_state(config: ml_collections.ConfigDict, base_params, optimizer) -> RLState:
+    """The state before iteration 0: θ = θ_old = copies of the base parameters.
+
+    θ, θ_old and θ_ref start equal but must not share buffers: θ is donated to the update.
+    """
+    copy = lambda tree: jax.tree.map(jnp.copy, tree)
+    return RLState(
+        iteration=jnp.zeros((), jnp.int32), updates=jnp.zeros((), jnp.int32),
+        params=copy(base_params), old_params=copy(base_params),
+        opt_state=optimizer.init(base_params),
+        rng=jax.random.key_data(jax.random.key(config.seed)))
+
+
+def is_rl_workdir(workdir: str, step: int | None = None) -> bool:
+    """Whether ``workdir``'s checkpoint (newest, or ``step``) was written by :func:`run`."""
+    _, meta = checkpointing.read_meta(os.path.join(workdir, "checkpoints"), step)
+    return "base_workdir" in meta
+
+
+def load_policy(workdir: str, *, step: int | None = None
+                ) -> tuple[pretrain.Pretrained, pretrain.Pretrained]:
+    """Restores the policy θ of an RL run and its frozen base θ_ref.
+
+    Returns ``(policy, base)``: two :class:`pretrain.Pretrained` sharing the base's velocity
+    function, image shape and classes; ``policy.params`` is θ at the checkpoint (newest unless
+    ``step`` is given), ``policy.step`` its iteration, ``policy.config`` the RL config.
+
+    Raises:
+      FileNotFoundError: no checkpoint in ``<workdir>/checkpoints``.
+    """
+    directory = os.path.join(workdir, "checkpoints")
+    step, meta = checkpointing.read_meta(directory, step)
+    config = ml_collections.ConfigDict(meta["config"])
+    base = pretrain.load_pretrained(meta["base_workdir"], use_ema=config.base.use_ema,
+                                    step=meta["base_step"])
+    optimizer, _ = build_optimizer(config)
+    template = initial_state(config, base.params, optimizer)
+    state = checkpointing.restore_state(directory, step, template)
+    policy = base._replace(params=state.params, config=config, step=int(step))
+    return policy, base
+
+
 # ----------------------------------------------------------------------------------------------
 # Pure pieces.
 # ----------------------------------------------------------------------------------------------
@@ -240,16 +289,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, hooks: Iterable[Hook
     iterations = config.train.iterations
     rows = rows_per_iteration(config)
     steps_per_iter = config.train.inner_epochs * rows // config.train.minibatch_size
-    optimizer, schedule = optim.build_optimizer(config.optim, iterations * steps_per_iter)
+    optimizer, schedule = build_optimizer(config)
     repl, data_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
     ref_params = jax.device_put(base.params, repl)
-    # θ, θ_old and θ_ref start equal but must not share buffers: θ is donated to the update.
-    copy = lambda tree: jax.tree.map(jnp.copy, tree)
-    state = jax.device_put(RLState(
-        iteration=jnp.zeros((), jnp.int32), updates=jnp.zeros((), jnp.int32),
-        params=copy(base.params), old_params=copy(base.params),
-        opt_state=optimizer.init(base.params),
-        rng=jax.random.key_data(jax.random.key(config.seed))), repl)
+    state = jax.device_put(initial_state(config, base.params, optimizer), repl)
 
     manager = checkpointing.make_manager(os.path.join(workdir, "checkpoints"),
                                          max_to_keep=config.train.keep_checkpoints,
