@@ -16,6 +16,8 @@ import sys
 
 import ml_collections
 
+from normguard_jax import rewards
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import evaluate as evaluate_config  # noqa: E402  (configs/ is not a package; siblings are imported)
 import pretrain_common  # noqa: E402
@@ -28,7 +30,9 @@ import rl_ram  # noqa: E402
 METHOD_CONFIGS = {"grpo": rl_grpo, "nft": rl_nft, "awm": rl_awm, "dpo": rl_dpo, "ram": rl_ram}
 
 
-def get_config(method: str = "nft"):
+def get_config(arg: str = "nft"):
+    """``arg`` is ``<method>`` or ``<method>,<reward set>`` (a key of rewards.DEFAULT_WEIGHTS)."""
+    method, _, reward_set = arg.partition(",")
     if method not in METHOD_CONFIGS:
         raise ValueError(f"quickstart method must be one of {sorted(METHOD_CONFIGS)}, "
                          f"got {method!r}")
@@ -36,6 +40,7 @@ def get_config(method: str = "nft"):
     c.job = "quickstart"        # main.py dispatches to normguard_jax.quickstart.run.
     c.aux_dir = "workdir/aux_nets"  # reward + metric nets, trained on first use and shared.
     c.guard_weight = 1.0        # λ of the guarded arm (the unguarded arm uses 0).
+    c.base_workdir = ""         # base model workdir; "" = <workdir>/base (trained if unfinished).
 
     # Base model: <workdir>/base.
     c.pretrain = pretrain_common.make(dataset="digits_mnist", arch="unet")
@@ -49,6 +54,11 @@ def get_config(method: str = "nft"):
 
     # RL arms: <workdir>/rl_unguarded and <workdir>/rl_normguard (base.workdir is set by the job).
     c.rl = METHOD_CONFIGS[method].get_config()
+    if reward_set:
+        if reward_set not in rewards.DEFAULT_WEIGHTS:
+            raise ValueError(f"reward set must be one of {sorted(rewards.DEFAULT_WEIGHTS)}, "
+                             f"got {reward_set!r}")
+        c.rl.rewards = ml_collections.ConfigDict(rewards.DEFAULT_WEIGHTS[reward_set])
     c.rl.train.iterations = 24
     c.rl.rollout.prompts_per_iter = 4
     c.rl.rollout.group_size = 8

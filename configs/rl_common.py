@@ -60,6 +60,7 @@ def make(method: str, objective: dict) -> ml_collections.ConfigDict:
     c.train.iterations = 100        # rollout + update iterations.
     c.train.inner_epochs = 1        # passes over each iteration's training batch.
     c.train.minibatch_size = 32     # rows per optimizer step.
+    c.train.renoise_draws = 1       # NFT/AWM/RAM: noise/σ draws per rollout sample (rows = D·G·K).
     c.train.sigma_sampler = "schedule"  # σ of re-noised batches: schedule | uniform | logit_normal.
     c.train.old_policy = "nft"      # θ_old EMA preset (objectives.nft.OLD_POLICY_DECAY_PRESETS).
     c.train.log_every = 5           # iterations between scalar logs.

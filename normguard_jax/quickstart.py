@@ -2,7 +2,8 @@
 
 ``run(config, workdir)`` chains the other jobs, each in its own sub-directory of ``workdir``:
 
-1. ``base/``: pretrains the base generator (``config.pretrain``), or reuses it when finished;
+1. ``base/`` (or ``config.base_workdir`` when set): pretrains the base generator
+   (``config.pretrain``), or reuses it when finished;
 2. the reward and metric nets are trained on first use into ``config.aux_dir`` (shared cache);
 3. ``rl_unguarded/`` and ``rl_normguard/``: the same RL run (``config.rl``) with NormGuard off
    and with ``normguard.weight = config.guard_weight``;
@@ -30,6 +31,7 @@ RUNS = ("unguarded", "normguard")
 # Columns of the table: (label, path in evaluation.json, format).
 COLUMNS = (
     ("reward (combined) ↑", ("generated", "combined_reward"), "{:.3f}"),
+    ("p(class) ↑", ("generated", "rewards", "classifier_prob"), "{:.3f}"),
     ("log p(class) ↑", ("generated", "rewards", "classifier_logprob"), "{:.3f}"),
     ("contrast ↑", ("generated", "rewards", "contrast"), "{:.3f}"),
     ("FD ↓", ("generated", "quality", "fd"), "{:.2f}"),
@@ -41,11 +43,16 @@ COLUMNS = (
 )
 
 
+def base_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """Where the base model lives: ``config.base_workdir``, or ``<workdir>/base``."""
+    return config.base_workdir or os.path.join(workdir, "base")
+
+
 def rl_config(config: ml_collections.ConfigDict, workdir: str, run: str
               ) -> ml_collections.ConfigDict:
     """The RL config of one arm: ``config.rl`` on the quickstart base, guarded or not."""
     c = ml_collections.ConfigDict(config.rl.to_dict())
-    c.base.workdir = os.path.join(workdir, "base")
+    c.base.workdir = base_workdir(config, workdir)
     c.aux_dir = config.aux_dir
     c.normguard.weight = config.guard_weight if run == "normguard" else 0.0
     return c
@@ -57,6 +64,7 @@ def evaluate_config(config: ml_collections.ConfigDict, checkpoint: str
     c = ml_collections.ConfigDict(config.evaluate.to_dict())
     c.checkpoint = checkpoint
     c.aux.dir = config.aux_dir
+    c.rewards = ml_collections.ConfigDict(config.rl.rewards.to_dict())  # the reward RL optimised
     return c
 
 
@@ -102,6 +110,8 @@ def _evaluate_cached(config: ml_collections.ConfigDict, checkpoint: str, out: st
 
 def _lookup(result: dict, path: tuple[str, ...]):
     for key in path:
+        if key not in result:
+            return None
         result = result[key]
     return result
 
@@ -111,7 +121,8 @@ def table(results: dict[str, dict]) -> str:
     lines = ["| model | " + " | ".join(label for label, _, _ in COLUMNS) + " |",
              "|---|" + "---:|" * len(COLUMNS)]
     for name, result in results.items():
-        cells = [fmt.format(_lookup(result, path)) for _, path, fmt in COLUMNS]
+        values = [(_lookup(result, path), fmt) for _, path, fmt in COLUMNS]
+        cells = ["–" if v is None else fmt.format(v) for v, fmt in values]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -150,7 +161,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     seconds = {}
     t0 = time.time()
-    base_dir = os.path.join(workdir, "base")
+    base_dir = base_workdir(config, workdir)
     if not _finished(base_dir, config.pretrain.train.steps):
         logging.info("Quickstart 1/3: pretraining the base model into %s", base_dir)
         pretrain.run(config.pretrain, base_dir)

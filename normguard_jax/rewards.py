@@ -218,6 +218,17 @@ def _build_classifier_logprob(ctx: RewardContext) -> RewardFn:
     return classifier_logprob
 
 
+def _build_classifier_prob(ctx: RewardContext) -> RewardFn:
+    logits_fn = _classifier_logits(ctx)
+
+    def classifier_prob(images, cond):
+        """p(cond | image) under the reward classifier, in [0, 1] (bounded: no heavy tail)."""
+        p = jax.nn.softmax(logits_fn(images), axis=-1)
+        return jnp.take_along_axis(p, cond[:, None].astype(jnp.int32), axis=-1)[:, 0]
+
+    return classifier_prob
+
+
 def _build_classifier_correct(ctx: RewardContext) -> RewardFn:
     logits_fn = _classifier_logits(ctx)
 
@@ -433,6 +444,8 @@ def _static(fn: RewardFn) -> Callable[[RewardContext], RewardFn]:
 REWARDS: dict[str, RewardEntry] = {
     "classifier_logprob": RewardEntry(_build_classifier_logprob, True, _always,
                                       "log p(class | image) under the reward classifier"),
+    "classifier_prob": RewardEntry(_build_classifier_prob, True, _always,
+                                   "p(class | image) under the reward classifier"),
     "classifier_correct": RewardEntry(_build_classifier_correct, False, _always,
                                       "classifier's top class == requested class"),
     "contrast": RewardEntry(_static(contrast), True, _always, "pixel standard deviation"),
@@ -456,6 +469,9 @@ REWARDS: dict[str, RewardEntry] = {
 # Default combined rewards for RL: a saturating alignment term plus a proxy with headroom.
 DEFAULT_WEIGHTS: dict[str, dict[str, float]] = {
     "digits": {"classifier_logprob": 1.0, "contrast": 1.0},
+    "digits_logprob": {"classifier_logprob": 1.0},
+    "digits_prob": {"classifier_prob": 1.0},
+    "digits_contrast": {"contrast": 1.0},
     "shapes": {"shapes_rule": 1.0, "saturation": 1.0},
 }
 

@@ -105,7 +105,8 @@ def rows_per_iteration(config: ml_collections.ConfigDict) -> int:
     """Rows of the training batch built from one iteration's rollout."""
     n = config.rollout.prompts_per_iter * config.rollout.group_size
     return {"grpo": n * len(trained_steps(config)),
-            "dpo": config.rollout.prompts_per_iter}.get(config.method, n)
+            "dpo": config.rollout.prompts_per_iter}.get(config.method,
+                                                        n * config.train.renoise_draws)
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
@@ -129,6 +130,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     c.number(config, "advantages.clip", 0, strict_minimum=True)
     c.integer(config, "train.iterations", 1)
     c.integer(config, "train.inner_epochs", 1)
+    c.integer(config, "train.renoise_draws", 1)
     c.integer(config, "train.minibatch_size", 1)
     c.one_of(config, "train.sigma_sampler", SIGMA_SAMPLERS)
     c.one_of(config, "train.old_policy", nft.OLD_POLICY_DECAY_PRESETS)
@@ -317,7 +319,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, hooks: Iterable[Hook
     sampler = sigma_sampler_for(config, sigmas)
     batch_fn = jax.jit(functools.partial(TRAINING_BATCHES[config.method],
                                          sigma_sampler=sampler, trained_steps=window,
-                                         group_size=config.rollout.group_size))
+                                         group_size=config.rollout.group_size,
+                                         renoise_draws=config.train.renoise_draws))
     update_fn = jax.jit(functools.partial(update, objective=objective, optimizer=optimizer,
                                           velocity=base.velocity),
                         in_shardings=(repl, repl, repl, repl, data_sh),

@@ -61,10 +61,16 @@ def grpo_batch(rollout: Rollout, key, sigma_sampler, *, trained_steps, **_) -> d
     }
 
 
-def renoised_batch(rollout: Rollout, key, sigma_sampler, **_) -> dict:
-    """DiffusionNFT, AWM and RAM: the final samples, re-noised at fresh σ (B = N)."""
-    return nft.make_renoised_batch(key, rollout.images, rollout.labels, rollout.advantages,
-                                   sigma_sampler=sigma_sampler)
+def renoised_batch(rollout: Rollout, key, sigma_sampler, *, renoise_draws: int = 1, **_
+                   ) -> dict:
+    """DiffusionNFT, AWM and RAM: the final samples, re-noised at fresh σ (B = D·N).
+
+    Each sample appears ``renoise_draws`` = D times (draw-major: row ``d·N + i`` is sample i),
+    every copy with its own noise and σ, as the references train each sample at several levels.
+    """
+    tile = lambda a: jnp.tile(a, (renoise_draws,) + (1,) * (a.ndim - 1))
+    return nft.make_renoised_batch(key, tile(rollout.images), tile(rollout.labels),
+                                   tile(rollout.advantages), sigma_sampler=sigma_sampler)
 
 
 def dpo_batch(rollout: Rollout, key, sigma_sampler, *, group_size, **_) -> dict:

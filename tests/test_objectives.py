@@ -370,6 +370,26 @@ def test_renoised_batch_layout_and_schedule_sampler():
     assert len(set(np.asarray(batch["sigma"]).tolist())) > 3
 
 
+def test_renoised_batch_with_several_draws_repeats_samples_with_fresh_noise():
+    from normguard_jax.rl_batches import Rollout, renoised_batch
+    n = 6
+    images = jax.random.normal(jax.random.key(1), (n,) + SHAPE)
+    ro = Rollout(labels=jnp.arange(n, dtype=jnp.int32), images=images,
+                 rewards=jnp.arange(n, dtype=jnp.float32), advantages=jnp.linspace(-1, 1, n),
+                 trajectory=None)
+    batch = renoised_batch(ro, jax.random.key(0), nft.schedule_sigma_sampler(SIGMAS),
+                           renoise_draws=3)
+    assert batch["x0"].shape == (3 * n,) + SHAPE
+    for d in range(3):
+        rows = slice(d * n, (d + 1) * n)
+        np.testing.assert_array_equal(batch["x0"][rows], images)
+        np.testing.assert_array_equal(batch["cond"][rows], ro.labels)
+        np.testing.assert_array_equal(batch["advantage"][rows], ro.advantages)
+    assert not np.allclose(batch["noise"][:n], batch["noise"][n:2 * n])
+    one = renoised_batch(ro, jax.random.key(0), nft.schedule_sigma_sampler(SIGMAS))
+    assert one["x0"].shape == (n,) + SHAPE
+
+
 # ----------------------------------------------------------------------------------------------
 # AWM.
 # ----------------------------------------------------------------------------------------------

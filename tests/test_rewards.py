@@ -169,6 +169,9 @@ def test_classifier_rewards_match_a_direct_computation():
         - logits.max(1, keepdims=True)
     got = rewards.build_reward("classifier_logprob", ctx)(x, cond)
     np.testing.assert_allclose(got, log_p[np.arange(6), np.asarray(cond)], rtol=1e-4, atol=1e-5)
+    prob = rewards.build_reward("classifier_prob", ctx)(x, cond)
+    np.testing.assert_allclose(prob, np.exp(log_p[np.arange(6), np.asarray(cond)]), rtol=1e-4,
+                               atol=1e-6)
     hit = rewards.build_reward("classifier_correct", ctx)(x, cond)
     np.testing.assert_array_equal(hit, (logits.argmax(1) == np.asarray(cond)).astype(np.float32))
 

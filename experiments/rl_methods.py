@@ -1,0 +1,109 @@
+"""Every RL method, with and without NormGuard, from one shared base model: reward and quality.
+
+Usage (from the repository root, after the quickstart has trained its base model):
+  .venv/bin/python experiments/rl_methods.py [--methods nft,awm] [--iterations 24] \
+      [--base workdir/quickstart/base] [--workroot workdir/rl_methods]
+
+Each method runs the quickstart job (``configs/quickstart.py:<method>``) on the shared base, in
+its own process and workdir (a finished method is reused; an interrupted one resumes). The
+per-method tables are merged into ``experiments/results/rl_methods.md`` and ``.json``, with
+the sample grids of the evaluated models copied beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(REPO, "experiments", "results")
+METHODS = ("grpo", "nft", "awm", "dpo", "ram")
+GLIBC_TUNABLES = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
+                  "glibc.malloc.trim_threshold=68719476736")
+
+
+def run_method(method: str, args) -> tuple[dict, float]:
+    """Runs (or reuses) one method's quickstart; returns its quickstart.json and wall time."""
+    workdir = os.path.join(args.workroot, method)
+    cmd = [sys.executable, "-m", "normguard_jax.main", f"--config=configs/quickstart.py:{method}",
+           f"--workdir={workdir}", f"--config.base_workdir={args.base}",
+           f"--config.rl.train.iterations={args.iterations}",
+           f"--config.rl.train.sample_every={args.iterations}",
+           f"--config.guard_weight={args.guard_weight}"]
+    print("+", " ".join(cmd), flush=True)
+    t0 = time.time()
+    subprocess.run(cmd, cwd=REPO, env=dict(os.environ, GLIBC_TUNABLES=GLIBC_TUNABLES),
+                   check=True)
+    with open(os.path.join(workdir, "quickstart.json"), encoding="utf-8") as f:
+        return json.load(f), time.time() - t0
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--iterations", type=int, default=24)
+    parser.add_argument("--guard_weight", type=float, default=1.0)
+    parser.add_argument("--base", default="workdir/quickstart/base")
+    parser.add_argument("--workroot", default="workdir/rl_methods")
+    args = parser.parse_args()
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        parser.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    if not os.path.isdir(os.path.join(REPO, args.base, "checkpoints")):
+        parser.error(f"no base model in {args.base}: run the quickstart (README command 1) first")
+
+    sys.path.insert(0, REPO)
+    from normguard_jax import quickstart  # noqa: E402  (after the argument checks)
+
+    rows, record = {}, {}
+    for method in methods:
+        result, seconds = run_method(method, args)
+        record[method] = {"seconds": seconds, **result}
+        for name, evaluation in result["results"].items():
+            if name != "base" or "base" not in rows:
+                rows[name] = evaluation
+        for run in quickstart.RUNS:
+            src = os.path.join(args.workroot, method, f"eval_{run}", "samples_eval.png")
+            shutil.copy(src, os.path.join(RESULTS, f"rl_methods_{method}_{run}.png"))
+    shutil.copy(os.path.join(args.workroot, methods[0], "eval_base", "samples_eval.png"),
+                os.path.join(RESULTS, "rl_methods_base.png"))
+
+    first = record[methods[0]]["config"]
+    lines = [
+        "# Every RL method from one base model, with and without NormGuard",
+        "",
+        "Command: `" + " ".join(["python", "experiments/rl_methods.py", *sys.argv[1:]]) + "`",
+        "",
+        f"Base: `{args.base}` ({first['pretrain']['model']['arch']}/"
+        f"{first['pretrain']['model']['size']} on {first['pretrain']['data']['name']}, "
+        f"{first['pretrain']['train']['steps']} steps). Each method: the quickstart's RL sizes "
+        f"({args.iterations} iterations of {first['rl']['rollout']['prompts_per_iter']} prompts "
+        f"× {first['rl']['rollout']['group_size']} samples, reward {first['rl']['rewards']}), "
+        f"NormGuard λ = {args.guard_weight} (relative hinge). Evaluation: "
+        f"{first['evaluate']['sample']['per_class']} samples per class, fixed seeds, "
+        f"{first['evaluate']['sample']['num_steps']}-step ODE.",
+        "",
+        quickstart.table(rows),
+        "",
+        "Wall time per method (both arms and their evaluation, on 2 CPU cores): "
+        + ", ".join(f"{m} {r['seconds'] / 60:.1f} min" for m, r in record.items()),
+        "",
+        "Samples (rows are classes): base `rl_methods_base.png`; per method "
+        "`rl_methods_<method>_{unguarded,normguard}.png`.",
+        "",
+    ]
+    with open(os.path.join(RESULTS, "rl_methods.md"), "w", encoding="utf-8") as f:
+        f.write("\n".join(lines))
+    with open(os.path.join(RESULTS, "rl_methods.json"), "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=1)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
