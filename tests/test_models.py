@@ -306,3 +306,92 @@ def test_parameter_summary_total_matches_count(tiny):
 def test_generators_hold_only_params(name):
     model = nnx.eval_shape(lambda: _build(name))
     assert jax.tree.leaves(nnx.state(model, nnx.Not(nnx.Param))) == []
+
+
+# ---------------------------------------------------------------- DiT convolutional refinement
+
+
+def _refined_and_plain(shape=(8, 8, 1), channels=8):
+    """Tiny DiT with a ConvRefiner of width ``channels`` and the plain DiT of the same seed."""
+    refined = _build("dit", shape, refine_channels=channels)
+    plain = _build("dit", shape)
+    return models.split_generator(refined), models.split_generator(plain)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_dit_refiner_output_shape(shape):
+    model = nnx.eval_shape(lambda: _build("dit", shape, refine_channels=8))
+    graphdef, params = models.split_generator(model)
+    x, sigma, cond = _inputs(shape, batch=2)
+    out = jax.eval_shape(models.make_velocity_fn(graphdef), params, x, sigma, cond)
+    assert out.shape == x.shape and out.dtype == jnp.float32
+
+
+def test_dit_refiner_is_identity_at_init_and_adds_only_its_parameters():
+    (g_ref, p_ref), (g_plain, p_plain) = _refined_and_plain(channels=8)
+    ref, plain = p_ref.to_pure_dict(), p_plain.to_pure_dict()
+    refiner = ref.pop("refiner")
+    # The refiner is built last, so every other parameter is the plain DiT's, value for value.
+    jax.tree.map(np.testing.assert_array_equal, ref, plain)
+    c, d = 1, models.SIZES["dit"]["tiny"]["hidden_dim"]
+    expected = (9 * 2 * c * 8 + 8) + (8 + 8) + (d * 16 + 16) + (9 * 8 * 8 + 8) + (9 * 8 * c + c)
+    assert models.count_params(refiner) == expected
+    # With the shared parameters perturbed (so the token prediction is not zero), a refiner
+    # whose conv_out is still zero leaves the output of the plain DiT unchanged.
+    shared = _perturb(plain, 3)
+    refiner_perturbed = _perturb(refiner, 4)
+    refiner_perturbed["conv_out"] = refiner["conv_out"]
+    x, sigma, cond = _inputs((8, 8, 1), batch=3, seed=6)
+    v_plain = models.make_velocity_fn(g_plain)(shared, x, sigma, cond)
+    v_ref = models.make_velocity_fn(g_ref)(dict(shared, refiner=refiner_perturbed), x, sigma, cond)
+    assert float(jnp.abs(v_plain).mean()) > 1e-3
+    np.testing.assert_allclose(v_ref, v_plain, rtol=1e-6, atol=1e-6)
+    # Once conv_out is non-zero the head changes the output.
+    v_on = models.make_velocity_fn(g_ref)(dict(shared, refiner=_perturb(refiner, 4)), x, sigma, cond)
+    assert float(jnp.abs(v_on - v_plain).mean()) > 1e-3
+
+
+def test_dit_refiner_gradients_reach_every_layer():
+    (graphdef, params), _ = _refined_and_plain(channels=8)
+    params = params.to_pure_dict()
+    x, sigma, _ = _inputs((8, 8, 1), batch=3, seed=8)
+    cond = jnp.array([0, 3, NULL], dtype=jnp.int32)
+    target = jax.random.normal(jax.random.key(9), x.shape)
+    velocity = models.make_velocity_fn(graphdef)
+    grad = jax.jit(jax.grad(lambda p: jnp.mean((velocity(p, x, sigma, cond) - target) ** 2)))
+    # At initialisation the zero conv_out already receives gradient (its input is not zero) ...
+    g0 = grad(params)["refiner"]
+    assert float(jnp.abs(g0["conv_out"]["kernel"]).max()) > 0.0
+    # ... and after moving away from it, every refiner parameter and the token path do.
+    g1 = grad(_perturb(params, 5))
+    for path, g in jax.tree_util.tree_flatten_with_path(g1["refiner"])[0]:
+        assert np.all(np.isfinite(g)), path
+        assert float(np.abs(np.asarray(g)).max()) > 0.0, f"dead refiner parameter {path}"
+    assert float(jnp.abs(g1["final_linear"]["kernel"]).max()) > 0.0
+    assert float(jnp.abs(g1["patch_embed"]["kernel"]).max()) > 0.0
+
+
+def test_dit_negative_refine_channels_raise():
+    with pytest.raises(ValueError, match="refine_channels"):
+        nnx.eval_shape(lambda: _build("dit", (8, 8, 1), refine_channels=-1))
+
+
+def test_dit_input_skip_starts_at_zero_and_adds_gain_times_input():
+    skip = _build("dit", (8, 8, 3), input_skip=True)
+    plain = _build("dit", (8, 8, 3))
+    g_skip, p_skip = models.split_generator(skip)
+    g_plain, p_plain = models.split_generator(plain)
+    params = p_skip.to_pure_dict()
+    gain = params.pop("skip_gain")
+    assert gain["kernel"].shape == (models.SIZES["dit"]["tiny"]["hidden_dim"], 3)
+    shared = _perturb(p_plain.to_pure_dict(), 11)
+    x, sigma, cond = _inputs((8, 8, 3), batch=2, seed=12)
+    v_plain = models.make_velocity_fn(g_plain)(shared, x, sigma, cond)
+    velocity = models.make_velocity_fn(g_skip)
+    # Zero-initialised gain: the plain DiT's output.
+    np.testing.assert_allclose(velocity(dict(shared, skip_gain=gain), x, sigma, cond), v_plain,
+                               rtol=1e-6, atol=1e-6)
+    # Gain fixed to (1, 2, 3) per channel (bias only): output = plain + gain·x, channel by channel.
+    fixed = dict(kernel=jnp.zeros_like(gain["kernel"]), bias=jnp.array([1.0, 2.0, 3.0]))
+    v = velocity(dict(shared, skip_gain=fixed), x, sigma, cond)
+    np.testing.assert_allclose(v - v_plain, x * jnp.array([1.0, 2.0, 3.0]), rtol=1e-5, atol=1e-5)

@@ -51,6 +51,18 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "small": dict(
             patch_size=4, hidden_dim=128, depth=4, num_heads=4, mlp_ratio=2.0, freq_dim=128
         ),
+        "small_refine": dict(
+            patch_size=4, hidden_dim=128, depth=4, num_heads=4, mlp_ratio=2.0, freq_dim=128,
+            refine_channels=16,
+        ),
+        "small_skip": dict(
+            patch_size=4, hidden_dim=128, depth=4, num_heads=4, mlp_ratio=2.0, freq_dim=128,
+            refine_channels=16, input_skip=True,
+        ),
+        "small_hybrid": dict(
+            patch_size=4, hidden_dim=128, depth=4, num_heads=4, mlp_ratio=2.0, freq_dim=128,
+            refine_channels=16, input_skip=True, stem_channels=16,
+        ),
     },
     "unet": {
         "tiny": dict(
@@ -69,6 +81,16 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "small": dict(
             base_channels=8,
             channel_mults=(1, 2, 4, 12),
+            num_res_blocks=1,
+            num_groups=4,
+            attention=True,
+            num_heads=4,
+            emb_dim=128,
+            freq_dim=64,
+        ),
+        "small_wide": dict(
+            base_channels=16,
+            channel_mults=(1, 2, 4, 6),
             num_res_blocks=1,
             num_groups=4,
             attention=True,
