@@ -52,6 +52,7 @@ def make(dataset: str, arch: str) -> ml_collections.ConfigDict:
     c.train.sample_every = 300  # sample grid (TensorBoard + PNG) every N steps and at the end.
     c.train.checkpoint_every = 200  # checkpoint interval; also saved at the end and on SIGTERM.
     c.train.keep_checkpoints = 3    # how many recent checkpoints to keep.
+    c.train.max_nonfinite = 5   # stop after this many skipped (non-finite) updates in a row.
 
     c.sample = ml_collections.ConfigDict()
     c.sample.num_steps = 20     # ODE steps for the sample grids.
@@ -62,4 +63,12 @@ def make(dataset: str, arch: str) -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1            # data-parallel axis size (-1: all devices / fsdp).
     c.mesh.fsdp = 1             # parameter-sharding axis size.
+
+    # Multi-process runs (one process per host); see normguard_jax/distributed.py and
+    # experiments/tpu_vm.sh. Neither address nor auto: a single process.
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.coordinator_address = ""  # "host:port" of process 0 ("" = no explicit set-up).
+    c.distributed.num_processes = 1  # with coordinator_address: how many processes in all.
+    c.distributed.process_id = 0     # with coordinator_address: this process, in [0, num_processes).
+    c.distributed.auto = False       # jax.distributed.initialize() detects TPU pod / SLURM / MPI.
     return c

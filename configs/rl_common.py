@@ -67,6 +67,8 @@ def make(method: str, objective: dict) -> ml_collections.ConfigDict:
     c.train.sample_every = 50       # iterations between fixed-seed sample grids.
     c.train.checkpoint_every = 10   # iterations between checkpoints (also at the end, on SIGTERM).
     c.train.keep_checkpoints = 3    # checkpoints kept.
+    c.train.max_nonfinite = 5       # stop after this many iterations in a row with a skipped
+                                    # (non-finite loss, gradient or reward) update.
 
     c.sample = ml_collections.ConfigDict()
     c.sample.num_steps = 20         # ODE steps of the sample grids.
@@ -77,4 +79,12 @@ def make(method: str, objective: dict) -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1                # data-parallel axis (-1: all devices).
     c.mesh.fsdp = 1                 # parameter-sharding axis.
+
+    # Multi-process runs (one process per host); see normguard_jax/distributed.py and
+    # experiments/tpu_vm.sh. Neither address nor auto: a single process.
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.coordinator_address = ""  # "host:port" of process 0 ("" = no explicit set-up).
+    c.distributed.num_processes = 1  # with coordinator_address: how many processes in all.
+    c.distributed.process_id = 0     # with coordinator_address: this process, in [0, num_processes).
+    c.distributed.auto = False       # jax.distributed.initialize() detects TPU pod / SLURM / MPI.
     return c

@@ -83,6 +83,26 @@ def restore_latest(manager: ocp.CheckpointManager, template: Any
     raise RuntimeError(f"No readable checkpoint in {manager.directory}: " + "; ".join(errors))
 
 
+def read_latest_meta(manager: ocp.CheckpointManager) -> Optional[tuple[int, dict]]:
+    """The JSON record of the newest checkpoint whose record is readable, without its arrays.
+
+    Lets a run check a checkpoint against its config (dataset, image shape, architecture)
+    before building or compiling anything. Unreadable records are skipped with a warning.
+
+    Returns:
+      ``(step, meta)``, or ``None`` when there is no checkpoint or no readable record.
+    """
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        except Exception as e:  # noqa: BLE001 - an unreadable record means: try the previous
+            logging.warning("Checkpoint record at step %d in %s is unreadable (%s: %s); trying "
+                            "an older one.", step, manager.directory, type(e).__name__, e)
+            continue
+        return step, meta
+    return None
+
+
 def restore_state(directory: str, step: int, template: Any) -> Any:
     """Restores only the ``state`` item of the checkpoint at ``step`` into ``template``'s layout."""
     manager = make_manager(directory, asynchronous=False)

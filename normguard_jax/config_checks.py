@@ -7,6 +7,7 @@ message starts with that path, e.g. ``config.train.steps must be an integer >= 1
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Iterable
 
 import ml_collections
@@ -72,3 +73,25 @@ def divisible(config, path: str, divisor: int, why: str) -> None:
     v = get_field(config, path)
     if v % divisor:
         _fail(path, f"divisible by {divisor} ({why})", v)
+
+
+def writable_directory(path: str, flag: str = "--workdir") -> None:
+    """Creates directory ``path`` if needed and checks that a file can be written in it.
+
+    Runs before anything is built, so a typo'd or read-only path fails in a second rather than
+    after a compiled step, when the first checkpoint is written.
+
+    Raises:
+      ConfigError: naming ``flag`` when ``path`` is empty, cannot be created or is not writable.
+    """
+    if not path:
+        raise ConfigError(f"{flag} must be a directory path, got {path!r}")
+    probe = os.path.join(path, f".write_probe_{os.getpid()}")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with open(probe, "w", encoding="utf-8") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"{flag}={path!r} is not a writable directory "
+                          f"({type(e).__name__}: {e.strerror or e})") from None

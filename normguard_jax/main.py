@@ -2,6 +2,11 @@
 
 The config file's ``job`` field picks the run function; any field can be overridden with
 ``--config.<path>=value``. The config is validated before anything is built or compiled.
+
+A config with a ``distributed`` block starts ``jax.distributed`` first (see
+:mod:`normguard_jax.distributed`); every process then runs the same command, e.g. on each of
+two processes ``--config.distributed.coordinator_address=10.0.0.2:1234
+--config.distributed.num_processes=2 --config.distributed.process_id=<0 or 1>``.
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow is only used by
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from normguard_jax import evaluate, pretrain, quickstart, reporting, rl  # noqa: E402
+from normguard_jax import (distributed, evaluate, pretrain, quickstart, reporting,  # noqa: E402
+                           rl)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
                                           lock_config=True)
@@ -34,6 +40,8 @@ def main(argv):
     config = _CONFIG.value
     if config.job not in JOBS:
         raise app.UsageError(f"config.job must be one of {sorted(JOBS)}, got {config.job!r}")
+    if "distributed" in config:                   # jobs that support several processes
+        distributed.initialize(config)
     logging.info("Config:\n%s", config)
     JOBS[config.job](config, _WORKDIR.value)
 

@@ -18,14 +18,13 @@ from typing import Callable, Iterable, NamedTuple
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from absl import logging
 from clu import periodic_actions
 from flax import nnx
 
-from normguard_jax import (checkpointing, config_checks, data, flow, generate, models, optim,
-                           reporting, sharding)
+from normguard_jax import (checkpointing, config_checks, data, distributed, flow, generate,
+                           models, nonfinite, optim, reporting, sharding)
 from normguard_jax.interrupts import StopFlag
 from normguard_jax.objectives.base import Context
 from normguard_jax.objectives.flow_matching import flow_matching_loss, make_flow_matching_batch
@@ -58,7 +57,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     c.number(config, "optim.ema_decay", 0, 1)
     c.integer(config, "train.steps", 1)
     c.integer(config, "train.batch_size", 1)
-    for field in ("log_every", "sample_every", "checkpoint_every", "keep_checkpoints"):
+    for field in ("log_every", "sample_every", "checkpoint_every", "keep_checkpoints",
+                  "max_nonfinite"):
         c.integer(config, f"train.{field}", 1)
     c.integer(config, "sample.num_steps", 1)
     c.number(config, "sample.shift", 0, strict_minimum=True)
@@ -67,6 +67,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     c.integer(config, "mesh.fsdp", 1)
     if config.mesh.data != -1:
         c.integer(config, "mesh.data", 1)
+    distributed.validate(config)
 
 
 def build_generator(config: ml_collections.ConfigDict, image_shape, num_classes: int):
@@ -89,7 +90,11 @@ def sigma_sampler(config: ml_collections.ConfigDict):
 
 def train_step(state: TrainState, batch: dict, *, velocity, optimizer, schedule, sampler,
                null_class: int, label_dropout: float, ema_decay: float):
-    """One flow-matching update.
+    """One flow-matching update, skipped when the loss or a gradient is not finite.
+
+    A skipped update returns params, EMA and optimizer state unchanged (bit for bit) and still
+    advances ``step`` (the batch of that step is consumed), so a run that skips stays a
+    deterministic function of ``(seed, step)``.
 
     Args:
       state: the replicated :class:`TrainState`.
@@ -99,7 +104,8 @@ def train_step(state: TrainState, batch: dict, *, velocity, optimizer, schedule,
 
     Returns:
       ``(new_state, metrics)`` with scalar metrics ``loss``, ``grad_norm``, ``param_norm``,
-      ``lr`` (the rate used for this update).
+      ``lr`` (the rate used for this update) and ``skipped`` (float32, 1 when the update was
+      skipped because of a non-finite value, else 0).
     """
     key = jax.random.fold_in(state.key(), state.step)
     fm_batch = make_flow_matching_batch(key, batch["image"], batch["label"],
@@ -113,20 +119,25 @@ def train_step(state: TrainState, batch: dict, *, velocity, optimizer, schedule,
     # EMA warm-up: early on the average must not be dominated by the (zero-output) init.
     decay = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step))
     ema = optax.incremental_update(params, state.ema_params, 1.0 - decay)
+    finite = nonfinite.all_finite(loss, grads)
+    params, ema, opt_state = nonfinite.keep_if(
+        finite, (params, ema, opt_state), (state.params, state.ema_params, state.opt_state))
     metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
-               "param_norm": optax.global_norm(params), "lr": schedule(state.step)}
+               "param_norm": optax.global_norm(params), "lr": schedule(state.step),
+               "skipped": 1.0 - finite.astype(jnp.float32)}
     new_state = state.replace(step=state.step + 1, params=params, ema_params=ema,
                               opt_state=opt_state)
     return new_state, metrics
 
 
-def _meta(config, split, step: int) -> dict:
+def _meta(config, split, step: int, skipped_updates: int) -> dict:
     return {"config": config.to_dict(), "step": int(step), "data_position": int(step),
             "image_shape": list(split.image_shape), "num_classes": int(split.num_classes),
-            "class_names": list(split.class_names)}
+            "class_names": list(split.class_names), "skipped_updates": int(skipped_updates)}
 
 
 def _check_resume_compatible(meta: dict, config, split, workdir: str) -> None:
+    """Raises ConfigError when the checkpoint in ``workdir`` belongs to another model/dataset."""
     old = meta["config"]
     for section, field in (("model", "arch"), ("model", "size"), ("data", "name")):
         if old[section][field] != config[section][field]:
@@ -144,7 +155,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, hooks: Iterable[Hook
     """Trains (or resumes) a generator; returns the final state.
 
     Writes into ``workdir``: ``checkpoints/`` (Orbax), TensorBoard events, ``metrics.jsonl``,
-    ``samples/*.png`` and ``parameters.txt``.
+    ``samples/*.png`` and ``parameters.txt`` (logs, metrics and images on process 0 only;
+    every process takes part in checkpointing, each writing its own shards).
+
+    Faults: SIGTERM (on any process) checkpoints the last completed step and returns. An
+    update with a non-finite loss or gradient is skipped (parameters untouched) and counted
+    (``skipped``, ``skipped_total``); ``config.train.max_nonfinite`` skips in a row stop the run
+    with :class:`nonfinite.NonFiniteError` naming the steps, and the checkpoints written so
+    far hold the last good parameters. Config errors, a workdir that cannot be written and a
+    checkpoint of another dataset/model are reported before any model is built.
 
     Args:
       config: a pretraining config (``configs/pretrain_*.py``); validated first.
@@ -153,11 +172,17 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, hooks: Iterable[Hook
         simulate a crash).
     """
     validate(config)
-    os.makedirs(workdir, exist_ok=True)
+    config_checks.writable_directory(workdir)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     sharding.check_batch_divisible(config.train.batch_size, mesh, "config.train.batch_size")
     split = data.load_split(config.data.name, config.data.split, config.data.data_dir or None)
     null_class = split.num_classes
+    manager = checkpointing.make_manager(os.path.join(workdir, "checkpoints"),
+                                         max_to_keep=config.train.keep_checkpoints,
+                                         save_interval_steps=config.train.checkpoint_every)
+    latest = checkpointing.read_latest_meta(manager)
+    if latest is not None:
+        _check_resume_compatible(latest[1], config, split, workdir)
 
     graphdef, params, velocity = build_generator(config, split.image_shape, split.num_classes)
     summary = models.parameter_summary(params)
@@ -169,13 +194,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, hooks: Iterable[Hook
     state = jax.device_put(TrainState.create(params, optimizer, jax.random.key(config.seed)),
                            repl)
 
-    manager = checkpointing.make_manager(os.path.join(workdir, "checkpoints"),
-                                         max_to_keep=config.train.keep_checkpoints,
-                                         save_interval_steps=config.train.checkpoint_every)
     restored = checkpointing.restore_latest(manager, state)
+    skips = nonfinite.SkipCounter(config.train.max_nonfinite, "step",
+                                  f"The last good checkpoint is in {manager.directory}.")
     if restored is not None:
         _, state, meta = restored
         _check_resume_compatible(meta, config, split, workdir)
+        skips.total = int(meta.get("skipped_updates", 0))  # absent in older checkpoints
         logging.info("Resumed from step %d in %s", int(state.step), workdir)
     start = int(state.step)
 
@@ -188,7 +213,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, hooks: Iterable[Hook
         donate_argnums=0)
 
     writer = reporting.make_writer(workdir)
-    if jax.process_index() == 0 and start == 0:
+    if distributed.is_writer() and start == 0:
         with open(os.path.join(workdir, "parameters.txt"), "w", encoding="utf-8") as f:
             f.write(summary + "\n")
         writer.write_hparams(_flat_hparams(config))
@@ -211,7 +236,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, hooks: Iterable[Hook
     def checkpoint(step: int, force: bool):
         if saved["step"] == step:
             return
-        if checkpointing.save(manager, step, state, _meta(config, split, step), force=force):
+        if checkpointing.save(manager, step, state, _meta(config, split, step, skips.total),
+                              force=force):
             saved["step"] = step
 
     p_index, p_count = jax.process_index(), jax.process_count()
@@ -226,20 +252,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, hooks: Iterable[Hook
                 state, metrics = step_fn(state, batch)
                 done = step + 1
                 progress(done)
-                if done % config.train.log_every == 0 or done == total:
-                    scalars = jax.device_get(metrics)
-                    if not np.isfinite(scalars["loss"]):
-                        raise FloatingPointError(
-                            f"non-finite loss {scalars['loss']} at step {done} (steps "
-                            f"{done - config.train.log_every + 1}..{done}); last good "
-                            f"checkpoint is in {manager.directory}")
+                # One scalar read per step; replicated, so every process takes the same branch.
+                skipped = int(jax.device_get(metrics["skipped"]))
+                if done % config.train.log_every == 0 or done == total or skipped:
+                    scalars = dict(jax.device_get(metrics), skipped_total=skips.total + skipped)
                     writer.write_scalars(done, scalars)
+                skips.record(done, skipped)
                 for hook in hooks:
                     hook(done, state, metrics)
                 checkpoint(done, force=False)
                 if done % config.train.sample_every == 0 and done != total:
                     write_samples(done)
-                if stop.requested:
+                if distributed.any_process(stop.requested):
                     logging.warning("SIGTERM: checkpointing step %d and stopping.", done)
                     checkpoint(done, force=True)
                     break

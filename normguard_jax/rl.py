@@ -29,13 +29,13 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from absl import logging
 from clu import periodic_actions
 
-from normguard_jax import (advantages, auxnets, checkpointing, config_checks, flow, generate,
-                           normguard, optim, pretrain, reporting, rewards, sampling, sharding)
+from normguard_jax import (advantages, auxnets, checkpointing, config_checks, distributed, flow,
+                           generate, nonfinite, normguard, optim, pretrain, reporting, rewards,
+                           sampling, sharding)
 from normguard_jax.interrupts import StopFlag
 from normguard_jax.objectives import OBJECTIVES, nft
 from normguard_jax.objectives.base import Context
@@ -134,8 +134,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     c.integer(config, "train.minibatch_size", 1)
     c.one_of(config, "train.sigma_sampler", SIGMA_SAMPLERS)
     c.one_of(config, "train.old_policy", nft.OLD_POLICY_DECAY_PRESETS)
-    for field in ("log_every", "sample_every", "checkpoint_every", "keep_checkpoints"):
+    for field in ("log_every", "sample_every", "checkpoint_every", "keep_checkpoints",
+                  "max_nonfinite"):
         c.integer(config, f"train.{field}", 1)
+    for name in c.get_field(config, "rewards"):   # names are checked once the dataset is known
+        c.number(config, f"rewards.{name}", 0)
     c.number(config, "optim.lr", 0, strict_minimum=True)
     c.number(config, "optim.grad_clip", 0)
     c.integer(config, "sample.per_class", 1)
@@ -152,6 +155,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         normguard.NormGuardConfig(**config.normguard)
     except (TypeError, ValueError) as e:
         raise c.ConfigError(f"config.{e}" if str(e).startswith("normguard.") else str(e)) from None
+    distributed.validate(config)
 
 
 def build_optimizer(config: ml_collections.ConfigDict):
@@ -239,13 +243,22 @@ def rollout(params, labels, key, *, velocity, image_shape, sigmas, method, noise
                    trajectory=traj if keep_trajectory else None), components
 
 
-def update(params, opt_state, old_params, ref_params, batch, *, objective, optimizer, velocity):
-    """One optimizer step of ``objective`` on a minibatch; returns (params, opt_state, metrics)."""
+def update(params, opt_state, old_params, ref_params, batch, rewards_ok, *, objective, optimizer,
+           velocity):
+    """One optimizer step of ``objective`` on a minibatch; returns (params, opt_state, metrics).
+
+    The step is skipped (``params`` and ``opt_state`` returned unchanged, bit for bit) when
+    ``rewards_ok`` (scalar bool: the rollout's rewards were all finite) is false or the loss
+    or a gradient is not finite; ``metrics["skipped"]`` is then 1.0, else 0.0.
+    """
     ctx = Context(velocity=velocity, ref_params=ref_params, old_params=old_params)
     (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(params, batch, ctx)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    metrics = dict(aux.metrics, loss=loss, grad_norm=optax.global_norm(grads))
+    updates, new_opt_state = optimizer.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    ok = rewards_ok & nonfinite.all_finite(loss, grads)
+    params, opt_state = nonfinite.keep_if(ok, (new_params, new_opt_state), (params, opt_state))
+    metrics = dict(aux.metrics, loss=loss, grad_norm=optax.global_norm(grads),
+                   skipped=1.0 - ok.astype(jnp.float32))
     return params, opt_state, metrics
 
 
@@ -269,15 +282,49 @@ def _reward_context(config, base):
                                  num_classes=base.num_classes, nets=nets)
 
 
+def _check_resume_compatible(manager, config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Raises ConfigError when ``workdir`` holds an RL run of another method or base model.
+
+    Reads only JSON records (of the newest RL checkpoint and of the base's checkpoint), so it
+    runs before any model is loaded or compiled.
+    """
+    latest = checkpointing.read_latest_meta(manager)
+    if latest is None:
+        return
+    _, meta = latest
+    if meta["config"]["method"] != config.method:
+        raise config_checks.ConfigError(
+            f"config.method={config.method!r} differs from the checkpoint in {workdir} "
+            f"({meta['config']['method']!r}); use a new workdir")
+    _, base_meta = checkpointing.read_meta(os.path.join(config.base.workdir, "checkpoints"))
+    if "image_shape" in meta and tuple(meta["image_shape"]) != tuple(base_meta["image_shape"]):
+        raise config_checks.ConfigError(
+            f"image shape {tuple(base_meta['image_shape'])} of the base model in "
+            f"config.base.workdir={config.base.workdir!r} differs from the checkpoint's "
+            f"{tuple(meta['image_shape'])} in {workdir}; use a new workdir")
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, *, hooks: Iterable[Hook] = ()
         ) -> RLState:
     """Runs (or resumes) RL post-training; returns the final state.
 
     Writes into ``workdir``: ``checkpoints/``, TensorBoard events, ``metrics.jsonl`` and
-    ``samples/*.png`` (fixed-seed ODE samples of θ).
+    ``samples/*.png`` (fixed-seed ODE samples of θ); logs and images on process 0 only.
+
+    Faults: SIGTERM (on any process) checkpoints the last iteration and returns. An update
+    whose loss or gradient is non-finite, and every update of an iteration whose rewards are
+    non-finite, is skipped with θ and the optimizer untouched and counted (``train/skipped``,
+    ``skipped_total``); ``config.train.max_nonfinite`` such iterations in a row stop the run
+    with :class:`nonfinite.NonFiniteError` naming them. Config errors, an unwritable workdir
+    and a checkpoint of another method or image shape fail before any model is loaded.
     """
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     validate(config, mesh.devices.size)
+    config_checks.writable_directory(workdir)
+    manager = checkpointing.make_manager(os.path.join(workdir, "checkpoints"),
+                                         max_to_keep=config.train.keep_checkpoints,
+                                         save_interval_steps=config.train.checkpoint_every)
+    _check_resume_compatible(manager, config, workdir)
     base = pretrain.load_pretrained(config.base.workdir, use_ema=config.base.use_ema)
     null_class = base.num_classes
     reward_ctx = _reward_context(config, base)
@@ -286,7 +333,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, hooks: Iterable[Hook
     guard = normguard.NormGuardConfig(**config.normguard)
     objective = normguard.with_normguard(
         cls_make(objective_config(config, null_class)), guard)
-    os.makedirs(workdir, exist_ok=True)
 
     iterations = config.train.iterations
     rows = rows_per_iteration(config)
@@ -296,12 +342,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, hooks: Iterable[Hook
     ref_params = jax.device_put(base.params, repl)
     state = jax.device_put(initial_state(config, base.params, optimizer), repl)
 
-    manager = checkpointing.make_manager(os.path.join(workdir, "checkpoints"),
-                                         max_to_keep=config.train.keep_checkpoints,
-                                         save_interval_steps=config.train.checkpoint_every)
     restored = checkpointing.restore_latest(manager, state)
+    skips = nonfinite.SkipCounter(config.train.max_nonfinite, "iteration",
+                                  f"The last good checkpoint is in {manager.directory}.")
     if restored is not None:
-        _, state, _ = restored
+        _, state, restored_meta = restored
+        skips.total = int(restored_meta.get("skipped_updates", 0))  # absent in older checkpoints
         logging.info("Resumed RL from iteration %d in %s", int(state.iteration), workdir)
     start = int(state.iteration)
 
@@ -323,7 +369,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, hooks: Iterable[Hook
                                          renoise_draws=config.train.renoise_draws))
     update_fn = jax.jit(functools.partial(update, objective=objective, optimizer=optimizer,
                                           velocity=base.velocity),
-                        in_shardings=(repl, repl, repl, repl, data_sh),
+                        in_shardings=(repl, repl, repl, repl, data_sh, repl),
                         out_shardings=(repl, repl, repl), donate_argnums=(0, 1))
     decay = dict(zip(("flat", "rate", "max_decay"),
                      nft.OLD_POLICY_DECAY_PRESETS[config.train.old_policy]))
@@ -345,7 +391,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, hooks: Iterable[Hook
 
     def meta(it):
         return {"config": config.to_dict(), "iteration": int(it),
-                "base_workdir": os.path.abspath(config.base.workdir), "base_step": base.step}
+                "base_workdir": os.path.abspath(config.base.workdir), "base_step": base.step,
+                "image_shape": list(base.image_shape), "skipped_updates": skips.total}
 
     if start == 0:
         write_samples(0)
@@ -360,6 +407,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, hooks: Iterable[Hook
                                              base.num_classes)
                 labels = jax.device_put(jnp.repeat(prompts, k).astype(jnp.int32), data_sh)
                 ro, components = rollout_fn(state.params, labels, jax.random.fold_in(key_it, 1))
+                rewards_ok = nonfinite.all_finite(ro.rewards)
                 batch = batch_fn(ro, jax.random.fold_in(key_it, 2))
                 params, opt_state = state.params, state.opt_state
                 step_metrics = []
@@ -370,7 +418,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, hooks: Iterable[Hook
                         minibatch = jax.device_put(
                             jax.tree.map(lambda a, idx=idx: a[idx], batch), data_sh)
                         params, opt_state, m = update_fn(params, opt_state, state.old_params,
-                                                         ref_params, minibatch)
+                                                         ref_params, minibatch, rewards_ok)
                         step_metrics.append(m)
                 updates = state.updates + steps_per_iter
                 state = state.replace(
@@ -381,23 +429,22 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, hooks: Iterable[Hook
                 progress(done)
                 metrics = {f"train/{name}": jnp.mean(jnp.stack([m[name] for m in step_metrics]))
                            for name in step_metrics[0]}
+                # One read per iteration (replicated: every process takes the same branch).
+                skipped = int(round(float(metrics["train/skipped"]) * len(step_metrics)))
                 metrics.update({"reward/mean": jnp.mean(ro.rewards),
                                 "reward/std": jnp.std(ro.rewards),
                                 "lr": schedule(state.updates - 1)})
                 metrics.update({f"reward/{n}": jnp.mean(v) for n, v in components.items()})
-                if done % config.train.log_every == 0 or done == iterations:
-                    scalars = jax.device_get(metrics)
-                    if not np.isfinite(scalars["train/loss"]):
-                        raise FloatingPointError(
-                            f"non-finite loss at iteration {done}; last good checkpoint is in "
-                            f"{manager.directory}")
+                if done % config.train.log_every == 0 or done == iterations or skipped:
+                    scalars = dict(jax.device_get(metrics), skipped_total=skips.total + skipped)
                     writer.write_scalars(done, scalars)
+                skips.record(done, skipped)
                 for hook in hooks:
                     hook(done, state, metrics)
                 checkpointing.save(manager, done, state, meta(done))
                 if done % config.train.sample_every == 0 and done != iterations:
                     write_samples(done)
-                if stop.requested:
+                if distributed.any_process(stop.requested):
                     logging.warning("SIGTERM: checkpointing iteration %d and stopping.", done)
                     if manager.latest_step() != done:
                         checkpointing.save(manager, done, state, meta(done), force=True)
