@@ -20,4 +20,5 @@ def get_config():
         advantage_mode="all",              # which samples train: all | positive | negative | binary.
         weight_floor=1e-5,                 # floor of the adaptive x0-error normaliser.
     ))
+    config.optim.lr = 3e-4               # the reference's learning rate.
     return config

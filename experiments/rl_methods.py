@@ -47,7 +47,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--iterations", type=int, default=24)
-    parser.add_argument("--guard_weight", type=float, default=1.0)
+    parser.add_argument("--guard_weight", type=float, default=0.1)
     parser.add_argument("--base", default="workdir/quickstart/base")
     parser.add_argument("--workroot", default="workdir/rl_methods")
     args = parser.parse_args()
