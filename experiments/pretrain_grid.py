@@ -7,12 +7,14 @@ Each cell runs ``python -m normguard_jax.main --config=configs/pretrain_<cell>.p
 --workdir=<workroot>/pretrain_<cell>`` in its own process, one after another (a finished cell is
 not rerun; an interrupted one resumes from its checkpoint). The final EMA sample grid of each
 cell is copied to ``experiments/results/pretrain_<cell>.png`` and a table is written to
-``experiments/results/pretrain.md``.
+``experiments/results/pretrain.md``, with one line per cell from ``ASSESSMENT`` (written after
+looking at that cell's grid; edit it when a cell is rerun).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -27,11 +29,27 @@ CELLS = ("mnist_dit", "mnist_unet", "shapes_dit", "shapes_unet")
 # Keeps XLA:CPU's large temporaries mapped between steps instead of re-faulting them each call.
 GLIBC_TUNABLES = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
                   "glibc.malloc.trim_threshold=68719476736")
+# One line per cell: an honest reading of its final sample grid (does every row show its class?).
+ASSESSMENT = {
+    "mnist_dit": "not yet assessed",
+    "mnist_unet": "recognisable digits in every row",
+    "shapes_dit": "not yet assessed",
+    "shapes_unet": "not yet assessed",
+}
 
 
 def _rows(path):
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def _config(cell: str):
+    """The cell's ``get_config()`` (configs/ is not a package, so load the file by path)."""
+    path = os.path.join(REPO, "configs", f"pretrain_{cell}.py")
+    spec = importlib.util.spec_from_file_location(f"pretrain_{cell}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
 
 
 def run_cell(cell: str, workroot: str) -> dict:
@@ -59,7 +77,10 @@ def run_cell(cell: str, workroot: str) -> dict:
     shutil.copy(os.path.join(workdir, "samples", grids[-1]), os.path.join(RESULTS, png))
     final = losses[-1]
     tail = [r["loss"] for r in losses[-5:]]
-    return {"cell": cell, "steps": final["step"], "final_loss": final["loss"],
+    config = _config(cell)
+    return {"cell": cell, "size": config.model.size, "batch": config.train.batch_size,
+            "lr": config.optim.lr, "guidance": config.sample.guidance_scale,
+            "assessment": ASSESSMENT[cell], "steps": final["step"], "final_loss": final["loss"],
             "mean_loss_last_5_logs": sum(tail) / len(tail), "first_loss": losses[0]["loss"],
             "minutes": seconds / 60, "median_steps_per_sec": sorted(speeds)[len(speeds) // 2],
             "params": params, "png": png}
@@ -75,16 +96,21 @@ def write_table(summaries: list[dict], command: str) -> str:
         f"`GLIBC_TUNABLES={GLIBC_TUNABLES}`. Wall time includes data build, compile, "
         "checkpoints and sample grids.",
         "",
-        "| cell | params | steps | first loss | final loss (mean of last 5 logs) | wall time | steps/s (median) | samples |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| cell | size | params | batch × steps (peak lr) | first loss "
+        "| final loss (mean of last 5 logs) | wall time | steps/s (median) | samples |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for s in summaries:
         lines.append(
-            f"| {s['cell']} | {s['params']} | {s['steps']} | {s['first_loss']:.3f} | "
+            f"| {s['cell']} | {s['size']} | {s['params']} | {s['batch']} × {s['steps']} "
+            f"({s['lr']:g}) | {s['first_loss']:.3f} | "
             f"{s['final_loss']:.3f} ({s['mean_loss_last_5_logs']:.3f}) | {s['minutes']:.1f} min | "
             f"{s['median_steps_per_sec']:.2f} | ![{s['cell']}]({s['png']}) |")
-    lines += ["", "Each grid row is one class (EMA parameters, 20-step ODE, shift 3, CFG 1.5, "
-              "fixed seeds)."]
+    lines += ["", "Each grid row is one class (EMA parameters, 20-step ODE, shift 3, fixed seeds; "
+              "classifier-free guidance scale per cell below). Shapes rows are class "
+              "`shape·4 + colour`: circles, squares, triangles, crosses, each in red, green, "
+              "blue, yellow.", "", "Assessment of the final grids (by eye):", ""]
+    lines += [f"- **{s['cell']}** (CFG {s['guidance']:g}): {s['assessment']}" for s in summaries]
     return "\n".join(lines) + "\n"
 
 

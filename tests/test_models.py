@@ -395,3 +395,23 @@ def test_dit_input_skip_starts_at_zero_and_adds_gain_times_input():
     fixed = dict(kernel=jnp.zeros_like(gain["kernel"]), bias=jnp.array([1.0, 2.0, 3.0]))
     v = velocity(dict(shared, skip_gain=fixed), x, sigma, cond)
     np.testing.assert_allclose(v - v_plain, x * jnp.array([1.0, 2.0, 3.0]), rtol=1e-5, atol=1e-5)
+
+
+def test_dit_conv_stem_feeds_patches_and_refiner():
+    sizes = dict(refine_channels=8, stem_channels=4, input_skip=True)
+    model = _build("dit", (8, 8, 3), **sizes)
+    graphdef, params = models.split_generator(model)
+    params = params.to_pure_dict()
+    p = models.SIZES["dit"]["tiny"]["patch_size"]
+    # Tokens are cut from the 4-channel stem output, and the refiner sees v, x and the stem.
+    assert params["patch_embed"]["kernel"].shape[0] == p * p * 4
+    assert params["refiner"]["conv_in"]["kernel"].shape == (3, 3, 2 * 3 + 4, 8)
+    velocity = models.make_velocity_fn(graphdef)
+    x, sigma, _ = _inputs((8, 8, 3), batch=2, seed=13)
+    cond = jnp.array([1, NULL], dtype=jnp.int32)
+    assert np.all(np.asarray(velocity(params, x, sigma, cond)) == 0.0)  # zero at init
+    target = jax.random.normal(jax.random.key(14), x.shape)
+    grads = jax.grad(lambda q: jnp.mean((velocity(q, x, sigma, cond) - target) ** 2))(
+        _perturb(params, 15))
+    for path, g in jax.tree_util.tree_flatten_with_path(grads["stem"])[0]:
+        assert float(np.abs(np.asarray(g)).max()) > 0.0, f"dead stem parameter {path}"
