@@ -38,6 +38,7 @@ def get_config(reward_set: str = "digits"):
     c.sample.noise_level = -1.0    # stochastic samplers' noise level; -1 = the method's default.
     c.sample.per_class = 50     # samples per class (the set evaluated).
     c.sample.batch_size = 100   # samples per generation call.
+    c.sample.renormalize = False  # RL checkpoints: rescale v_θ to ‖v_ref‖ (its base) at every step.
 
     c.metrics = ml_collections.ConfigDict()
     c.metrics.knn_k = 3         # k of k-NN precision/recall.

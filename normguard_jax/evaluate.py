@@ -42,6 +42,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.sample.noise_level != -1.0:
         c.number(config, "sample.noise_level", 0)
     c.integer(config, "sample.per_class", 2)
+    c.one_of(config, "sample.renormalize", (True, False))
     c.integer(config, "sample.batch_size", 1)
     c.integer(config, "metrics.knn_k", 1)
     c.number(config, "metrics.range_tolerance", 0)
@@ -52,7 +53,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def generate_set(pre: pretrain.Pretrained, labels: np.ndarray, sample: ml_collections.ConfigDict,
-                 seed: int) -> np.ndarray:
+                 seed: int, renormalize_to=None) -> np.ndarray:
     """Samples one image per label in batches of ``sample.batch_size``.
 
     Batch i uses ``fold_in(key(seed), i)`` (the last batch is padded with repeats of its last
@@ -73,7 +74,7 @@ def generate_set(pre: pretrain.Pretrained, labels: np.ndarray, sample: ml_collec
                 jax.random.key(seed), i),
             image_shape=tuple(pre.image_shape), num_steps=sample.num_steps, shift=sample.shift,
             guidance_scale=sample.guidance_scale, null_class=pre.num_classes,
-            method=sample.method, noise_level=noise_level)
+            method=sample.method, noise_level=noise_level, renormalize_to=renormalize_to)
         out.append(np.asarray(images)[:len(chunk)])
     return np.concatenate(out)
 
@@ -183,7 +184,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                           k=config.metrics.knn_k)
 
     labels = generate.class_grid_labels(pre.num_classes, config.sample.per_class)
-    samples = generate_set(pre, labels, config.sample, config.seed)
+    if config.sample.renormalize and ref is None:
+        raise config_checks.ConfigError(
+            "config.sample.renormalize needs an RL checkpoint (its base is the reference), got "
+            f"the pretraining workdir {config.checkpoint!r}")
+    samples = generate_set(pre, labels, config.sample, config.seed,
+                           renormalize_to=ref.params if config.sample.renormalize else None)
     real_images, real_labels = first_per_class(data.load_split(dataset, "train", data_dir),
                                                config.sample.per_class)
     result = {

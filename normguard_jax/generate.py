@@ -52,7 +52,7 @@ def initial_noise(key: jax.Array, batch: int, image_shape) -> jax.Array:
 def generate_images(velocity, params, labels, key, *, image_shape, num_steps: int,
                     shift: float, guidance_scale: float, null_class: int,
                     method: str = "ode", noise_level: float | None = None,
-                    rescale_phi: float = 0.0) -> jax.Array:
+                    rescale_phi: float = 0.0, renormalize_to=None) -> jax.Array:
     """Samples one image per label.
 
     Args:
@@ -66,6 +66,9 @@ def generate_images(velocity, params, labels, key, *, image_shape, num_steps: in
       guidance_scale, null_class, rescale_phi: classifier-free guidance.
       method: a key of ``sampling.STEP_FNS`` ("ode", "sde", "cps", "dance").
       noise_level: the stochastic sampler's noise level (None: the method's default).
+      renormalize_to: reference parameters θ_ref, or None. When given, the (guided) velocity of
+        every step is rescaled per sample to the norm of θ_ref's guided velocity on the same
+        state (inference-time renormalisation).
 
     Returns:
       (B, H, W, C) float32 final states (not clipped; data lives in [-1, 1]).
@@ -74,6 +77,10 @@ def generate_images(velocity, params, labels, key, *, image_shape, num_steps: in
     x = initial_noise(jax.random.fold_in(key, 0), labels.shape[0], image_shape)
     vfn = conditional_velocity_fn(velocity, params, labels, guidance_scale=guidance_scale,
                                   null_class=null_class, rescale_phi=rescale_phi)
+    ref_fn = None if renormalize_to is None else conditional_velocity_fn(
+        velocity, renormalize_to, labels, guidance_scale=guidance_scale, null_class=null_class,
+        rescale_phi=rescale_phi)
     traj = sampling.sample(vfn, x, sigmas, jax.random.fold_in(key, 1), method=method,
-                           noise_level=noise_level)
+                           noise_level=noise_level, ref_velocity_fn=ref_fn,
+                           renormalize=renormalize_to is not None)
     return traj.states[-1]
