@@ -43,6 +43,7 @@ def get_config(arg: str = "nft"):
     c.job = "quickstart"        # main.py dispatches to normguard_jax.quickstart.run.
     c.aux_dir = "workdir/aux_nets"  # reward + metric nets, trained on first use and shared.
     c.guard_weight = 0.1        # λ of the guarded arm (the unguarded arm uses 0).
+    c.arms = "unguarded,normguard"  # which RL arms to run (a comma-separated subset).
     c.base_workdir = ""         # base model workdir; "" = <workdir>/base (trained if unfinished).
 
     # Base model: <workdir>/base.

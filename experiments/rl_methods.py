@@ -34,7 +34,7 @@ def run_method(method: str, args) -> tuple[dict, float]:
            f"--workdir={workdir}", f"--config.base_workdir={args.base}",
            f"--config.rl.train.iterations={args.iterations}",
            f"--config.rl.train.sample_every={args.iterations}",
-           f"--config.guard_weight={args.guard_weight}"]
+           f"--config.guard_weight={args.guard_weight}", f"--config.arms={args.arms}"]
     print("+", " ".join(cmd), flush=True)
     t0 = time.time()
     subprocess.run(cmd, cwd=REPO, env=dict(os.environ, GLIBC_TUNABLES=GLIBC_TUNABLES),
@@ -48,6 +48,8 @@ def main():
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--iterations", type=int, default=24)
     parser.add_argument("--guard_weight", type=float, default=0.1)
+    parser.add_argument("--arms", default="unguarded,normguard",
+                        help="RL arms per method: unguarded, normguard or both")
     parser.add_argument("--base", default="workdir/quickstart/base")
     parser.add_argument("--workroot", default="workdir/rl_methods")
     args = parser.parse_args()
@@ -68,7 +70,7 @@ def main():
         for name, evaluation in result["results"].items():
             if name != "base" or "base" not in rows:
                 rows[name] = evaluation
-        for run in quickstart.RUNS:
+        for run in args.arms.split(","):
             src = os.path.join(args.workroot, method, f"eval_{run}", "samples_eval.png")
             shutil.copy(src, os.path.join(RESULTS, f"rl_methods_{method}_{run}.png"))
     shutil.copy(os.path.join(args.workroot, methods[0], "eval_base", "samples_eval.png"),
@@ -91,7 +93,7 @@ def main():
         "",
         quickstart.table(rows),
         "",
-        "Wall time per method (both arms and their evaluation, on 2 CPU cores): "
+        "Wall time per method (its arms and their evaluation, 2 CPU cores shared with other jobs): "
         + ", ".join(f"{m} {r['seconds'] / 60:.1f} min" for m, r in record.items()),
         "",
         "Samples (rows are classes): base `rl_methods_base.png`; per method "

@@ -27,7 +27,7 @@ from absl import logging
 
 from normguard_jax import checkpointing, config_checks, evaluate, pretrain, rl, sharding
 
-RUNS = ("unguarded", "normguard")
+RUNS = ("unguarded", "normguard")  # the arms: λ = 0 and λ = config.guard_weight.
 # Columns of the table: (label, path in evaluation.json, format).
 COLUMNS = (
     ("reward (combined) ↑", ("generated", "combined_reward"), "{:.3f}"),
@@ -71,9 +71,12 @@ def evaluate_config(config: ml_collections.ConfigDict, checkpoint: str
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     """Validates every stage's config before anything is trained or compiled."""
     config_checks.number(config, "guard_weight", 0, strict_minimum=True)
+    if not arms(config):
+        raise config_checks.ConfigError(
+            f"config.arms must be a comma-separated subset of {list(RUNS)}, got {config.arms!r}")
     checks = [("pretrain", lambda: pretrain.validate(config.pretrain))]
     checks += [("rl", lambda run=run: rl.validate(rl_config(config, "<workdir>", run),
-                                                  num_devices)) for run in RUNS]
+                                                  num_devices)) for run in arms(config)]
     checks += [("evaluate", lambda: evaluate.validate(evaluate_config(config, "<workdir>/base")))]
     for section, check in checks:
         try:
@@ -81,6 +84,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         except config_checks.ConfigError as e:  # name the field as the user writes it
             raise config_checks.ConfigError(
                 str(e).replace("config.", f"config.{section}.", 1)) from None
+
+
+def arms(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The arms to run, in ``RUNS`` order; empty when ``config.arms`` names anything else."""
+    names = [a.strip() for a in config.arms.split(",") if a.strip()]
+    if not names or set(names) - set(RUNS):
+        return ()
+    return tuple(r for r in RUNS if r in names)
 
 
 def _finished(workdir: str, steps: int) -> bool:
@@ -166,7 +177,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         logging.info("Quickstart 1/3: pretraining the base model into %s", base_dir)
         pretrain.run(config.pretrain, base_dir)
     seconds["pretrain"] = time.time() - t0
-    for run_name in RUNS:
+    for run_name in arms(config):
         t0 = time.time()
         c = rl_config(config, workdir, run_name)
         out = os.path.join(workdir, f"rl_{run_name}")
@@ -177,7 +188,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         seconds[f"rl {run_name}"] = time.time() - t0
     results = {}
     models = [("base", base_dir, "eval_base")] + [
-        (f"{config.rl.method} {r}", os.path.join(workdir, f"rl_{r}"), f"eval_{r}") for r in RUNS]
+        (f"{config.rl.method} {r}", os.path.join(workdir, f"rl_{r}"), f"eval_{r}")
+        for r in arms(config)]
     for name, checkpoint, out in models:
         t0 = time.time()
         logging.info("Quickstart 3/3: evaluating %s", checkpoint)

@@ -87,5 +87,9 @@ def test_bad_quickstart_config_fails_before_anything_runs(tmp_path):
     with pytest.raises(config_checks.ConfigError, match="config.rl.rollout.group_size"):
         quickstart.run(config, str(tmp_path / "qs"))
     assert not (tmp_path / "qs").exists()
+    config = load_config_file("quickstart.py")
+    config.arms = "unguarded,typo"
+    with pytest.raises(config_checks.ConfigError, match="config.arms must be"):
+        quickstart.run(config, str(tmp_path / "qs"))
     with pytest.raises(ValueError, match="quickstart method must be one of"):
         load_config_file("quickstart.py", "ppo")
