@@ -235,3 +235,210 @@ def test_rl_resume_against_a_base_of_another_image_shape_fails_before_loading(
                        match=r"image shape \(8, 8, 1\) of the base model .* differs from the "
                              r"checkpoint's \(32, 32, 1\)"):
         rl.run(config, str(tmp_path / "rl"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Non-finite values inside real runs.
+# ----------------------------------------------------------------------------------------------
+
+
+def _param_recorder(store):
+    def hook(done, state, metrics):
+        store[done] = _leaves(state.params)    # copied now: the state is donated next step
+    return hook
+
+
+@pytest.mark.slow
+def test_pretrain_run_skips_nan_steps_then_stops_and_keeps_a_good_checkpoint(
+        data_dir, tmp_path, monkeypatch):
+    nan_steps = {3, 4, 6, 7, 8, 9}               # 1-based; step 5 is clean
+    real_local_batch = data.local_batch
+
+    def poisoned(split, step, *args):
+        batch = real_local_batch(split, step, *args)
+        if step + 1 in nan_steps:
+            batch = dict(batch, image=np.full_like(batch["image"], np.nan))
+        return batch
+
+    monkeypatch.setattr(data, "local_batch", poisoned)
+    config = tiny_config(data_dir, steps=10, checkpoint_every=2)
+    config.train.max_nonfinite = 3
+    workdir = str(tmp_path / "nan")
+    params = {}
+    with pytest.raises(nonfinite.NonFiniteError, match=r"steps 6\.\.8\)"):
+        pretrain.run(config, workdir, hooks=[_param_recorder(params)])
+    assert sorted(params) == [1, 2, 3, 4, 5, 6, 7]   # the error came at step 8, before hooks
+    for skipped, before in ((3, 2), (4, 2), (6, 5), (7, 5)):
+        _assert_trees_equal(params[skipped], params[before])
+    _assert_trees_differ(params[5], params[4])
+    rows = {r["step"]: r for r in reporting.read_jsonl(os.path.join(workdir, "metrics.jsonl"))}
+    assert [s for s in sorted(rows) if rows[s]["skipped"] == 1.0] == [3, 4, 6, 7, 8]
+    assert rows[8]["skipped_total"] == 5 and rows[5]["skipped"] == 0.0
+    # The newest checkpoint (step 6, written before the stop) holds the last good parameters.
+    restored = pretrain.load_pretrained(workdir, use_ema=False)
+    assert restored.step == 6
+    _assert_trees_equal(restored.params, params[5])
+    assert all(np.isfinite(x).all() for x in _leaves(restored.params))
+
+
+@pytest.fixture(scope="module")
+def base_workdir(data_dir, tmp_path_factory):
+    """A tiny pretrained DiT on 8×8 digits."""
+    config = tiny_config(data_dir, steps=2, checkpoint_every=2)
+    workdir = str(tmp_path_factory.mktemp("base"))
+    pretrain.run(config, workdir)
+    return workdir
+
+
+@pytest.mark.slow
+def test_rl_run_skips_iterations_with_nan_rewards_then_stops(base_workdir, tmp_path,
+                                                              monkeypatch):
+    calls = {"n": 0}
+    nan_calls = {2, 4, 5}                     # rollouts (= iterations, 1-based) with a NaN reward
+
+    def host_part(images):
+        calls["n"] += 1
+        value = np.nan if calls["n"] in nan_calls else 0.0
+        return np.full(images.shape[:1], value, np.float32)
+
+    def flaky(images, cond):
+        del cond
+        extra = jax.pure_callback(host_part, jax.ShapeDtypeStruct(images.shape[:1], jnp.float32),
+                                  images)
+        return rewards.contrast(images, None) + extra
+
+    monkeypatch.setitem(rewards.REWARDS, "flaky", rewards.RewardEntry(
+        build=lambda ctx: flaky, differentiable=True, applies=lambda ctx: True,
+        description="contrast, NaN at chosen rollouts"))
+    config = load_config_file("rl_nft.py")
+    config.base.workdir = base_workdir
+    config.aux_dir = str(tmp_path / "aux")
+    config.rewards = {"flaky": 1.0}
+    config.rollout.update(prompts_per_iter=8, group_size=4, num_steps=2)
+    config.train.update(iterations=6, minibatch_size=16, log_every=1, sample_every=1000,
+                        checkpoint_every=1, max_nonfinite=2)
+    config.optim.lr = 1e-3
+    config.sample.update(num_steps=2, per_class=1)
+    workdir = str(tmp_path / "rl")
+    params = {}
+    with pytest.raises(nonfinite.NonFiniteError, match=r"iterations 4\.\.5\)"):
+        rl.run(config, workdir, hooks=[_param_recorder(params)])
+    assert calls["n"] == 5
+    _assert_trees_equal(params[2], params[1])          # iteration 2: every update skipped
+    _assert_trees_differ(params[3], params[2])
+    _assert_trees_equal(params[4], params[3])
+    rows = {r["step"]: r for r in reporting.read_jsonl(os.path.join(workdir, "metrics.jsonl"))}
+    assert [rows[i]["train/skipped"] for i in (1, 2, 3, 4, 5)] == [0.0, 1.0, 0.0, 1.0, 1.0]
+    policy, _ = rl.load_policy(workdir)                 # newest checkpoint: iteration 4
+    assert policy.step == 4
+    _assert_trees_equal(policy.params, params[3])
+
+
+# ----------------------------------------------------------------------------------------------
+# Signals: a real run in a subprocess.
+# ----------------------------------------------------------------------------------------------
+
+
+def _cli(workdir, data_dir, steps, checkpoint_every):
+    args = [sys.executable, "-m", "normguard_jax.main", "--config=configs/pretrain_mnist_dit.py",
+            f"--workdir={workdir}", "--config.data.name=digits_sklearn",
+            f"--config.data.data_dir={data_dir}", "--config.model.size=tiny",
+            f"--config.train.steps={steps}", "--config.train.batch_size=16",
+            "--config.train.log_every=1", "--config.train.sample_every=1000000",
+            f"--config.train.checkpoint_every={checkpoint_every}",
+            "--config.train.keep_checkpoints=100", "--config.optim.warmup_steps=2",
+            "--config.sample.num_steps=2", "--config.sample.per_class=1"]
+    # The same devices and compiler settings as this test process (conftest), so that runs
+    # in and out of it compile to the same programs.
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+    return args, env
+
+
+def _checkpoint_steps(workdir):
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+
+
+def _wait_for_checkpoint(proc, workdir, timeout=240):
+    deadline = time.time() + timeout
+    while not _checkpoint_steps(workdir):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < deadline, "no checkpoint was written"
+        time.sleep(0.05)
+
+
+def _wait_for_logged_step(proc, workdir, step, timeout=240):
+    path, deadline = os.path.join(workdir, "metrics.jsonl"), time.time() + timeout
+    while True:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < deadline, f"step {step} was not logged"
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                logged = [int(m.group(1)) for m in re.finditer(r'"step": (\d+)', f.read())]
+            if logged and max(logged) >= step:
+                return
+        time.sleep(0.01)
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_the_step_reached_and_exits_zero(data_dir, tmp_path):
+    data.load_split("digits_sklearn", "train", data_dir)   # built before the subprocess reads it
+    workdir = str(tmp_path / "term")
+    args, env = _cli(workdir, data_dir, steps=100000, checkpoint_every=5)
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_checkpoint(proc, workdir)
+        sent = time.time()
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+        elapsed = time.time() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    print(f"SIGTERM to exit: {elapsed:.2f} s")
+    assert elapsed < 20, f"took {elapsed:.1f} s to stop"   # loose: the CPU is shared
+    reached = int(re.search(r"SIGTERM: checkpointing step (\d+)", stderr).group(1))
+    assert _checkpoint_steps(workdir)[-1] == reached
+    assert pretrain.load_pretrained(workdir).step == reached
+
+
+@pytest.mark.slow
+def test_sigkill_at_a_random_moment_then_resume_is_bit_identical(data_dir, tmp_path):
+    steps = 30
+    data.load_split("digits_sklearn", "train", data_dir)
+    workdir = str(tmp_path / "killed")
+    args, env = _cli(workdir, data_dir, steps=steps, checkpoint_every=3)
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    # A random moment after the first checkpoint: once a random step has been logged, plus a
+    # random fraction of a step (so the kill may land inside a step or a checkpoint write).
+    target, jitter = random.randint(4, steps // 2), random.uniform(0.0, 0.05)
+    try:
+        _wait_for_checkpoint(proc, workdir)
+        _wait_for_logged_step(proc, workdir, target)
+        time.sleep(jitter)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        proc.kill()                                          # SIGKILL: no handler runs
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = _checkpoint_steps(workdir)
+    assert killed_at and killed_at[-1] < steps, (target, jitter, killed_at)
+    resumed = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resumed from step {killed_at[-1]}" in resumed.stderr
+
+    config = tiny_config(data_dir, steps=steps, log_every=1, checkpoint_every=3,
+                         keep_checkpoints=100)
+    full = pretrain.run(config, str(tmp_path / "full"))
+    for use_ema in (False, True):
+        got = pretrain.load_pretrained(workdir, use_ema=use_ema)
+        assert got.step == steps
+        _assert_trees_equal(got.params, full.ema_params if use_ema else full.params)
