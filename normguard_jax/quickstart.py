@@ -166,7 +166,11 @@ def _markdown(config, results: dict, seconds: dict) -> str:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Runs (or resumes) the quickstart in ``workdir``; returns ``{model: evaluation}``."""
+    """Runs (or resumes) the quickstart in ``workdir``; returns ``{model: evaluation}``.
+
+    On SIGTERM the running stage checkpoints and the job returns ``{}`` without starting the
+    next stage; calling it again resumes.
+    """
     mesh = sharding.make_mesh(config.rl.mesh.data, config.rl.mesh.fsdp)
     validate(config, mesh.devices.size)
     os.makedirs(workdir, exist_ok=True)
@@ -175,7 +179,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     base_dir = base_workdir(config, workdir)
     if not _finished(base_dir, config.pretrain.train.steps):
         logging.info("Quickstart 1/3: pretraining the base model into %s", base_dir)
-        pretrain.run(config.pretrain, base_dir)
+        state = pretrain.run(config.pretrain, base_dir)
+        if int(state.step) < config.pretrain.train.steps:  # SIGTERM: checkpointed, stop here
+            logging.warning("Quickstart stopped during pretraining; rerun to resume.")
+            return {}
     seconds["pretrain"] = time.time() - t0
     for run_name in arms(config):
         t0 = time.time()
@@ -184,7 +191,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if not _finished(out, c.train.iterations):
             logging.info("Quickstart 2/3: RL (%s, λ = %g) into %s", c.method,
                          c.normguard.weight, out)
-            rl.run(c, out)
+            state = rl.run(c, out)
+            if int(state.iteration) < c.train.iterations:  # SIGTERM: checkpointed, stop here
+                logging.warning("Quickstart stopped during RL (%s); rerun to resume.", run_name)
+                return {}
         seconds[f"rl {run_name}"] = time.time() - t0
     results = {}
     models = [("base", base_dir, "eval_base")] + [

@@ -93,3 +93,19 @@ def test_bad_quickstart_config_fails_before_anything_runs(tmp_path):
         quickstart.run(config, str(tmp_path / "qs"))
     with pytest.raises(ValueError, match="quickstart method must be one of"):
         load_config_file("quickstart.py", "ppo")
+
+
+def test_a_stage_stopped_by_sigterm_stops_the_quickstart(monkeypatch, tmp_path):
+    # pretrain.run returns early (as after SIGTERM): no RL and no evaluation may start.
+    config = load_config_file("quickstart.py")
+    calls = []
+
+    class Stopped:
+        step = 3
+
+    monkeypatch.setattr(quickstart.pretrain, "run", lambda c, w: calls.append("pretrain")
+                        or Stopped())
+    monkeypatch.setattr(quickstart.rl, "run", lambda c, w: calls.append("rl"))
+    monkeypatch.setattr(quickstart.evaluate, "run", lambda c, w: calls.append("evaluate"))
+    assert quickstart.run(config, str(tmp_path / "qs")) == {}
+    assert calls == ["pretrain"]

@@ -1,0 +1,219 @@
+"""Norm inflation, inference-time renormalisation and adjoint sensitivity of RL checkpoints.
+
+Usage (from the repository root, after the quickstart or experiments/rl_methods.py):
+  .venv/bin/python experiments/norm_analyses.py --runs workdir/quickstart/rl_unguarded,workdir/quickstart/rl_normguard \
+      [--out experiments/results/norm_analyses] [--per_class 10] [--num_steps 20]
+
+For every RL workdir (its newest checkpoint against its own base model):
+1. ρ_k = ‖v_θ(x_k)‖/‖v_ref(x_k)‖ at every ODE step on θ's own trajectory (fixed seeds), and
+   the trajectory mean at every saved checkpoint (norm inflation over training);
+2. reward and quality of θ sampled plainly and with v_θ rescaled to ‖v_ref‖ at every step
+   (the evaluate job with ``sample.renormalize``), next to the base model;
+3. the adjoint sensitivity g_k = dR/dε_k of the run's (differentiable) reward to scaling the
+   velocity of step k by (1+ε), for the base and for θ: per-step mean, std, t-statistic and
+   fraction of positive signs.
+Writes ``<out>.md``, ``<out>.json`` and ``<out>_*.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+
+from normguard_jax import (auxnets, checkpointing, diagnostics, evaluate, generate,  # noqa: E402
+                           rewards, rl)
+
+
+def load_config_file(path: str, arg: str | None = None):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("cfg", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(*([arg] if arg else []))
+
+
+def ratio_profile(policy, base, labels, seed, num_steps, shift, guidance):
+    ratios = diagnostics.velocity_norm_ratios(
+        policy.velocity, policy.params, base.params, jnp.asarray(labels),
+        jax.random.key(seed), image_shape=tuple(base.image_shape), num_steps=num_steps,
+        shift=shift, guidance_scale=guidance, null_class=base.num_classes)
+    return np.asarray(jnp.mean(ratios, axis=1))
+
+
+def ratio_over_training(workdir, labels, seed, num_steps, shift, guidance):
+    steps = checkpointing.make_manager(os.path.join(workdir, "checkpoints")).all_steps()
+    out = {}
+    for step in sorted(steps):
+        policy, base = rl.load_policy(workdir, step=step)
+        out[int(step)] = float(ratio_profile(policy, base, labels, seed, num_steps, shift,
+                                             guidance).mean())
+    return out
+
+
+def sensitivity(model, labels, seed, reward_fn, num_steps, shift, guidance):
+    g = diagnostics.adjoint_sensitivity(
+        model.velocity, model.params, jnp.asarray(labels), jax.random.key(seed),
+        reward_fn=reward_fn, image_shape=tuple(model.image_shape), num_steps=num_steps,
+        shift=shift, guidance_scale=guidance, null_class=model.num_classes)
+    return diagnostics.sensitivity_summary(g)
+
+
+def evaluate_variants(workdir, out_dir, per_class, num_steps, guidance, run_config):
+    results = {}
+    for name, renorm in (("plain", False), ("renormalised", True)):
+        c = load_config_file(os.path.join(REPO, "configs", "evaluate.py"))
+        c.checkpoint = workdir
+        c.aux.dir = run_config.aux_dir
+        c.rewards = ml_collections.ConfigDict(run_config.rewards.to_dict())
+        c.sample.update(per_class=per_class, num_steps=num_steps, guidance_scale=guidance,
+                        renormalize=renorm)
+        results[name] = evaluate.run(c, os.path.join(out_dir, name))
+    return results
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", required=True, help="comma-separated RL workdirs")
+    parser.add_argument("--out", default="experiments/results/norm_analyses")
+    parser.add_argument("--per_class", type=int, default=10)
+    parser.add_argument("--num_steps", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    runs = [r for r in args.runs.split(",") if r]
+    for r in runs:
+        if not os.path.isdir(os.path.join(r, "checkpoints")):
+            parser.error(f"{r} has no checkpoints/")
+        if not rl.is_rl_workdir(r):
+            parser.error(f"{r} is not an RL workdir")
+
+    record = {}
+    for run in runs:
+        policy, base = rl.load_policy(run)
+        cfg = policy.config
+        guidance = float(cfg.sample.guidance_scale)
+        labels = generate.class_grid_labels(base.num_classes, args.per_class)
+        print(f"[{run}] ρ_k profile", flush=True)
+        profile = ratio_profile(policy, base, labels, args.seed, args.num_steps,
+                                cfg.sample.shift, guidance)
+        print(f"[{run}] ρ over training", flush=True)
+        over_training = ratio_over_training(run, labels, args.seed, args.num_steps,
+                                            cfg.sample.shift, guidance)
+        print(f"[{run}] plain vs renormalised evaluation", flush=True)
+        evals = evaluate_variants(run, os.path.join(run, "analyses"), args.per_class,
+                                  args.num_steps, guidance, cfg)
+        nets = auxnets.AuxNetCache(base.config.data.name, aux_dir=cfg.aux_dir,
+                                   data_dir=base.config.data.data_dir or None)
+        ctx = rewards.RewardContext(dataset=base.config.data.name,
+                                    image_shape=tuple(base.image_shape),
+                                    num_classes=base.num_classes, nets=nets)
+        reward = rewards.build_combined(dict(cfg.rewards), ctx)
+        if not reward.differentiable:
+            print(f"[{run}] reward {dict(cfg.rewards)} is not differentiable: no sensitivity")
+            sens = None
+        else:
+            print(f"[{run}] adjoint sensitivity", flush=True)
+            fn = lambda images, cond: reward(images, cond)[0]
+            sens = {name: sensitivity(model, labels, args.seed, fn, args.num_steps,
+                                      cfg.sample.shift, guidance)
+                    for name, model in (("base", base), ("policy", policy))}
+        record[run] = {"method": cfg.method, "normguard_weight": cfg.normguard.weight,
+                       "rewards": dict(cfg.rewards), "ratio_per_step": profile.tolist(),
+                       "ratio_over_training": over_training,
+                       "evaluation": {k: {"combined_reward": v["generated"]["combined_reward"],
+                                          "quality": v["generated"]["quality"]}
+                                      for k, v in evals.items()},
+                       "sensitivity": sens}
+    write(args, record)
+
+
+def write(args, record):
+    out = os.path.join(REPO, args.out)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out + ".json", "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=1)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for run, r in record.items():
+        label = f"{r['method']} λ={r['normguard_weight']:g}"
+        axes[0].plot(r["ratio_per_step"], marker="o", label=label)
+        steps = sorted(r["ratio_over_training"], key=int)
+        axes[1].plot([int(s) for s in steps], [r["ratio_over_training"][s] for s in steps],
+                     marker="o", label=label)
+    axes[0].axhline(1.0, color="grey", lw=0.8)
+    axes[0].set(xlabel="ODE step k (0 = noise)", ylabel="mean ρ_k", title="ρ_k on θ's trajectory")
+    axes[1].axhline(1.0, color="grey", lw=0.8)
+    axes[1].set(xlabel="RL iteration", ylabel="trajectory-mean ρ", title="ρ over training")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out + "_ratio.png", dpi=120)
+    plt.close(fig)
+
+    with_sens = {run: r for run, r in record.items() if r["sensitivity"]}
+    if with_sens:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+        for run, r in with_sens.items():
+            for name, style in (("base", "--"), ("policy", "-")):
+                s = r["sensitivity"][name]
+                label = f"{r['method']} λ={r['normguard_weight']:g} {name}"
+                axes[0].plot(s["t_stat"], style, marker=".", label=label)
+                axes[1].plot(s["frac_positive"], style, marker=".", label=label)
+        axes[0].axhline(0.0, color="grey", lw=0.8)
+        axes[0].set(xlabel="ODE step k", ylabel="t-statistic of dR/dε_k",
+                    title="does the reward want a larger velocity at step k?")
+        axes[1].axhline(0.5, color="grey", lw=0.8)
+        axes[1].set(xlabel="ODE step k", ylabel="fraction dR/dε_k > 0")
+        axes[0].legend(fontsize=6)
+        fig.tight_layout()
+        fig.savefig(out + "_sensitivity.png", dpi=120)
+        plt.close(fig)
+
+    lines = ["# Norm inflation, renormalisation and adjoint sensitivity", "",
+             "Command: `python experiments/norm_analyses.py " + " ".join(sys.argv[1:]) + "`", "",
+             f"{args.per_class} samples per class, fixed seed {args.seed}, {args.num_steps}-step "
+             "ODE with each run's sample-grid CFG. ρ_k is measured on θ's own trajectory with "
+             "θ_ref evaluated on the same states.", "",
+             "| run | method | λ | mean ρ | ρ at first / last step | reward plain | reward "
+             "renormalised | FD plain | FD renormalised | recall plain | recall renormalised |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for run, r in record.items():
+        e = r["evaluation"]
+        lines.append(
+            f"| `{run}` | {r['method']} | {r['normguard_weight']:g} | "
+            f"{np.mean(r['ratio_per_step']):.3f} | {r['ratio_per_step'][0]:.3f} / "
+            f"{r['ratio_per_step'][-1]:.3f} | {e['plain']['combined_reward']:.3f} | "
+            f"{e['renormalised']['combined_reward']:.3f} | {e['plain']['quality']['fd']:.2f} | "
+            f"{e['renormalised']['quality']['fd']:.2f} | {e['plain']['quality']['recall']:.3f} | "
+            f"{e['renormalised']['quality']['recall']:.3f} |")
+    lines += ["", "![ρ](" + os.path.basename(out) + "_ratio.png)", ""]
+    if with_sens:
+        lines += ["Adjoint sensitivity (t-statistic per ODE step; base dashed, policy solid):", "",
+                  "![sensitivity](" + os.path.basename(out) + "_sensitivity.png)", "",
+                  "| run | model | t-statistic per step | fraction positive per step |",
+                  "|---|---|---|---|"]
+        for run, r in with_sens.items():
+            for name in ("base", "policy"):
+                s = r["sensitivity"][name]
+                lines.append(f"| `{run}` | {name} | "
+                             + " ".join(f"{t:+.1f}" for t in s["t_stat"]) + " | "
+                             + " ".join(f"{p:.2f}" for p in s["frac_positive"]) + " |")
+    with open(out + ".md", "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
