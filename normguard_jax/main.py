@@ -18,32 +18,36 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow is only used by
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from normguard_jax import (distributed, evaluate, pretrain, quickstart, reporting,  # noqa: E402
-                           rl)
+import importlib  # noqa: E402
+
+from normguard_jax import distributed, reporting  # noqa: E402  (neither touches a backend)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
 
+# config.job -> module whose ``run(config, workdir)`` it calls. The modules are imported only
+# after ``jax.distributed`` is initialised: importing them may already touch a JAX backend.
 JOBS = {
-    "pretrain": pretrain.run,
-    "evaluate": evaluate.run,
-    "rl": rl.run,
-    "quickstart": quickstart.run,
+    "pretrain": "normguard_jax.pretrain",
+    "evaluate": "normguard_jax.evaluate",
+    "rl": "normguard_jax.rl",
+    "quickstart": "normguard_jax.quickstart",
 }
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    reporting.quiet_library_logs()
     config = _CONFIG.value
     if config.job not in JOBS:
         raise app.UsageError(f"config.job must be one of {sorted(JOBS)}, got {config.job!r}")
     if "distributed" in config:                   # jobs that support several processes
         distributed.initialize(config)
+    job = importlib.import_module(JOBS[config.job])
+    reporting.quiet_library_logs()
     logging.info("Config:\n%s", config)
-    JOBS[config.job](config, _WORKDIR.value)
+    job.run(config, _WORKDIR.value)
 
 
 def entry():
