@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 from typing import Any, Iterable
 
 import ml_collections
@@ -86,7 +87,8 @@ def writable_directory(path: str, flag: str = "--workdir") -> None:
     """
     if not path:
         raise ConfigError(f"{flag} must be a directory path, got {path!r}")
-    probe = os.path.join(path, f".write_probe_{os.getpid()}")
+    # Unique per host and process: on a pod slice every host probes the same shared folder.
+    probe = os.path.join(path, f".write_probe_{socket.gethostname()}_{os.getpid()}")
     try:
         os.makedirs(path, exist_ok=True)
         with open(probe, "w", encoding="utf-8") as f:
