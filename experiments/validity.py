@@ -40,8 +40,12 @@ _CFG = flags.DEFINE_float("guidance_scale", 1.5, "CFG scale for base-model sampl
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of degradations and samples.")
 _OUT = flags.DEFINE_string("out", "experiments/results/validity.md", "Markdown output.")
 
-METRICS = ("fd", "precision", "recall", "realism", "detector_p_real", "detector_logit",
-           "out_of_range", "overshoot", "diversity_ratio")
+_REPEATS = flags.DEFINE_integer("repeats", 20, "Random halves per set for the standard errors.")
+_Z = flags.DEFINE_float("z", 2.0, "Tolerance of the checks, in standard errors of a difference.")
+
+QUALITY = evaluation.QUALITY_METRICS
+DIAGNOSTICS = ("precision", "density", "coverage", "detector_p_real", "detector_logit",
+               "diversity_ratio")
 REWARD_COLUMNS = ("classifier_logprob", "classifier_correct", "contrast", "compressibility",
                   "saturation", "shapes_rule")
 
@@ -82,9 +86,11 @@ def _rows_for_dataset(dataset: str, data_dir) -> tuple[list[dict], dict]:
 
     rows = []
     for family, strength, x in sets:
-        q = evaluation.quality_metrics(x, labels, reference, qnets)
+        q, se = evaluation.quality_metrics_and_errors(x, labels, reference, qnets,
+                                                      repeats=_REPEATS.value, seed=_SEED.value)
         r = {k: float(v.mean()) for k, v in rewards.score_images(reward_fns, x, labels).items()}
-        rows.append({"family": family, "strength": strength, **q, **r})
+        rows.append({"family": family, "strength": strength, **q, **r,
+                     "se": se})
     aux = {name: {k: v for k, v in net.meta.items() if k.startswith("heldout")
                   or k == "train_seconds"} for name, net in sorted(nets.loaded().items())}
     info = {"reference_size": int(len(ref_idx)), "candidate_size": int(len(cand_idx)),
@@ -92,33 +98,80 @@ def _rows_for_dataset(dataset: str, data_dir) -> tuple[list[dict], dict]:
     return rows, info
 
 
-def monotonicity(rows: list[dict]) -> dict[str, dict[str, bool]]:
-    """family -> metric -> whether [real, strength 1, ..., strength 4] never improves, for the
-    metrics of ``evaluation.DIRECTION`` (and diversity_ratio falling, for ``diversity``)."""
+def checks(rows: list[dict], metrics) -> dict[str, dict[str, dict]]:
+    """family -> metric -> ``evaluation.ladder_check`` of [real, strength 1, ..., strength 4]
+    (diversity_ratio, two-sided, is checked as higher-is-better on the ``diversity`` family
+    only)."""
     real = rows[0]
     out = {}
     for family in degradations.VALIDITY_LADDERS:
         seq = [real] + [r for r in rows if r["family"] == family]
-        checks = {}
-        for metric, sign in evaluation.DIRECTION.items():
-            values = [sign * r[metric] for r in seq]  # higher is better after the sign
-            checks[metric] = all(b <= a + 1e-6 for a, b in zip(values, values[1:]))
-        if family == "diversity":
-            values = [r["diversity_ratio"] for r in seq]
-            checks["diversity_ratio"] = all(b <= a + 1e-6 for a, b in zip(values, values[1:]))
-        out[family] = checks
+        out[family] = {}
+        for metric in metrics:
+            sign = evaluation.DIRECTION.get(metric)
+            if sign is None and not (metric == "diversity_ratio" and family == "diversity"):
+                continue
+            out[family][metric] = evaluation.ladder_check(
+                [r[metric] for r in seq], [r["se"][metric] for r in seq], sign or +1, _Z.value)
     return out
 
 
+def _cell(check: dict | None, blind: bool) -> str:
+    if check is None:
+        return ""
+    if blind:
+        return "blind" + ("" if check["monotone"] and check["real_best"] else " ✗")
+    if not check["passed"]:
+        return "✗" + ("" if check["monotone"] else " step") + ("" if check["real_best"] else
+                                                                " real") + (
+            "" if check["worse"] else " end")
+    return "✓" if check["significant"] else "(✓)"
+
+
+def _check_table(result: dict, metrics) -> list[str]:
+    lines = ["| family | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+    for family, per in result.items():
+        cells = [_cell(per.get(m), family in evaluation.BLIND_BY_CONSTRUCTION.get(m, ()))
+                 for m in metrics]
+        lines.append(f"| {family} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _between(rows: list[dict]) -> list[str]:
+    """Per base model and quality metric: real better than base, base better than the worst
+    degraded set (✓ when both hold)."""
+    bases = [r for r in rows if r["family"].startswith("base")]
+    if not bases:
+        return []
+    real, degraded = rows[0], [r for r in rows if r["family"] in degradations.VALIDITY_LADDERS]
+    lines = ["| base | " + " | ".join(QUALITY) + " |", "|---|" + "---|" * len(QUALITY)]
+    for b in bases:
+        cells = []
+        for m in QUALITY:
+            sign = evaluation.DIRECTION[m]
+            worst = min(sign * r[m] for r in degraded)
+            cells.append("✓" if sign * real[m] > sign * b[m] > worst else
+                         ("= real" if b[m] == real[m] else "✗"))
+        lines.append(f"| {b['family'].split(' (')[0]} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _fmt(value: float, error: float | None) -> str:
+    if error is None:
+        return f"{value:.3f}"
+    return f"{value:.3f} ({error:.3f})"
+
+
 def _table(rows: list[dict], reward_names: list[str]) -> list[str]:
-    cols = list(METRICS) + reward_names
+    cols = list(QUALITY) + list(DIAGNOSTICS) + reward_names
     arrows = {m: {1: "↑", -1: "↓"}.get(evaluation.DIRECTION.get(m), "") for m in cols}
     lines = ["| set | strength | " + " | ".join(f"{c} {arrows[c]}".strip() for c in cols) + " |",
              "|---|---:|" + "---:|" * len(cols)]
     for r in rows:
         strength = "" if r["family"] not in degradations.VALIDITY_LADDERS else f"{r['strength']:g}"
         lines.append(f"| {r['family']} | {strength} | "
-                     + " | ".join(f"{r[c]:.3f}" for c in cols) + " |")
+                     + " | ".join(_fmt(r[c], r["se"].get(c) if c in QUALITY else None)
+                                  for c in cols) + " |")
     return lines
 
 
@@ -138,39 +191,71 @@ def main(argv):
         "half (real, held out), that half degraded (strength = noise std, blur std in pixels, "
         "contrast gain - 1, background-noise std, or for `diversity` the fraction of distinct "
         "images kept per class, 0 meaning one image per class), and base-model samples with the "
-        "same labels. ↑/↓: direction of better. `diversity_ratio` is two-sided (ideal ≈ 1). "
-        "Metric nets: autoencoder features (FD, precision/recall, k = 3) and the patch "
+        "same labels. ↑/↓: direction of better. Metric nets: autoencoder features (FD, "
+        "recall and precision with k = 3, density and coverage with k = 5) and the patch "
         "detector (realism); rewards use the separate classifier. See "
         "`normguard_jax/evaluation.py` for what each metric captures and misses.",
         "",
-        "Metrics are blind by construction to some families (e.g. `out_of_range` to blur, "
-        "`realism` to lost diversity and, with its 11-pixel receptive field, to globally "
-        "malformed but cleanly drawn samples); the summary lists, per family, the metrics "
-        "that never improve as the strength grows. k-NN precision is known to reward blur "
-        "(blurred samples fall into the dense core of the real manifold) and recall can rise "
-        "when samples spread out; use FD and recall for diversity, realism and out_of_range "
-        "for local artefacts, and precision only together with them.",
+        f"**Quality metrics** (validated): {', '.join(f'`{m}`' for m in QUALITY)}; the value "
+        "is followed by its standard error at this set size, reference held fixed (binomial "
+        "for `realism`, standard error of the mean over distinct images for the other "
+        f"per-image metrics, standard deviation over {_REPEATS.value} random class-balanced "
+        "halves for the set statistics `fd` and `recall`: for a mean, a half has variance "
+        "σ²/(n/2)·(1 − 1/2) = σ²/n, the full set's). **Diagnostics** (reported, not validated: "
+        "they fail the check in this feature space): "
+        f"{', '.join(f'`{m}`' for m in DIAGNOSTICS)}; `density` and `diversity_ratio` are "
+        "two-sided (ideal ≈ 1).",
+        "",
+        f"**Tolerance.** A change from a (standard error e_a) to b (e_b) counts as an "
+        f"improvement only if it exceeds {_Z.value:g}·sqrt(e_a² + e_b²), i.e. {_Z.value:g} "
+        "standard errors of the difference of two independently drawn sets. Checks, per "
+        "family, along [real, strength 1..4]: no step improves (`step`), no degraded set "
+        "improves on real (`real`), the strongest is worse than real (`end`). ✓: all three "
+        "and the end is worse beyond the tolerance; (✓): all three, the end worse but within "
+        "the tolerance; ✗ names the check that failed; `blind`: blind by construction "
+        "(`evaluation.BLIND_BY_CONSTRUCTION`: the per-image detector cannot see set "
+        "diversity, range statistics cannot see blur or repetition), not counted as a "
+        "failure (a ✗ after it means it even improved). The issue requires FD and recall to "
+        "worsen with lost diversity; realism is blind to it.",
         "",
     ]
     results = {}
     for dataset in _DATASETS.value:
         t0 = time.time()
         rows, info = _rows_for_dataset(dataset, data_dir)
-        mono = monotonicity(rows)
-        results[dataset] = {"rows": rows, "monotone": mono, **info}
+        quality = checks(rows, QUALITY)
+        diagnostic = checks(rows, DIAGNOSTICS)
+        failed = sorted({f"{m} ({fam})" for fam, per in quality.items() for m, c in per.items()
+                         if not c["passed"]
+                         and fam not in evaluation.BLIND_BY_CONSTRUCTION.get(m, ())})
+        results[dataset] = {"rows": rows, "quality_checks": quality,
+                            "diagnostic_checks": diagnostic, "failed": failed, **info}
         lines += [f"## {dataset}", "",
                   f"Reference {info['reference_size']} images, every set "
                   f"{info['candidate_size']} images ({time.time() - t0:.0f} s). Auxiliary nets: "
                   + "; ".join(f"{n} " + ", ".join(f"{k} {v:.3g}" for k, v in m.items())
                               for n, m in info["aux_nets"].items()) + ".", ""]
         lines += _table(rows, info["rewards"])
-        lines += ["", "Never improving with strength (✓) / improving somewhere (✗):", "",
-                  "| family | " + " | ".join(next(iter(mono.values())).keys()) + " | "
-                  "diversity_ratio |", "|---|" + "---|" * (len(evaluation.DIRECTION) + 1)]
-        for family, checks in mono.items():
-            cells = ["✓" if checks[m] else "✗" for m in evaluation.DIRECTION]
-            cells.append({True: "✓", False: "✗"}.get(checks.get("diversity_ratio"), ""))
-            lines.append(f"| {family} | " + " | ".join(cells) + " |")
+        lines += ["", "Quality metrics, per degradation family:", ""]
+        lines += _check_table(quality, QUALITY)
+        lines += ["", "**All quality metrics pass**" if not failed else
+                  "**Failing:** " + ", ".join(failed), ""]
+        near = sorted(((c["closest"], m, fam) for fam, per in quality.items()
+                       for m, c in per.items()
+                       if fam not in evaluation.BLIND_BY_CONSTRUCTION.get(m, ())
+                       and c["closest"] > 0.5), reverse=True)
+        lines += ["Closest calls (largest improvement along a ladder / its tolerance, above "
+                  "0.5): " + (", ".join(f"{m} under {fam} {r:.2f}" for r, m, fam in near)
+                              or "none") + ".", ""]
+        between = _between(rows)
+        if between:
+            lines += ["Base models between real and the worst degraded set (✓: real better than "
+                      "the base, the base better than the worst degraded row):", ""]
+            lines += between + [""]
+        else:
+            lines += ["No base model of this dataset was given (`--base`).", ""]
+        lines += ["Diagnostics, same checks (for information):", ""]
+        lines += _check_table(diagnostic, DIAGNOSTICS)
         lines.append("")
         print("\n".join(lines), flush=True)
     os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)

@@ -15,14 +15,26 @@ What each metric captures, and what it misses:
   Captures shifts of the mean appearance and of the spread (including lost diversity). Misses
   anything the autoencoder cannot reconstruct (it is a small net: fine texture), and it is
   biased upwards for small sets (compare numbers only at equal set sizes).
-``precision`` / ``recall`` — k-NN precision and recall (Kynkäänniemi et al. 2019) in the same
-  features, k = 3: the fraction of samples inside the real manifold (union of balls reaching each
-  real point's k-th neighbour) and the fraction of real images inside the samples' manifold.
-  Precision captures off-manifold (unrealistic) samples, recall captures missing modes. Both
-  are blind to how mass is distributed inside the manifold, and outliers inflate the balls.
-``realism`` — fraction of samples the forensic detector judges real (logit > 0); also
-  ``detector_p_real``, the mean predicted probability, and ``detector_logit``, the mean logit,
-  which still ranks sets once every sample is judged fake. Captures per-image local artefacts of
+``recall`` — k-NN recall (Kynkäänniemi et al. 2019) in the same features, k = 3: the fraction
+  of real images inside the samples' manifold (the union of balls around each sample reaching its
+  k-th nearest other sample). Captures missing modes and lost diversity. Misses how mass is
+  distributed inside the manifold; samples that spread out (outliers) inflate their balls, so
+  recall can rise a little under mild contrast inflation or noise. It also drops to 0 as soon as
+  every sample has k exact copies, which exaggerates exact repetition.
+``precision`` (diagnostic) — k-NN precision, k = 3: the fraction of samples inside the real
+  manifold (balls around each real image reaching its k-th real neighbour). Meant to capture
+  off-manifold samples, but in this feature space blurred images fall into the dense core of the
+  real manifold, so precision *rises* under blur and is not a quality metric here.
+``density`` / ``coverage`` (diagnostics) — Naeem et al. 2020, k = 5, balls around real images
+  only: density is the mean number of real balls containing a sample divided by k (about 1 for
+  real data, above 1 for samples crowded into dense regions: two-sided), coverage the fraction of
+  real balls that contain at least one sample. Robust to outlier samples (coverage does not rise
+  under contrast inflation, unlike recall) and graded under mode collapse where recall hits 0,
+  but both rise under mild blur in this feature space, so neither is a quality metric here.
+``realism`` — fraction of samples the forensic detector judges real (logit > 0); also, as
+  diagnostics, ``detector_p_real``, the mean predicted probability, and ``detector_logit``, the
+  mean logit, which still ranks sets once every sample is judged fake (but a confident detector
+  can grow more confident under an artefact too faint to cross its threshold). Captures per-image local artefacts of
   the kinds the detector was trained on (residual noise, blur, inflated contrast, ghosting) and
   resemblances to them. Its 11-pixel receptive field makes it blind to global structure:
   malformed but cleanly drawn blobs can pass as real, as can wrong class content and lost
@@ -30,10 +42,28 @@ What each metric captures, and what it misses:
 ``out_of_range`` — fraction of values more than ``tol`` outside [-1, 1]; ``overshoot`` — mean
   of ``max(|x| - 1, 0)``. Capture over-saturation before clipping (what velocity-norm inflation
   does to the final state). Real data score exactly 0; blind to everything inside the range.
-``diversity`` — mean over classes of the mean pairwise RMS pixel distance between samples of
+``diversity`` (diagnostic) — mean over classes of the mean pairwise RMS pixel distance between samples of
   the same class; ``diversity_ratio`` divides it by the reference's value. Falls under mode
   collapse; but noise raises it, so read it with the other metrics (it is two-sided: the ideal
   ratio is about 1).
+
+Which of these are quality metrics. ``QUALITY_METRICS`` (fd, recall, realism, out_of_range,
+overshoot) are the ones ``experiments/validity.py`` validates: held-out real data score best, and
+each gets worse, up to sampling noise (``ladder_check``), as real images are degraded more
+(noise, blur, contrast inflation, background noise) or lose diversity — except where a metric is
+blind by construction (``BLIND_BY_CONSTRUCTION``: the per-image detector cannot see set
+diversity, and range statistics cannot see blur or repetition). ``DIAGNOSTICS`` are reported
+for reading a result but fail that check in this feature space (see above).
+
+Sampling noise. ``quality_metrics_and_errors`` also returns a standard error per metric, at the
+set's size, with the reference held fixed: binomial for ``realism`` (over distinct images, with
+the Laplace estimate (k + 1) / (n + 2) so that 0 and 1 keep a non-zero error); the standard
+error of the mean of per-image values for the detector and range statistics; and half-sampling
+for the set statistics (fd, recall, precision, density, coverage, diversity): the standard
+deviation of the statistic over random class-balanced halves. Without replacement, a half of
+n has variance σ²/(n/2)·(1 - 1/2) = σ²/n for a mean, so this spread estimates the standard
+error at the full size n (it includes the small-set bias of FD and k-NN radii only in its
+spread, not in its level).
 """
 
 from __future__ import annotations
@@ -47,14 +77,32 @@ import numpy as np
 
 from normguard_jax import auxnets
 
-# For each metric: +1 if higher is better, -1 if lower is better (diversity_ratio is
-# two-sided and not listed).
+# Direction of every metric that has one: +1 if higher is better, -1 if lower is better. Both
+# validated quality metrics and diagnostics are listed; density and diversity_ratio are
+# two-sided (ideal about 1) and are not.
 DIRECTION: dict[str, int] = {
-    "fd": -1, "precision": +1, "recall": +1, "realism": +1, "detector_p_real": +1,
-    "detector_logit": +1, "out_of_range": -1, "overshoot": -1,
+    "fd": -1, "recall": +1, "realism": +1, "out_of_range": -1, "overshoot": -1,
+    "precision": +1, "coverage": +1, "detector_p_real": +1, "detector_logit": +1,
+}
+
+# The quality metrics: validated by experiments/validity.py (see the module docstring).
+QUALITY_METRICS: tuple[str, ...] = ("fd", "recall", "realism", "out_of_range", "overshoot")
+
+# Reported for diagnosis only; they fail the validity check here (module docstring).
+DIAGNOSTICS: tuple[str, ...] = ("precision", "density", "coverage", "detector_p_real",
+                                "detector_logit", "diversity_ratio")
+
+# Degradation families (degradations.VALIDITY_LADDERS) a quality metric cannot see by
+# construction: the per-image detector cannot see set diversity; a blur is a convex combination
+# of pixels and repetition copies them, so neither leaves [-1, 1].
+BLIND_BY_CONSTRUCTION: dict[str, tuple[str, ...]] = {
+    "realism": ("diversity",),
+    "out_of_range": ("blur", "diversity"),
+    "overshoot": ("blur", "diversity"),
 }
 
 DEFAULT_KNN_K = 3
+DEFAULT_DENSITY_COVERAGE_K = 5  # Naeem et al. 2020's recommendation
 DEFAULT_RANGE_TOLERANCE = 0.05  # about 6 grey levels beyond the range
 
 
@@ -149,6 +197,26 @@ def precision_recall(real, fake, k: int = DEFAULT_KNN_K, *, real_radii=None
     return precision, recall
 
 
+def density_coverage(real, fake, k: int = DEFAULT_DENSITY_COVERAGE_K, *, real_radii=None
+                     ) -> tuple[float, float]:
+    """Density and coverage (Naeem et al. 2020), from balls around the real points only.
+
+    Args:
+      real: (N, D) reference features (N > k).
+      fake: (M, D) sample features (any M >= 1).
+      k: neighbourhood size: each real ball reaches that point's k-th nearest other real point.
+      real_radii: optional precomputed ``knn_radii(real, k)``.
+
+    Returns:
+      ``(density, coverage)``: density = (1 / (k·M)) Σ_j #{i : fake_j in ball_i} (about 1 when
+      samples follow the real distribution; it can exceed 1), coverage = fraction of real
+      balls that contain at least one fake point (in [0, 1]).
+    """
+    real_radii = knn_radii(real, k) if real_radii is None else np.asarray(real_radii)
+    inside = pairwise_distances(fake, real) <= real_radii[None, :]  # (M, N)
+    return float(np.sum(inside) / (k * len(inside))), float(np.mean(np.any(inside, axis=0)))
+
+
 # ----------------------------------------------------------------------------------------------
 # Pixel statistics.
 # ----------------------------------------------------------------------------------------------
@@ -224,10 +292,12 @@ class Reference:
     Attributes:
       features: (N, D) float64 encoder features.
       mu, cov: their mean and covariance.
-      radii: (N,) k-NN radii for precision.
+      radii: (N,) k-NN radii (``k``) for precision.
       diversity: ``class_diversity`` of the reference images.
-      k: neighbourhood size used for ``radii``.
+      k: neighbourhood size of precision/recall.
       size: N.
+      dc_k: neighbourhood size of density/coverage.
+      dc_radii: (N,) k-NN radii (``dc_k``) for density/coverage.
     """
 
     features: np.ndarray
@@ -237,9 +307,12 @@ class Reference:
     diversity: float
     k: int
     size: int
+    dc_k: int
+    dc_radii: np.ndarray
 
 
-def make_reference(images, labels, nets: QualityNets, k: int = DEFAULT_KNN_K) -> Reference:
+def make_reference(images, labels, nets: QualityNets, k: int = DEFAULT_KNN_K,
+                   dc_k: int = DEFAULT_DENSITY_COVERAGE_K) -> Reference:
     """Reference statistics of real images (N, H, W, C) float32 in [-1, 1] (or uint8)."""
     images = np.asarray(images)
     if images.dtype == np.uint8:
@@ -247,12 +320,37 @@ def make_reference(images, labels, nets: QualityNets, k: int = DEFAULT_KNN_K) ->
     f = nets.features(images).astype(np.float64)
     mu, cov = feature_statistics(f)
     return Reference(features=f, mu=mu, cov=cov, radii=knn_radii(f, k),
-                     diversity=class_diversity(images, labels), k=k, size=len(f))
+                     diversity=class_diversity(images, labels), k=k, size=len(f),
+                     dc_k=dc_k, dc_radii=knn_radii(f, dc_k))
+
+
+def _set_statistics(features, images, labels, reference: Reference) -> dict[str, float]:
+    """The metrics that are functions of the whole set (not means of per-image values)."""
+    mu, cov = feature_statistics(features)
+    precision, recall = precision_recall(reference.features, features, reference.k,
+                                         real_radii=reference.radii)
+    density, coverage = density_coverage(reference.features, features, reference.dc_k,
+                                         real_radii=reference.dc_radii)
+    diversity = class_diversity(images, labels)
+    return {"fd": frechet_distance(mu, cov, reference.mu, reference.cov),
+            "precision": precision, "recall": recall, "density": density, "coverage": coverage,
+            "diversity": diversity, "diversity_ratio": diversity / reference.diversity}
+
+
+def _per_image_values(logits, images, tol: float) -> dict[str, np.ndarray]:
+    """(M,) per-image values whose means are the detector and range metrics."""
+    x = np.abs(np.asarray(images, np.float64)).reshape(len(images), -1)
+    logits = np.asarray(logits, np.float64)
+    return {"realism": (logits > 0).astype(np.float64),
+            "detector_p_real": 1.0 / (1.0 + np.exp(-logits)),
+            "detector_logit": logits,
+            "out_of_range": np.mean(x > 1.0 + tol, axis=1),
+            "overshoot": np.mean(np.maximum(x - 1.0, 0.0), axis=1)}
 
 
 def quality_metrics(images, labels, reference: Reference, nets: QualityNets,
                     tol: float = DEFAULT_RANGE_TOLERANCE) -> dict[str, float]:
-    """Every quality metric of a sample set (see the module docstring).
+    """Every quality metric and diagnostic of a sample set (see the module docstring).
 
     Args:
       images: (M, H, W, C) float32 samples (raw, not clipped).
@@ -262,28 +360,113 @@ def quality_metrics(images, labels, reference: Reference, nets: QualityNets,
       tol: tolerance of ``out_of_range``.
 
     Returns:
-      ``fd``, ``precision``, ``recall``, ``realism``, ``detector_p_real``, ``detector_logit``,
-      ``out_of_range``, ``overshoot``, ``diversity``, ``diversity_ratio`` as floats.
+      ``fd``, ``recall``, ``realism``, ``out_of_range``, ``overshoot`` (``QUALITY_METRICS``) and
+      ``precision``, ``density``, ``coverage``, ``detector_p_real``, ``detector_logit``,
+      ``diversity``, ``diversity_ratio`` (diagnostics) as floats.
+    """
+    return quality_metrics_and_errors(images, labels, reference, nets, tol, repeats=0)[0]
+
+
+def _distinct_rows(images) -> np.ndarray:
+    """Indices of the first occurrence of each distinct image (sorted)."""
+    flat = np.ascontiguousarray(np.asarray(images).reshape(len(images), -1))
+    _, first = np.unique(flat, axis=0, return_index=True)
+    return np.sort(first)
+
+
+def random_half(labels, rng: np.random.Generator) -> np.ndarray:
+    """Sorted indices of a random class-balanced half: floor(n_c / 2) of each class's n_c."""
+    labels = np.asarray(labels)
+    parts = [rng.permutation(np.flatnonzero(labels == c))[:np.sum(labels == c) // 2]
+             for c in np.unique(labels)]
+    return np.sort(np.concatenate(parts))
+
+
+def quality_metrics_and_errors(images, labels, reference: Reference, nets: QualityNets,
+                               tol: float = DEFAULT_RANGE_TOLERANCE, *, repeats: int = 20,
+                               seed: int = 0) -> tuple[dict[str, float], dict[str, float]]:
+    """``quality_metrics`` and the standard error of each value at this set size.
+
+    The errors (method in the module docstring) describe the draw of the sample set with the
+    reference held fixed: binomial for ``realism``, standard error of the mean for the other
+    per-image metrics (both over distinct images, so a set of repeated images is as uncertain
+    as its distinct members), and half-sampling over ``repeats`` random class-balanced halves
+    (``random_half``, seeded by ``seed``) for the set statistics.
+
+    Args:
+      images, labels, reference, nets, tol: as in ``quality_metrics``.
+      repeats: number of halves (0: no errors, an empty dict is returned; else >= 2).
+      seed: seed of the halves.
+
+    Returns:
+      ``(metrics, errors)``: two dicts of floats; ``errors`` has the keys of ``metrics`` except
+      ``diversity`` (its ratio is given).
     """
     images = np.asarray(images, np.float32)
-    f = nets.features(images).astype(np.float64)
-    mu, cov = feature_statistics(f)
-    precision, recall = precision_recall(reference.features, f, reference.k,
-                                         real_radii=reference.radii)
-    logits = nets.logits(images)
-    diversity = class_diversity(images, labels)
-    return {
-        "fd": frechet_distance(mu, cov, reference.mu, reference.cov),
-        "precision": precision,
-        "recall": recall,
-        "realism": float(np.mean(logits > 0)),
-        "detector_p_real": float(np.mean(1.0 / (1.0 + np.exp(-logits.astype(np.float64))))),
-        "detector_logit": float(np.mean(logits)),
-        "out_of_range": out_of_range(images, tol),
-        "overshoot": overshoot(images),
-        "diversity": diversity,
-        "diversity_ratio": diversity / reference.diversity,
-    }
+    labels = np.asarray(labels)
+    features = nets.features(images).astype(np.float64)
+    per_image = _per_image_values(nets.logits(images), images, tol)
+    metrics = _set_statistics(features, images, labels, reference)
+    metrics.update({name: float(np.mean(v)) for name, v in per_image.items()})
+    order = ("fd", "recall", "realism", "out_of_range", "overshoot", "precision", "density",
+             "coverage", "detector_p_real", "detector_logit", "diversity", "diversity_ratio")
+    metrics = {name: metrics[name] for name in order}
+    if repeats == 0:
+        return metrics, {}
+    if repeats < 2:
+        raise ValueError(f"repeats must be 0 or >= 2, got {repeats}")
+    distinct = _distinct_rows(images)
+    n = len(distinct)
+    errors = {}
+    hits = float(np.sum(per_image["realism"][distinct]))
+    p = (hits + 1.0) / (n + 2.0)
+    errors["realism"] = float(np.sqrt(p * (1.0 - p) / n))
+    for name in ("out_of_range", "overshoot", "detector_p_real", "detector_logit"):
+        v = per_image[name][distinct]
+        errors[name] = float(np.std(v, ddof=1) / np.sqrt(n)) if n > 1 else float("inf")
+    rng = np.random.default_rng(seed)
+    halves = [_set_statistics(features[i], images[i], labels[i], reference)
+              for i in (random_half(labels, rng) for _ in range(repeats))]
+    for name in ("fd", "recall", "precision", "density", "coverage", "diversity_ratio"):
+        errors[name] = float(np.std([h[name] for h in halves], ddof=1))
+    return metrics, {name: errors[name] for name in order if name in errors}
+
+
+def ladder_check(values, errors, sign: int, z: float = 2.0, floor: float = 1e-6
+                 ) -> dict[str, bool | float]:
+    """Whether a metric worsens, up to sampling noise, along a degradation ladder.
+
+    A change from value a (error e_a) to b (error e_b) counts as an improvement only if
+    ``sign·(b - a) > z·sqrt(e_a² + e_b²) + floor``: more than z standard errors of the difference
+    of two independent sets (``floor`` absorbs float rounding of metrics whose error is 0).
+
+    Args:
+      values: (L,) metric values, ``values[0]`` for the undegraded real set, then increasing
+        strength.
+      errors: (L,) their standard errors.
+      sign: +1 if higher is better, -1 if lower is better.
+      z: tolerance in standard errors.
+      floor: absolute tolerance added to every comparison.
+
+    Returns:
+      ``monotone``: no step improves; ``real_best``: no degraded set improves on the real one;
+      ``worse``: the last value is worse than the real one (by more than ``floor``);
+      ``significant``: worse by more than the tolerance; ``passed``: monotone, real_best and
+      worse; ``closest``: the largest improvement (step or vs real) divided by its tolerance
+      (above 1 means a violation; 0 if nothing improves).
+    """
+    v = sign * np.asarray(values, np.float64)  # higher is better after the sign
+    e = np.asarray(errors, np.float64)
+    tol_step = z * np.sqrt(e[:-1] ** 2 + e[1:] ** 2) + floor
+    tol_real = z * np.sqrt(e[0] ** 2 + e[1:] ** 2) + floor
+    gain_step, gain_real = v[1:] - v[:-1], v[1:] - v[0]
+    out = {"monotone": bool(np.all(gain_step <= tol_step)),
+           "real_best": bool(np.all(gain_real <= tol_real)),
+           "worse": bool(v[-1] < v[0] - floor),
+           "significant": bool(v[0] - v[-1] > tol_real[-1]),
+           "closest": float(max(0.0, np.max(gain_step / tol_step), np.max(gain_real / tol_real)))}
+    out["passed"] = out["monotone"] and out["real_best"] and out["worse"]
+    return out
 
 
 def interleaved_halves(labels) -> tuple[np.ndarray, np.ndarray]:
