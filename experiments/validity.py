@@ -120,12 +120,11 @@ def _cell(check: dict | None, blind: bool) -> str:
     if check is None:
         return ""
     if blind:
-        return "blind" + ("" if check["monotone"] and check["real_best"] else " ✗")
+        return "blind" + ("" if check["passed"] else " ✗")
     if not check["passed"]:
         return "✗" + ("" if check["monotone"] else " step") + ("" if check["real_best"] else
-                                                                " real") + (
-            "" if check["worse"] else " end")
-    return "✓" if check["significant"] else "(✓)"
+                                                                " real")
+    return "✓" if check["significant"] else ("(✓)" if check["worse"] else "~")
 
 
 def _check_table(result: dict, metrics) -> list[str]:
@@ -208,11 +207,12 @@ def main(argv):
         "",
         f"**Tolerance.** A change from a (standard error e_a) to b (e_b) counts as an "
         f"improvement only if it exceeds {_Z.value:g}·sqrt(e_a² + e_b²), i.e. {_Z.value:g} "
-        "standard errors of the difference of two independently drawn sets. Checks, per "
-        "family, along [real, strength 1..4]: no step improves (`step`), no degraded set "
-        "improves on real (`real`), the strongest is worse than real (`end`). ✓: all three "
-        "and the end is worse beyond the tolerance; (✓): all three, the end worse but within "
-        "the tolerance; ✗ names the check that failed; `blind`: blind by construction "
+        "standard errors of the difference of two independently drawn sets. A metric passes "
+        "a family if, along [real, strength 1..4], no step improves (else ✗ `step`) and no "
+        "degraded set improves on real (else ✗ `real`). ✓: passes and the strongest "
+        "degradation is worse than real beyond the tolerance; (✓): passes, the strongest is "
+        "worse but within the tolerance; ~: passes but flat (the strongest is not worse: the "
+        "metric does not see this family at this set size); `blind`: blind by construction "
         "(`evaluation.BLIND_BY_CONSTRUCTION`: the per-image detector cannot see set "
         "diversity, range statistics cannot see blur or repetition), not counted as a "
         "failure (a ✗ after it means it even improved). The issue requires FD and recall to "

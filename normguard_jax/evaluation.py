@@ -465,7 +465,7 @@ def ladder_check(values, errors, sign: int, z: float = 2.0, floor: float = 1e-6
            "worse": bool(v[-1] < v[0] - floor),
            "significant": bool(v[0] - v[-1] > tol_real[-1]),
            "closest": float(max(0.0, np.max(gain_step / tol_step), np.max(gain_real / tol_real)))}
-    out["passed"] = out["monotone"] and out["real_best"] and out["worse"]
+    out["passed"] = out["monotone"] and out["real_best"]
     return out
 
 
