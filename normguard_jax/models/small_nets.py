@@ -38,6 +38,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 
@@ -110,8 +111,10 @@ class Autoencoder(nnx.Module):
         return self.decode(self.encode(x))
 
 
-# 3×3 Laplacian, applied per channel: a fixed high-pass that exposes noise and blur.
-_LAPLACIAN = jnp.array([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], jnp.float32)
+# 3×3 Laplacian, applied per channel: a fixed high-pass that exposes noise and blur. A NumPy
+# constant: creating a jax array at import time would start the JAX backend before
+# jax.distributed could be initialised.
+_LAPLACIAN = np.array([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], np.float32)
 
 
 def laplacian(x: jax.Array) -> jax.Array:
