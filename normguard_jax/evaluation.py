@@ -49,11 +49,14 @@ What each metric captures, and what it misses:
 
 Which of these are quality metrics. ``QUALITY_METRICS`` (fd, recall, realism, out_of_range,
 overshoot) are the ones ``experiments/validity.py`` validates: held-out real data score best, and
-each gets worse, up to sampling noise (``ladder_check``), as real images are degraded more
-(noise, blur, contrast inflation, background noise) or lose diversity — except where a metric is
-blind by construction (``BLIND_BY_CONSTRUCTION``: the per-image detector cannot see set
-diversity, and range statistics cannot see blur or repetition). ``DIAGNOSTICS`` are reported
-for reading a result but fail that check in this feature space (see above).
+none improves, beyond sampling noise (``ladder_check``), as real images are degraded more
+(noise, blur, contrast inflation, background noise) or lose diversity, and each family is caught
+beyond noise by several of them — except where a metric is blind by construction
+(``BLIND_BY_CONSTRUCTION``: the per-image detector cannot see set diversity, and range
+statistics cannot see blur or repetition). Not every metric sees every family: recall barely
+moves under contrast inflation of near-binary digits (the nets see clipped images), which FD,
+realism and the range statistics catch. ``DIAGNOSTICS`` are reported for reading a result but
+fail that check in this feature space (see above).
 
 Sampling noise. ``quality_metrics_and_errors`` also returns a standard error per metric, at the
 set's size, with the reference held fixed: binomial for ``realism`` (over distinct images, with
