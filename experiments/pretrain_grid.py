@@ -31,10 +31,19 @@ GLIBC_TUNABLES = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
                   "glibc.malloc.trim_threshold=68719476736")
 # One line per cell: an honest reading of its final sample grid (does every row show its class?).
 ASSESSMENT = {
-    "mnist_dit": "not yet assessed",
-    "mnist_unet": "recognisable digits in every row",
-    "shapes_dit": "not yet assessed",
-    "shapes_unet": "not yet assessed",
+    "mnist_dit": ("NOT recognisable overall: connected strokes (no patch seams or noise "
+                  "fragments any more), the 1 row and most of the 0 row are right, 3 and 7 "
+                  "appear in a few samples, the other rows are squiggles; CFG 3 or 5 does not "
+                  "change that"),
+    "mnist_unet": ("recognisable digits in every row; a few samples show another digit (a 1 "
+                   "and a 4 in the 9 row, a 7-like 4)"),
+    "shapes_dit": ("NOT recognisable as shapes: every row has its colour (one stray sample "
+                   "in the yellow-square row is green), but circles, squares, triangles and "
+                   "crosses are all irregular blobs with 4-pixel steps on their edges; the "
+                   "triangle rows are only smaller"),
+    "shapes_unet": ("every row has its colour; circles and triangles are clear, crosses show in "
+                    "about half the samples (red crosses malformed), squares are mostly "
+                    "rounded blobs with only a few corners"),
 }
 
 
@@ -94,7 +103,9 @@ def write_table(summaries: list[dict], command: str) -> str:
         "",
         f"Machine: {os.cpu_count()} CPU cores, {platform.machine()}, JAX on CPU, "
         f"`GLIBC_TUNABLES={GLIBC_TUNABLES}`. Wall time includes data build, compile, "
-        "checkpoints and sample grids.",
+        "checkpoints and sample grids. The machine was shared with other jobs while these ran "
+        "(load average 4-11 on 2 cores), so wall times and steps/s are upper and lower bounds "
+        "of what an idle machine gives.",
         "",
         "| cell | size | params | batch × steps (peak lr) | first loss "
         "| final loss (mean of last 5 logs) | wall time | steps/s (median) | samples |",
