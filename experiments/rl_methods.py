@@ -30,6 +30,16 @@ GLIBC_TUNABLES = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
 def run_method(method: str, args) -> tuple[dict, float]:
     """Runs (or reuses) one method's quickstart; returns its quickstart.json and wall time."""
     workdir = os.path.join(args.workroot, method)
+    done = os.path.join(workdir, "quickstart.json")
+    if os.path.exists(done):  # a finished method with these settings is reused as it is
+        with open(done, encoding="utf-8") as f:
+            previous = json.load(f)
+        c = previous["config"]
+        if (c["rl"]["train"]["iterations"] == args.iterations and c["arms"] == args.arms
+                and c["guard_weight"] == args.guard_weight
+                and os.path.abspath(c["base_workdir"]) == os.path.abspath(args.base)):
+            print(f"reusing {done}", flush=True)
+            return previous, sum(previous["seconds"].values())
     cmd = [sys.executable, "-m", "normguard_jax.main", f"--config=configs/quickstart.py:{method}",
            f"--workdir={workdir}", f"--config.base_workdir={args.base}",
            f"--config.rl.train.iterations={args.iterations}",
@@ -66,7 +76,7 @@ def main():
     rows, record = {}, {}
     for method in methods:
         result, seconds = run_method(method, args)
-        record[method] = {"seconds": seconds, **result}
+        record[method] = {**result, "wall_seconds": seconds}
         for name, evaluation in result["results"].items():
             if name != "base" or "base" not in rows:
                 rows[name] = evaluation
@@ -78,7 +88,7 @@ def main():
 
     first = record[methods[0]]["config"]
     lines = [
-        "# Every RL method from one base model, with and without NormGuard",
+        "# Every RL method from one base model",
         "",
         "Command: `" + " ".join(["python", "experiments/rl_methods.py", *sys.argv[1:]]) + "`",
         "",
@@ -94,7 +104,7 @@ def main():
         quickstart.table(rows),
         "",
         "Wall time per method (its arms and their evaluation, 2 CPU cores shared with other jobs): "
-        + ", ".join(f"{m} {r['seconds'] / 60:.1f} min" for m, r in record.items()),
+        + ", ".join(f"{m} {r['wall_seconds'] / 60:.1f} min" for m, r in record.items()),
         "",
         "Samples (rows are classes): base `rl_methods_base.png`; per method "
         "`rl_methods_<method>_{unguarded,normguard}.png`.",
