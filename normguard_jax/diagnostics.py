@@ -50,14 +50,14 @@ def velocity_norm_ratios(velocity, params, ref_params, labels, key, *, image_sha
     """
     sigmas = jnp.asarray(flow.inference_sigmas(num_steps, shift))
     x = generate.initial_noise(jax.random.fold_in(key, 0), labels.shape[0], image_shape)
-    guided = functools.partial(sampling.guided_velocity, velocity, cond=labels,
+    guided = functools.partial(generate.conditional_velocity_fn, velocity, cond=labels,
                                guidance_scale=guidance_scale, null_class=null_class)
-    traj = sampling.sample(functools.partial(guided, params), x, sigmas,
-                           jax.random.fold_in(key, 1), method="ode", return_velocities=True)
+    traj = sampling.sample(guided(params), x, sigmas, jax.random.fold_in(key, 1), method="ode",
+                           return_velocities=True)
+    ref_fn = guided(ref_params)
 
     def ref_norm(state, sigma):
-        v_ref = guided(ref_params, state, jnp.full((state.shape[0],), sigma))
-        return normguard.per_sample_norm(v_ref)
+        return normguard.per_sample_norm(ref_fn(state, jnp.full((state.shape[0],), sigma)))
 
     ref_norms = jax.lax.map(lambda args: ref_norm(*args), (traj.states[:-1], sigmas[:-1]))
     theta_norms = jax.vmap(normguard.per_sample_norm)(traj.velocities)

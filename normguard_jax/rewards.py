@@ -219,12 +219,11 @@ def _build_classifier_logprob(ctx: RewardContext) -> RewardFn:
 
 
 def _build_classifier_prob(ctx: RewardContext) -> RewardFn:
-    logits_fn = _classifier_logits(ctx)
+    log_prob = _build_classifier_logprob(ctx)
 
     def classifier_prob(images, cond):
         """p(cond | image) under the reward classifier, in [0, 1] (bounded: no heavy tail)."""
-        p = jax.nn.softmax(logits_fn(images), axis=-1)
-        return jnp.take_along_axis(p, cond[:, None].astype(jnp.int32), axis=-1)[:, 0]
+        return jnp.exp(log_prob(images, cond))
 
     return classifier_prob
 

@@ -158,11 +158,16 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     distributed.validate(config)
 
 
+def updates_per_iteration(config: ml_collections.ConfigDict) -> int:
+    """Optimizer steps of one iteration: inner epochs × minibatches of its training rows."""
+    return (config.train.inner_epochs * rows_per_iteration(config)
+            // config.train.minibatch_size)
+
+
 def build_optimizer(config: ml_collections.ConfigDict):
     """``(optimizer, schedule)`` of the run, the schedule spanning all its optimizer steps."""
-    steps_per_iter = (config.train.inner_epochs * rows_per_iteration(config)
-                      // config.train.minibatch_size)
-    return optim.build_optimizer(config.optim, config.train.iterations * steps_per_iter)
+    return optim.build_optimizer(config.optim,
+                                 config.train.iterations * updates_per_iteration(config))
 
 
 def initial_state(config: ml_collections.ConfigDict, base_params, optimizer) -> RLState:
@@ -336,7 +341,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, hooks: Iterable[Hook
 
     iterations = config.train.iterations
     rows = rows_per_iteration(config)
-    steps_per_iter = config.train.inner_epochs * rows // config.train.minibatch_size
+    steps_per_iter = updates_per_iteration(config)
     optimizer, schedule = build_optimizer(config)
     repl, data_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
     ref_params = jax.device_put(base.params, repl)
