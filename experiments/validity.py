@@ -42,10 +42,12 @@ _OUT = flags.DEFINE_string("out", "experiments/results/validity.md", "Markdown o
 
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Random halves per set for the standard errors.")
 _Z = flags.DEFINE_float("z", 2.0, "Tolerance of the checks, in standard errors of a difference.")
+_FROM_JSON = flags.DEFINE_string(
+    "from_json", "", "Re-grade and re-render the rows of an earlier run's JSON (no sampling or "
+    "training); the checks and the split into quality metrics and diagnostics are redone.")
 
 QUALITY = evaluation.QUALITY_METRICS
-DIAGNOSTICS = ("precision", "density", "coverage", "detector_p_real", "detector_logit",
-               "diversity_ratio")
+DIAGNOSTICS = evaluation.DIAGNOSTICS
 REWARD_COLUMNS = ("classifier_logprob", "classifier_correct", "contrast", "compressibility",
                   "saturation", "shapes_rule")
 
@@ -197,13 +199,14 @@ def main(argv):
         "",
         f"**Quality metrics** (validated): {', '.join(f'`{m}`' for m in QUALITY)}; the value "
         "is followed by its standard error at this set size, reference held fixed (binomial "
-        "for `realism`, standard error of the mean over distinct images for the other "
-        f"per-image metrics, standard deviation over {_REPEATS.value} random class-balanced "
+        f"for `realism`, standard deviation over {_REPEATS.value} random class-balanced "
         "halves for the set statistics `fd` and `recall`: for a mean, a half has variance "
-        "σ²/(n/2)·(1 − 1/2) = σ²/n, the full set's). **Diagnostics** (reported, not validated: "
-        "they fail the check in this feature space): "
-        f"{', '.join(f'`{m}`' for m in DIAGNOSTICS)}; `density` and `diversity_ratio` are "
-        "two-sided (ideal ≈ 1).",
+        "σ²/(n/2)·(1 − 1/2) = σ²/n, the full set's). **Diagnostics** (reported, not counted as "
+        "quality metrics): "
+        f"{', '.join(f'`{m}`' for m in DIAGNOSTICS)}. `out_of_range` and `overshoot` measure "
+        "saturation beyond [-1, 1] and cannot see blur or lost diversity (neither leaves the "
+        "range); the others fail the check in this feature space. `density` and "
+        "`diversity_ratio` are two-sided (ideal ≈ 1).",
         "",
         f"**Tolerance.** A change from a (standard error e_a) to b (e_b) counts as an "
         f"improvement only if it exceeds {_Z.value:g}·sqrt(e_a² + e_b²), i.e. {_Z.value:g} "
@@ -215,14 +218,26 @@ def main(argv):
         "metric does not see this family at this set size); `blind`: blind by construction "
         "(`evaluation.BLIND_BY_CONSTRUCTION`: the per-image detector cannot see set "
         "diversity, range statistics cannot see blur or repetition), not counted as a "
-        "failure (a ✗ after it means it even improved). The issue requires FD and recall to "
-        "worsen with lost diversity; realism is blind to it.",
+        "failure (a ✗ after it means it even improved). Lost diversity must worsen FD and "
+        "recall; realism is blind to it.",
         "",
     ]
-    results = {}
+    earlier = {}
+    if _FROM_JSON.value:
+        with open(_FROM_JSON.value, encoding="utf-8") as f:
+            earlier = json.load(f)
+        lines[3:4] = [earlier.get("command", "(the command of the earlier run was not recorded; "
+                                  "see git history)"), command]
+    results = {"command": earlier.get("command", command)}
     for dataset in _DATASETS.value:
         t0 = time.time()
-        rows, info = _rows_for_dataset(dataset, data_dir)
+        if earlier:
+            rows, info = earlier[dataset]["rows"], {
+                k: v for k, v in earlier[dataset].items()
+                if k not in ("rows", "quality_checks", "diagnostic_checks", "failed")}
+        else:
+            rows, info = _rows_for_dataset(dataset, data_dir)
+            info["seconds"] = time.time() - t0
         quality = checks(rows, QUALITY)
         diagnostic = checks(rows, DIAGNOSTICS)
         failed = sorted({f"{m} ({fam})" for fam, per in quality.items() for m, c in per.items()
@@ -232,7 +247,9 @@ def main(argv):
                             "diagnostic_checks": diagnostic, "failed": failed, **info}
         lines += [f"## {dataset}", "",
                   f"Reference {info['reference_size']} images, every set "
-                  f"{info['candidate_size']} images ({time.time() - t0:.0f} s). Auxiliary nets: "
+                  f"{info['candidate_size']} images"
+                  + (f" ({info['seconds']:.0f} s)" if "seconds" in info else "")
+                  + ". Auxiliary nets: "
                   + "; ".join(f"{n} " + ", ".join(f"{k} {v:.3g}" for k, v in m.items())
                               for n, m in info["aux_nets"].items()) + ".", ""]
         lines += _table(rows, info["rewards"])

@@ -39,24 +39,26 @@ What each metric captures, and what it misses:
   resemblances to them. Its 11-pixel receptive field makes it blind to global structure:
   malformed but cleanly drawn blobs can pass as real, as can wrong class content and lost
   diversity. Read it next to ``fd`` and ``recall``, which do see those.
-``out_of_range`` — fraction of values more than ``tol`` outside [-1, 1]; ``overshoot`` — mean
-  of ``max(|x| - 1, 0)``. Capture over-saturation before clipping (what velocity-norm inflation
-  does to the final state). Real data score exactly 0; blind to everything inside the range.
+``out_of_range`` / ``overshoot`` (saturation diagnostics) — fraction of values more than
+  ``tol`` outside [-1, 1], and mean of ``max(|x| - 1, 0)``. They measure over-saturation before
+  clipping (what velocity-norm inflation does to the final state); real data score exactly 0.
+  They are blind to everything inside the range: a blur is a convex combination of pixels and
+  repetition copies them, so neither leaves [-1, 1]. Because they cannot worsen under blur or
+  lost diversity they are not quality metrics; they are reported as the saturation artefact.
 ``diversity`` (diagnostic) — mean over classes of the mean pairwise RMS pixel distance between samples of
   the same class; ``diversity_ratio`` divides it by the reference's value. Falls under mode
   collapse; but noise raises it, so read it with the other metrics (it is two-sided: the ideal
   ratio is about 1).
 
-Which of these are quality metrics. ``QUALITY_METRICS`` (fd, recall, realism, out_of_range,
-overshoot) are the ones ``experiments/validity.py`` validates: held-out real data score best, and
-none improves, beyond sampling noise (``ladder_check``), as real images are degraded more
-(noise, blur, contrast inflation, background noise) or lose diversity, and each family is caught
-beyond noise by several of them — except where a metric is blind by construction
-(``BLIND_BY_CONSTRUCTION``: the per-image detector cannot see set diversity, and range
-statistics cannot see blur or repetition). Not every metric sees every family: recall barely
-moves under contrast inflation of near-binary digits (the nets see clipped images), which FD,
-realism and the range statistics catch. ``DIAGNOSTICS`` are reported for reading a result but
-fail that check in this feature space (see above).
+Which of these are quality metrics. ``QUALITY_METRICS`` (fd, recall, realism) are the ones
+``experiments/validity.py`` validates: held-out real data score best, and none improves, beyond
+sampling noise (``ladder_check``), as real images are degraded more (noise, blur, contrast
+inflation, background noise) or lose diversity, and each family is caught beyond noise by
+several of them. The one exception is by construction (``BLIND_BY_CONSTRUCTION``): the per-image
+detector cannot see set diversity, which FD and recall catch. Not every metric sees every family:
+recall barely moves under contrast inflation of near-binary digits (the nets see clipped images),
+which FD and realism catch. ``DIAGNOSTICS`` are reported for reading a result but fail that check
+in this feature space, or are blind to a family (the saturation statistics; see above).
 
 Sampling noise. ``quality_metrics_and_errors`` also returns a standard error per metric, at the
 set's size, with the reference held fixed: binomial for ``realism`` (over distinct images, with
@@ -89,15 +91,16 @@ DIRECTION: dict[str, int] = {
 }
 
 # The quality metrics: validated by experiments/validity.py (see the module docstring).
-QUALITY_METRICS: tuple[str, ...] = ("fd", "recall", "realism", "out_of_range", "overshoot")
+QUALITY_METRICS: tuple[str, ...] = ("fd", "recall", "realism")
 
 # Reported for diagnosis only; they fail the validity check here (module docstring).
-DIAGNOSTICS: tuple[str, ...] = ("precision", "density", "coverage", "detector_p_real",
-                                "detector_logit", "diversity_ratio")
+DIAGNOSTICS: tuple[str, ...] = ("out_of_range", "overshoot", "precision", "density", "coverage",
+                                "detector_p_real", "detector_logit", "diversity_ratio")
 
-# Degradation families (degradations.VALIDITY_LADDERS) a quality metric cannot see by
-# construction: the per-image detector cannot see set diversity; a blur is a convex combination
-# of pixels and repetition copies them, so neither leaves [-1, 1].
+# Degradation families (degradations.VALIDITY_LADDERS) a metric cannot see by construction:
+# the per-image detector cannot see set diversity; a blur is a convex combination of pixels and
+# repetition copies them, so neither leaves [-1, 1] (which is why the range statistics are
+# diagnostics, not quality metrics).
 BLIND_BY_CONSTRUCTION: dict[str, tuple[str, ...]] = {
     "realism": ("diversity",),
     "out_of_range": ("blur", "diversity"),
@@ -363,9 +366,9 @@ def quality_metrics(images, labels, reference: Reference, nets: QualityNets,
       tol: tolerance of ``out_of_range``.
 
     Returns:
-      ``fd``, ``recall``, ``realism``, ``out_of_range``, ``overshoot`` (``QUALITY_METRICS``) and
-      ``precision``, ``density``, ``coverage``, ``detector_p_real``, ``detector_logit``,
-      ``diversity``, ``diversity_ratio`` (diagnostics) as floats.
+      ``fd``, ``recall``, ``realism`` (``QUALITY_METRICS``) and ``out_of_range``,
+      ``overshoot``, ``precision``, ``density``, ``coverage``, ``detector_p_real``,
+      ``detector_logit``, ``diversity``, ``diversity_ratio`` (diagnostics) as floats.
     """
     return quality_metrics_and_errors(images, labels, reference, nets, tol, repeats=0)[0]
 

@@ -2,7 +2,7 @@
 
 Conventions: images (B, H, W, C) float32 NHWC, data range [-1, 1]; every reward first clips
 to [-1, 1] (it scores the image as it would be displayed or saved; how far a sample leaves the
-range is a quality metric, ``evaluation.overshoot``). cond (B,) int32 labels in
+range is a saturation diagnostic, ``evaluation.overshoot``). cond (B,) int32 labels in
 [0, num_classes) (the null class is not a valid request). Output (B,) float32, higher is
 better.
 

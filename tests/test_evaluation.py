@@ -338,11 +338,12 @@ CAUGHT_BY = {
 @pytest.mark.slow
 def test_real_data_scores_best_and_metrics_worsen_with_strength(tiny_validity):
     """Every quality metric passes ``ladder_check`` on every family it is not blind to by
-    construction; FD, which has no sampling-noise excuse at this size, worsens strictly."""
+    construction, and so do the saturation diagnostics on the families they can see; FD, which
+    has no sampling-noise excuse at this size, worsens strictly."""
     (real, real_se), rows = tiny_validity
     assert real["out_of_range"] == 0.0 and real["overshoot"] == 0.0
     for family, ladder in rows.items():
-        for metric in evaluation.QUALITY_METRICS:
+        for metric in evaluation.QUALITY_METRICS + ("out_of_range", "overshoot"):
             result = evaluation.ladder_check(
                 [real[metric]] + [m[metric] for m, _ in ladder],
                 [real_se[metric]] + [e[metric] for _, e in ladder],
