@@ -45,7 +45,7 @@ from absl import logging
 from flax import nnx
 
 from normguard_jax import file_lock
-from normguard_jax import data, degradations
+from normguard_jax import checkpointing, data, degradations, models
 from normguard_jax.models import small_nets
 
 
@@ -264,8 +264,11 @@ NETS: dict[str, NetDef] = {
 }
 
 
-def _build(netdef: NetDef, spec: TrainSpec, image_shape, num_classes: int):
-    module = netdef.build(tuple(image_shape), num_classes, nnx.Rngs(spec.seed), **dict(spec.arch))
+def _build(netdef: NetDef, spec: TrainSpec, image_shape, num_classes: int, *,
+           abstract: bool = False):
+    module = models.init_module(
+        lambda: netdef.build(tuple(image_shape), num_classes, nnx.Rngs(spec.seed),
+                             **dict(spec.arch)), abstract=abstract)
     return nnx.split(module, nnx.Param)
 
 
@@ -350,10 +353,10 @@ def load_or_train(net: str, dataset: str, *, aux_dir: str, data_dir: str | None,
                 raise ValueError(
                     f"{directory} holds a {net} trained with spec {meta['spec']}, not the "
                     f"requested {preset!r} spec {spec.to_json()}; use another aux_dir or delete it")
-            graphdef, template = _build(netdef, spec, meta["image_shape"], meta["num_classes"])
-            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+            graphdef, abstract = _build(netdef, spec, meta["image_shape"], meta["num_classes"],
+                                        abstract=True)
             with ocp.StandardCheckpointer() as checkpointer:
-                params = checkpointer.restore(params_path, abstract)
+                params = checkpointer.restore(params_path, checkpointing.abstract_like(abstract))
             logging.info("Loaded %s for %s from %s: %s", net, dataset, directory,
                          {k: v for k, v in meta.items() if k.startswith("heldout")})
         else:

@@ -45,8 +45,20 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict, *,
 
 
 def abstract_like(state: Any) -> Any:
-    """Shape/dtype/sharding template of ``state`` for restoring without allocating it twice."""
-    return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    """Shape/dtype/sharding template of ``state`` for restoring without allocating it twice.
+
+    ``state`` may hold arrays or ``jax.ShapeDtypeStruct`` leaves (e.g. from ``jax.eval_shape``);
+    a leaf without a sharding is placed on this process's first device, where an eager
+    initialisation would have put it (not wherever the checkpoint was written from).
+    """
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def leaf(x):
+        if isinstance(x, jax.ShapeDtypeStruct) and x.sharding is None:
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device)
+        return ocp.utils.to_shape_dtype_struct(x)
+
+    return jax.tree.map(leaf, state)
 
 
 def restore_latest(manager: ocp.CheckpointManager, template: Any

@@ -1,8 +1,11 @@
 """Skipping updates whose loss, gradients or rewards are not finite.
 
-Inside a jitted step, :func:`all_finite` reduces a pytree to one boolean and :func:`keep_if`
-selects, leaf by leaf, the new state when it is true and the old one otherwise. A skipped
-update therefore leaves parameters, EMA and optimizer moments bit-identical to what they were.
+Inside a jitted step, :func:`all_finite` reduces a pytree to one boolean and :func:`apply_if`
+runs the state update only when it is true (``lax.cond``), returning the old state otherwise. A
+skipped update therefore leaves parameters, EMA and optimizer moments bit-identical to what they
+were. (A leaf-by-leaf ``jnp.where(ok, new, old)`` computes the same thing, but every leaf then
+depends on a reduction over all gradients, and XLA:CPU took 3× longer to compile an RL step
+built that way: 67 s against 21 s for the small UNet.)
 (``optax.apply_if_finite`` does the same for gradients only, and adds counters to the optimizer
 state, which would change the checkpoint layout; the loss and the rollout's rewards are checked
 here too.)
@@ -13,6 +16,7 @@ On the host, :class:`SkipCounter` counts skipped updates and stops the run with
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Optional
 
 import jax
@@ -30,9 +34,14 @@ def all_finite(*trees: Any) -> jax.Array:
     return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
 
 
-def keep_if(ok: jax.Array, new: Any, old: Any) -> Any:
-    """``new`` where the scalar bool ``ok`` holds, else ``old`` (same pytree structure)."""
-    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+def apply_if(ok: jax.Array, update: Callable[..., Any], old: Any, *args: Any) -> Any:
+    """``update(old, *args)`` when the scalar bool ``ok`` holds, else ``old`` unchanged.
+
+    ``update`` must return a pytree with the structure, shapes and dtypes of ``old``. Works under
+    jit, pmap and shard_map (``ok`` must be the same on every device, e.g. reduced from
+    replicated values).
+    """
+    return jax.lax.cond(ok, update, lambda state, *_: state, old, *args)
 
 
 class NonFiniteError(FloatingPointError):

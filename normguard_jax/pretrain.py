@@ -70,12 +70,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
     distributed.validate(config)
 
 
-def build_generator(config: ml_collections.ConfigDict, image_shape, num_classes: int):
-    """``(graphdef, params, velocity)`` of the configured generator, initialised from the seed."""
-    model = models.build_generator(
+def build_generator(config: ml_collections.ConfigDict, image_shape, num_classes: int, *,
+                    abstract: bool = False):
+    """``(graphdef, params, velocity)`` of the configured generator, initialised from the seed.
+
+    With ``abstract``, params are ``jax.ShapeDtypeStruct`` leaves (a template to restore into).
+    """
+    model = models.init_module(lambda: models.build_generator(
         config.model.arch, image_shape=tuple(image_shape), num_classes=num_classes,
         rngs=nnx.Rngs(config.seed), dtype=jnp.dtype(config.model.dtype),
-        remat=config.model.remat, **models.SIZES[config.model.arch][config.model.size])
+        remat=config.model.remat, **models.SIZES[config.model.arch][config.model.size]),
+        abstract=abstract)
     graphdef, params = models.split_generator(model)
     return graphdef, params, models.make_velocity_fn(graphdef)
 
@@ -114,14 +119,18 @@ def train_step(state: TrainState, batch: dict, *, velocity, optimizer, schedule,
     ctx = Context(velocity=velocity)
     (loss, _), grads = jax.value_and_grad(flow_matching_loss, has_aux=True)(
         state.params, fm_batch, ctx)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
     # EMA warm-up: early on the average must not be dominated by the (zero-output) init.
     decay = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step))
-    ema = optax.incremental_update(params, state.ema_params, 1.0 - decay)
+
+    def step(old, grads):
+        params, ema, opt_state = old
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, optax.incremental_update(params, ema, 1.0 - decay), opt_state
+
     finite = nonfinite.all_finite(loss, grads)
-    params, ema, opt_state = nonfinite.keep_if(
-        finite, (params, ema, opt_state), (state.params, state.ema_params, state.opt_state))
+    params, ema, opt_state = nonfinite.apply_if(
+        finite, step, (state.params, state.ema_params, state.opt_state), grads)
     metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
                "param_norm": optax.global_norm(params), "lr": schedule(state.step),
                "skipped": 1.0 - finite.astype(jnp.float32)}
@@ -325,9 +334,11 @@ def load_pretrained(workdir: str, *, use_ema: bool = True, step: int | None = No
     directory = os.path.join(workdir, "checkpoints")
     step, meta = checkpointing.read_meta(directory, step)
     config = ml_collections.ConfigDict(meta["config"])
-    _, params, velocity = build_generator(config, meta["image_shape"], meta["num_classes"])
+    _, params, velocity = build_generator(config, meta["image_shape"], meta["num_classes"],
+                                          abstract=True)
     optimizer, _ = optim.build_optimizer(config.optim, config.train.steps)
-    template = TrainState.create(params, optimizer, jax.random.key(0))
+    template = jax.eval_shape(lambda p: TrainState.create(p, optimizer, jax.random.key(0)),
+                              params)
     state = checkpointing.restore_state(directory, step, template)
     return Pretrained(velocity=velocity, params=state.ema_params if use_ema else state.params,
                       config=config, image_shape=tuple(meta["image_shape"]),

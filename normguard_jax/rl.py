@@ -258,10 +258,14 @@ def update(params, opt_state, old_params, ref_params, batch, rewards_ok, *, obje
     """
     ctx = Context(velocity=velocity, ref_params=ref_params, old_params=old_params)
     (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(params, batch, ctx)
-    updates, new_opt_state = optimizer.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
     ok = rewards_ok & nonfinite.all_finite(loss, grads)
-    params, opt_state = nonfinite.keep_if(ok, (new_params, new_opt_state), (params, opt_state))
+
+    def step(state, grads):
+        params, opt_state = state
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    params, opt_state = nonfinite.apply_if(ok, step, (params, opt_state), grads)
     metrics = dict(aux.metrics, loss=loss, grad_norm=optax.global_norm(grads),
                    skipped=1.0 - ok.astype(jnp.float32))
     return params, opt_state, metrics
