@@ -1,0 +1,33 @@
+"""Few-step inference: the main table's checkpoints evaluated with 2, 4, 8, 16 and 40 ODE steps.
+
+Run (from the repository root, after configs/sweeps/table_main.py):
+  python -m normguard_jax.sweep --config=configs/sweeps/table_fewstep.py
+The 20-step evaluations are the main table's own. Cells ``eval-<setting>-<method>-<arm>-n<N>``
+(and ``eval-base-<base>-n<N>``) in ``WORKROOT``, each grouped with its RL run. ``SETTINGS``
+limits the cells to the settings that fit the budget.
+"""
+
+import os
+import sys
+
+from normguard_jax import sweep
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import table_main  # noqa: E402  (configs/ is not a package)
+
+WORKROOT = "workdir/sweeps/table_fewstep"
+STEPS = (2, 4, 8, 16, 40)
+SETTINGS = ("digits_logprob",)  # the budget allows one setting; add "digits_contrast" to extend
+BASES = ("digits",)
+
+
+def get_config():
+    c = sweep.base_config()
+    c.workroot = WORKROOT
+    steps = {"steps": {str(n): {"sample.num_steps": n} for n in STEPS}}
+    c.grids = [g for g in table_main.base_eval_grid(steps, name="eval-base-{base}-n{steps}")
+               if list(g["axes"]["base"])[0] in BASES]
+    c.grids.append(table_main.eval_grid(
+        SETTINGS, table_main.METHODS, table_main.ARMS, table_main.WORKROOT,
+        name="eval-{setting}-{method}-{arm}-n{steps}", extra_axes=steps))
+    return c
