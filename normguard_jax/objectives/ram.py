@@ -35,8 +35,10 @@ Choices made here (the formula above leaves them open):
   velocity and costs no extra pass; ``"old"`` uses ``ctx.old_params`` (θ at rollout time), the
   exact control variate when several optimiser steps reuse one rollout.
 * ``m`` is constant in σ; advantages are clipped to ``±adv_clip_max`` (5, as elsewhere).
-* ``scale = 0.1`` by default: with unit-variance advantages and ``|u - v_old| = O(1)`` per pixel,
-  m ≈ 0.1 keeps the correction a fraction of the target; tune it as ``1/λ``.
+* ``scale = 0.1`` is the dataclass default: with unit-variance advantages and
+  ``|u - v_old| = O(1)`` per pixel it keeps each sample's correction a fraction of the target.
+  The regression averages that noise away and keeps only ``m·Cov(A, u | x)``, which is small,
+  so ``configs/rl_ram.py`` uses m = 4 (measured there); tune it as ``1/λ``.
 * Errors are per-pixel means (not sums), batch mean on top; σ comes from the caller
   (``nft.make_renoised_batch``).
 
