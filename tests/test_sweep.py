@@ -252,3 +252,35 @@ class _Sink:
 
     def flush(self):
         pass
+
+
+@pytest.mark.parametrize("spec", ["table_main.py", "table_lambda.py:digits_contrast,dpo",
+                                  "table_fewstep.py", "table_earlystop.py"])
+def test_shipped_table_sweeps_name_real_fields(spec, monkeypatch):
+    """Every cell of the sweeps in configs/sweeps/ overrides existing fields of its job config,
+    and every evaluation cell reads an RL workdir that an RL cell of the table writes."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.chdir(repo)  # the sweeps name their job configs relative to the repository
+    sweep_config = sweep.load_job_config(os.path.join("configs", "sweeps", spec))
+    cells = sweep.expand(sweep_config)
+    loaded = {}
+    for cell in cells:
+        if cell.config not in loaded:
+            loaded[cell.config] = sweep.load_job_config(cell.config)
+        sweep.check_overrides(cell, loaded[cell.config])
+    rl_dirs = set()
+    for s in ("table_main.py", "table_lambda.py:digits_contrast,dpo"):
+        rl_dirs |= {c.workdir for c in sweep.expand(sweep.load_job_config(
+            os.path.join("configs", "sweeps", s))) if c.name.startswith("rl-")}
+    for cell in cells:
+        checkpoint = dict(cell.overrides).get("checkpoint", "")
+        if checkpoint.startswith("workdir/sweeps/"):
+            assert checkpoint in rl_dirs, (cell.name, checkpoint)
+    assert len({c.name for c in cells}) == len(cells)
+    # An evaluation of an RL cell of the same sweep runs after it, on the same host.
+    by_workdir = {c.workdir: (i, c) for i, c in enumerate(cells)}
+    for i, cell in enumerate(cells):
+        checkpoint = dict(cell.overrides).get("checkpoint", "")
+        if checkpoint in by_workdir:
+            j, rl_cell = by_workdir[checkpoint]
+            assert rl_cell.group == cell.group and j < i
