@@ -152,7 +152,7 @@ def collect() -> dict:
             for arm in main_sweep.ARMS:
                 key = f"{setting}-{method}-{arm}"
                 out["main"][key] = get(main_sweep.WORKROOT, f"eval-{key}", setting)
-            for k in table_earlystop.STEPS:
+            for k in table_earlystop.STEPS if setting in table_earlystop.SETTINGS else ():
                 key = f"{setting}-{method}-plain-it{k}"
                 out["earlystop"][key] = get(table_earlystop.WORKROOT, f"eval-{key}", setting)
     for setting in table_fewstep.SETTINGS:
@@ -364,7 +364,7 @@ def plot_fewstep(data: dict, path: str) -> None:
 def unguarded_path(data: dict, setting: str, method: str) -> list[tuple[int, dict]]:
     """(iteration, summary) of the unguarded run: base (0), intermediate checkpoints, last."""
     path = [(0, data["base"][setting])]
-    path += [(k, data["earlystop"][f"{setting}-{method}-plain-it{k}"])
+    path += [(k, data["earlystop"].get(f"{setting}-{method}-plain-it{k}"))
              for k in table_earlystop.STEPS]
     path.append((rl_table.ITERATIONS, data["main"][f"{setting}-{method}-plain"]))
     return [(k, r) for k, r in path if r is not None]
@@ -539,7 +539,9 @@ def analyse(lambda_choice: tuple[str, str] | None) -> None:
         "setting and method (base = iteration 0, then every "
         f"{rl_table.CHECKPOINT_EVERY} iterations) whose reward is closest to the guarded "
         "run's final reward. If NormGuard only slowed the optimisation down, the matched "
-        "checkpoint would have the guarded run's quality.",
+        "checkpoint would have the guarded run's quality. Intermediate checkpoints were "
+        f"evaluated for {', '.join(table_earlystop.SETTINGS)}; for the other settings the "
+        "unguarded path is only the base and the final checkpoint.",
         "",
         *early_lines,
         "",
