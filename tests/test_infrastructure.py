@@ -87,3 +87,37 @@ def test_cli_rejects_a_bad_override_before_building(tmp_path):
     assert out.returncode != 0
     assert "config.train.steps must be an integer >= 1, got 0" in out.stderr
     assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_compiled_and_abstract_initialisation_match_eager():
+    """``models.init_module``: the one-program initialisation gives the eager parameters (same
+    random draws), and the abstract one their shapes and dtypes without allocating them."""
+    from flax import nnx
+
+    from normguard_jax import models
+
+    def make():
+        return models.build_generator("unet", image_shape=(8, 8, 1), num_classes=3,
+                                      rngs=nnx.Rngs(7), **models.SIZES["unet"]["tiny"])
+
+    _, eager = models.split_generator(make())
+    _, jitted = models.split_generator(models.init_module(make))
+    _, abstract = models.split_generator(models.init_module(make, abstract=True))
+    for e, j, a in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted), jax.tree.leaves(abstract)):
+        np.testing.assert_allclose(np.asarray(j), np.asarray(e), rtol=1e-6, atol=1e-6)
+        assert isinstance(a, jax.ShapeDtypeStruct) and (a.shape, a.dtype) == (e.shape, e.dtype)
+    assert len(jax.tree.leaves(eager)) == len(jax.tree.leaves(abstract)) > 0
+
+
+def test_restore_into_a_shape_only_template(tmp_path):
+    """A template of ``jax.ShapeDtypeStruct`` leaves (no sharding) restores onto this process's
+    first device with the saved values."""
+    state = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones((3,), jnp.float32)}
+    manager = checkpointing.make_manager(str(tmp_path / "ckpt"), asynchronous=False)
+    checkpointing.save(manager, 1, state, {"step": 1})
+    manager.wait_until_finished()
+    template = jax.eval_shape(lambda: state)
+    restored = checkpointing.restore_state(str(tmp_path / "ckpt"), 1, template)
+    for name in state:
+        np.testing.assert_array_equal(np.asarray(restored[name]), np.asarray(state[name]))
+        assert restored[name].sharding == jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
