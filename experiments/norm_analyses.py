@@ -35,16 +35,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 
-from normguard_jax import (auxnets, checkpointing, diagnostics, evaluate, generate,  # noqa: E402
-                           rewards, rl)
-
-
-def load_config_file(path: str, arg: str | None = None):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("cfg", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(*([arg] if arg else []))
+from normguard_jax import (auxnets, checkpointing, config_files, diagnostics,  # noqa: E402
+                           evaluate, generate, rewards, rl)
 
 
 def ratio_profile(policy, base, labels, seed, num_steps, shift, guidance):
@@ -76,7 +68,7 @@ def sensitivity(model, labels, seed, reward_fn, num_steps, shift, guidance):
 def evaluate_variants(workdir, out_dir, per_class, num_steps, guidance, run_config):
     results = {}
     for name, renorm in (("plain", False), ("renormalised", True)):
-        c = load_config_file(os.path.join(REPO, "configs", "evaluate.py"))
+        c = config_files.load(os.path.join(REPO, "configs", "evaluate.py"))
         c.checkpoint = workdir
         c.aux.dir = run_config.aux_dir
         c.rewards = ml_collections.ConfigDict(run_config.rewards.to_dict())

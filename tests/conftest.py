@@ -15,7 +15,6 @@ import jax  # noqa: E402
 # Tests use tiny models: compile time dominates, so skip most XLA optimisation passes.
 jax.config.update("jax_disable_most_optimizations", True)
 
-import importlib.util  # noqa: E402
 import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
@@ -24,12 +23,9 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 def load_config_file(name: str, *args):
-    """Loads ``configs/<name>`` the way ml_collections' config flag does and calls get_config."""
-    path = REPO / "configs" / name
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(*args)
+    """``configs/<name>``'s ``get_config(*args)``, as ``--config=configs/<name>[:arg]`` gives it."""
+    from normguard_jax import config_files  # noqa: PLC0415  (after the XLA flags above)
+    return config_files.load(str(REPO / "configs" / name) + "".join(f":{a}" for a in args))
 
 
 @pytest.fixture(scope="session")
