@@ -2,16 +2,20 @@
 
 Usage (from the repository root; resumable: rerun after an interruption and finished cells
 are skipped):
-  python experiments/main_table.py [--stages bases,main,lambda,earlystop,fewstep,analyse] \
+  python experiments/main_table.py [--stages <see DEFAULT_STAGES>] \
       [--lambda_setting digits_contrast,dpo] [--num_hosts N --host_index i]
+``--stages analyse`` only rewrites the results from the finished cells.
 
-Stages:
+Stages (the default runs the digits half of the table, the λ sweep, the early-stopping
+evaluations and an analysis first, then the shapes half and few-step inference):
 - ``bases``: pretrains the two base models (configs/table_base.py) when they are missing;
 - ``main``: ``python -m normguard_jax.sweep --config=configs/sweeps/table_main.py``
   (2 bases × 2 rewards × NFT/AWM/DPO × {λ = 0, λ = 0.1});
-- ``lambda``: configs/sweeps/table_lambda.py on one setting; by default the setting and
-  method whose unguarded run has the largest ρ in the main table (the hinge acts only where
-  ‖v_θ‖ > ‖v_ref‖), else ``--lambda_setting``;
+- ``main:<pattern>|<pattern>``: only the table cells whose names match;
+- ``lambda``: configs/sweeps/table_lambda.py on one setting; by default the digits setting
+  and method whose unguarded run has the largest ρ in the main table (the hinge acts only
+  where ‖v_θ‖ > ‖v_ref‖), else ``--lambda_setting``; the choice is recorded in
+  ``workdir/sweeps/table_lambda/choice.json`` and kept by later calls;
 - ``earlystop``: configs/sweeps/table_earlystop.py (intermediate checkpoints of the unguarded
   runs);
 - ``fewstep``: configs/sweeps/table_fewstep.py (2, 4, 8, 16, 40 ODE steps);
@@ -51,6 +55,10 @@ import table_fewstep  # noqa: E402
 import table_lambda  # noqa: E402
 
 STAGES = ("bases", "main", "lambda", "earlystop", "fewstep", "analyse")
+# Default order: the digits half of the table first, then the analyses on it, then the shapes
+# half, so that an interrupted run leaves every analysis on one base rather than none.
+DEFAULT_STAGES = ("bases,main:eval-base-*|*digits*,lambda,earlystop,analyse,"
+                  "main:*shapes_rule*,fewstep,main,analyse")
 # Columns: (key, label, path in evaluation.json["generated"] or special, format).
 QUALITY = (("fd", "FD ↓"), ("recall", "recall ↑"), ("realism", "judged real ↑"),
            ("precision", "precision ↑"), ("out_of_range", "out of range ↓"))
@@ -178,15 +186,35 @@ def collect_lambda(setting: str, method: str) -> dict:
     return dict(sorted(rows.items()))
 
 
-def choose_lambda_setting(main: dict) -> tuple[str, str] | None:
-    """(setting, method) of the unguarded main-table run with the largest ρ (None until every
-    unguarded run is evaluated)."""
-    plain = {k: v for k, v in main.items() if k.endswith("-plain")}
+LAMBDA_CHOICE = os.path.join(table_lambda.WORKROOT, "choice.json")  # fixed once made
+
+
+def choose_lambda_setting(main: dict, settings=("digits_logprob", "digits_contrast")
+                          ) -> tuple[str, str] | None:
+    """(setting, method) of the λ sweep: the one recorded in ``LAMBDA_CHOICE`` if any, else
+    the unguarded main-table run of ``settings`` with the largest ρ (None until all of those
+    are evaluated). The choice is recorded by :func:`record_lambda_choice`, so a later
+    analysis, with more cells finished, reports the same sweep."""
+    path = os.path.join(REPO, LAMBDA_CHOICE)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            return tuple(json.load(f)["choice"])
+    plain = {k: v for k, v in main.items()
+             if k.endswith("-plain") and k.rsplit("-", 2)[0] in settings}
     if any(v is None for v in plain.values()):
         return None
     best = max(plain, key=lambda k: plain[k]["rho"])
     setting, method, _ = best.rsplit("-", 2)
     return setting, method
+
+
+def record_lambda_choice(choice: tuple[str, str], rule: str) -> None:
+    path = os.path.join(REPO, LAMBDA_CHOICE)
+    if os.path.exists(path):
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({"choice": list(choice), "rule": rule}, f)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -561,14 +589,16 @@ def analyse(lambda_choice: tuple[str, str] | None) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--stages", default=",".join(STAGES))
+    parser.add_argument("--stages", default=DEFAULT_STAGES,
+                        help="comma-separated stages, run in order; 'main:<pattern>|<pattern>' "
+                        "runs only the table cells whose names match")
     parser.add_argument("--lambda_setting", default="",
                         help="<setting>,<method> of the λ sweep ('' = largest unguarded ρ)")
     parser.add_argument("--num_hosts", type=int, default=0)
     parser.add_argument("--host_index", type=int, default=-1)
     args = parser.parse_args()
     stages = [s for s in args.stages.split(",") if s]
-    unknown = sorted(set(stages) - set(STAGES))
+    unknown = sorted({s.partition(":")[0] for s in stages} - set(STAGES))
     if unknown:
         parser.error(f"unknown stages {unknown}; choose from {list(STAGES)}")
     choice = None
@@ -579,25 +609,31 @@ def main():
     hosts = ([f"--config.num_hosts={args.num_hosts}"] if args.num_hosts else []) + (
         [f"--config.host_index={args.host_index}"] if args.host_index >= 0 else [])
     os.chdir(REPO)
-    if "bases" in stages:
-        make_bases()
-    if "main" in stages:
-        run_sweep("configs/sweeps/table_main.py", hosts)
-    if "lambda" in stages:
-        choice = choice or choose_lambda_setting(collect()["main"])
-        if choice is None:
-            print("λ sweep skipped: the main table's unguarded runs are not all evaluated "
-                  "(pass --lambda_setting to choose without them)", flush=True)
-        else:
-            print(f"λ sweep on {choice}", flush=True)
-            run_sweep(f"configs/sweeps/table_lambda.py:{choice[0]},{choice[1]}", hosts)
-    if "earlystop" in stages:
-        run_sweep("configs/sweeps/table_earlystop.py", hosts)
-    if "fewstep" in stages:
-        run_sweep("configs/sweeps/table_fewstep.py", hosts)
-    if "analyse" in stages:
-        analyse(choice)
-
+    for stage in stages:
+        name, _, only = stage.partition(":")
+        only_flag = [f"--config.only={only.replace('|', ',')}"] if only else []
+        if name == "bases":
+            make_bases()
+        elif name == "main":
+            run_sweep("configs/sweeps/table_main.py", hosts + only_flag)
+        elif name == "lambda":
+            rule = ("given on the command line" if choice else
+                    "largest ρ among the unguarded digits runs of the main table")
+            choice = choice or choose_lambda_setting(collect()["main"])
+            if choice is None:
+                print("λ sweep skipped: the main table's unguarded digits runs are not all "
+                      "evaluated (pass --lambda_setting to choose without them)", flush=True)
+                continue
+            record_lambda_choice(choice, rule)
+            print(f"λ sweep on {choice} ({rule})", flush=True)
+            run_sweep(f"configs/sweeps/table_lambda.py:{choice[0]},{choice[1]}",
+                      hosts + only_flag)
+        elif name == "earlystop":
+            run_sweep("configs/sweeps/table_earlystop.py", hosts + only_flag)
+        elif name == "fewstep":
+            run_sweep("configs/sweeps/table_fewstep.py", hosts + only_flag)
+        elif name == "analyse":
+            analyse(choice)
 
 if __name__ == "__main__":
     main()
