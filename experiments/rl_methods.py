@@ -2,12 +2,15 @@
 
 Usage (from the repository root, after the quickstart has trained its base model):
   .venv/bin/python experiments/rl_methods.py [--methods nft,awm] [--iterations 24] \
+      [--early_stop_steps 8,16] [--out rl_methods] \
       [--base workdir/quickstart/base] [--workroot workdir/rl_methods]
 
 Each method runs the quickstart job (``configs/quickstart.py:<method>``) on the shared base, in
 its own process and workdir (a finished method is reused; an interrupted one resumes). The
-per-method tables are merged into ``experiments/results/rl_methods.md`` and ``.json``, with
-the sample grids of the evaluated models copied beside them.
+per-method tables are merged into ``experiments/results/<out>.md`` and ``.json``, with the
+sample grids of the evaluated models copied beside them. With ``--early_stop_steps``, every arm
+is also evaluated at those earlier RL iterations (its kept checkpoints), in the same way: the
+early-stopping control for "the guard only helps because it slows training down".
 """
 
 from __future__ import annotations
@@ -53,6 +56,25 @@ def run_method(method: str, args) -> tuple[dict, float]:
         return json.load(f), time.time() - t0
 
 
+def evaluate_at(method: str, arm: str, step: int, result: dict, args) -> dict:
+    """Evaluates one arm's checkpoint at RL iteration ``step`` exactly as the quickstart
+    evaluates its final one (same samples, seeds and metrics); reused when already done."""
+    from normguard_jax import evaluate, quickstart  # noqa: PLC0415  (after argument checks)
+    import ml_collections  # noqa: PLC0415
+
+    checkpoint = os.path.join(args.workroot, method, f"rl_{arm}")
+    config = quickstart.evaluate_config(ml_collections.ConfigDict(result["config"]), checkpoint)
+    config.checkpoint_step = step
+    out = os.path.join(args.workroot, method, f"eval_{arm}_{step}")
+    path = os.path.join(out, "evaluation.json")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            previous = json.load(f)
+        if previous["config"] == config.to_dict():
+            return previous
+    return evaluate.run(config, out)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--methods", default=",".join(METHODS))
@@ -62,6 +84,11 @@ def main():
                         help="RL arms per method: unguarded, normguard or both")
     parser.add_argument("--base", default="workdir/quickstart/base")
     parser.add_argument("--workroot", default="workdir/rl_methods")
+    parser.add_argument("--early_stop_steps", default="",
+                        help="also evaluate every arm at these RL iterations (comma-separated; "
+                             "multiples of checkpoint_every, 8): the early-stopping control")
+    parser.add_argument("--out", default="rl_methods",
+                        help="basename of the results files in experiments/results/")
     args = parser.parse_args()
     methods = [m for m in args.methods.split(",") if m]
     unknown = sorted(set(methods) - set(METHODS))
@@ -80,15 +107,20 @@ def main():
         for name, evaluation in result["results"].items():
             if name != "base" or "base" not in rows:
                 rows[name] = evaluation
+            for step in [int(x) for x in args.early_stop_steps.split(",") if x]:
+                if name != "base":
+                    arm = name.split()[-1]
+                    rows[f"{name} @ iteration {step}"] = evaluate_at(method, arm, step, result,
+                                                                    args)
         for run in args.arms.split(","):
             src = os.path.join(args.workroot, method, f"eval_{run}", "samples_eval.png")
-            shutil.copy(src, os.path.join(RESULTS, f"rl_methods_{method}_{run}.png"))
+            shutil.copy(src, os.path.join(RESULTS, f"{args.out}_{method}_{run}.png"))
     shutil.copy(os.path.join(args.workroot, methods[0], "eval_base", "samples_eval.png"),
-                os.path.join(RESULTS, "rl_methods_base.png"))
+                os.path.join(RESULTS, f"{args.out}_base.png"))
 
     first = record[methods[0]]["config"]
     lines = [
-        "# Every RL method from one base model",
+        f"# RL methods from one base model: {', '.join(methods)}",
         "",
         "Command: `" + " ".join(["python", "experiments/rl_methods.py", *sys.argv[1:]]) + "`",
         "",
@@ -106,14 +138,14 @@ def main():
         "Wall time per method (its arms and their evaluation, 2 CPU cores shared with other jobs): "
         + ", ".join(f"{m} {r['wall_seconds'] / 60:.1f} min" for m, r in record.items()),
         "",
-        "Samples (rows are classes): base `rl_methods_base.png`; per method "
-        "`rl_methods_<method>_{unguarded,normguard}.png`.",
+        f"Samples (rows are classes): base `{args.out}_base.png`; per method "
+        f"`{args.out}_<method>_{{unguarded,normguard}}.png`.",
         "",
     ]
-    with open(os.path.join(RESULTS, "rl_methods.md"), "w", encoding="utf-8") as f:
+    with open(os.path.join(RESULTS, f"{args.out}.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
-    with open(os.path.join(RESULTS, "rl_methods.json"), "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=1)
+    with open(os.path.join(RESULTS, f"{args.out}.json"), "w", encoding="utf-8") as f:
+        json.dump({**record, "rows": rows}, f, indent=1)
     print("\n".join(lines))
 
 
