@@ -21,7 +21,7 @@ import rl_table  # noqa: E402
 
 WORKROOT = "workdir/sweeps/table_earlystop"
 STEPS = tuple(range(rl_table.CHECKPOINT_EVERY, rl_table.ITERATIONS, rl_table.CHECKPOINT_EVERY))
-SETTINGS = ("digits_logprob", "digits_contrast")  # what the budget allows; any of
+SETTINGS = ("digits_contrast",)  # where the guard changed ρ (what the budget allows); any of
 # rl_table.SETTINGS can be added (finished cells are kept).
 
 

@@ -17,7 +17,10 @@ import table_main  # noqa: E402  (configs/ is not a package)
 
 WORKROOT = "workdir/sweeps/table_fewstep"
 STEPS = (2, 4, 8, 16, 40)
-SETTINGS = ("digits_logprob",)  # the budget allows one setting; add "digits_contrast" to extend
+# What the budget allows: the λ-sweep setting (unguarded ρ 1.05, the hinge active) and one
+# method; finished cells are kept when these are extended.
+SETTINGS = ("digits_contrast",)
+METHODS = ("nft",)
 BASES = ("digits",)
 
 
@@ -28,6 +31,6 @@ def get_config():
     c.grids = [g for g in table_main.base_eval_grid(steps, name="eval-base-{base}-n{steps}")
                if list(g["axes"]["base"])[0] in BASES]
     c.grids.append(table_main.eval_grid(
-        SETTINGS, table_main.METHODS, table_main.ARMS, table_main.WORKROOT,
+        SETTINGS, METHODS, table_main.ARMS, table_main.WORKROOT,
         name="eval-{setting}-{method}-{arm}-n{steps}", extra_axes=steps))
     return c
