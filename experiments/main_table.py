@@ -251,14 +251,15 @@ def main_table_md(data: dict) -> list[str]:
 def delta_md(data: dict) -> tuple[list[str], list[dict]]:
     """Guarded minus unguarded, per setting and method, with a verdict against the noise."""
     lines = ["| setting | method | Δ reward | Δ FD (↓ better) | Δ recall | Δ judged real | "
-             "ρ unguarded → guarded | quality better beyond noise? |",
-             "|---|---|---:|---:|---:|---:|---|---|"]
+             "out of range unguarded → guarded | ρ unguarded → guarded | "
+             "quality better beyond noise? |",
+             "|---|---|---:|---:|---:|---:|---|---|---|"]
     records = []
     for setting in rl_table.SETTINGS:
         for method in main_sweep.METHODS:
             p, g = (data["main"][f"{setting}-{method}-{a}"] for a in ("plain", "guard"))
             if p is None or g is None:
-                lines.append(f"| {setting} | {method} | not run | | | | | |")
+                lines.append(f"| {setting} | {method} | not run | | | | | | |")
                 continue
             d = {k: g[k] - p[k] for k in ("reward", "fd", "recall", "realism")}
             # FD falls, recall and judged-real rise when quality improves.
@@ -268,9 +269,12 @@ def delta_md(data: dict) -> tuple[list[str], list[dict]]:
             verdict = ("better" if better and not worse else "worse" if worse and not better
                        else "mixed" if better and worse else "no (within noise)")
             records.append({"setting": setting, "method": method, **d, "verdict": verdict,
+                            "out_of_range_plain": p["out_of_range"],
+                            "out_of_range_guard": g["out_of_range"],
                             "rho_plain": p["rho"], "rho_guard": g["rho"]})
             lines.append(f"| {setting} | {method} | {d['reward']:+.3f} | {d['fd']:+.2f} | "
-                         f"{d['recall']:+.3f} | {d['realism']:+.3f} | {p['rho']:.3f} → "
+                         f"{d['recall']:+.3f} | {d['realism']:+.3f} | "
+                         f"{p['out_of_range']:.3f} → {g['out_of_range']:.3f} | {p['rho']:.3f} → "
                          f"{g['rho']:.3f} | {verdict} |")
     return lines, records
 
