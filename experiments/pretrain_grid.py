@@ -2,13 +2,16 @@
 
 Usage (from the repository root):
   .venv/bin/python experiments/pretrain_grid.py [--only mnist_dit,shapes_unet] [--workroot workdir]
+      [--accuracy_per_class 50]
 
-Each cell runs ``python -m normguard_jax.main --config=configs/pretrain_<cell>.py
+Each requested cell runs ``python -m normguard_jax.main --config=configs/pretrain_<cell>.py
 --workdir=<workroot>/pretrain_<cell>`` in its own process, one after another (a finished cell is
 not rerun; an interrupted one resumes from its checkpoint). The final EMA sample grid of each
-cell is copied to ``experiments/results/pretrain_<cell>.png`` and a table is written to
-``experiments/results/pretrain.md``, with one line per cell from ``ASSESSMENT`` (written after
-looking at that cell's grid; edit it when a cell is rerun).
+cell is copied to ``experiments/results/pretrain_<cell>.png`` and a table of every finished
+cell (requested now or earlier) is written to ``experiments/results/pretrain.md``, with one
+line per cell from ``ASSESSMENT`` (written after looking at that cell's grid; edit it when a
+cell is rerun) and the cell's sample accuracy (``sample_accuracy``: an independent judge of
+the class of 50 samples per class).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import shutil
 import subprocess
 import sys
 import time
+
+import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "experiments", "results")
@@ -47,6 +52,51 @@ ASSESSMENT = {
 }
 
 
+# The alignment score per dataset: the fraction of samples whose class an independent judge
+# reads as the requested one. digits: the held-out reward classifier (trained on the train
+# split, never on samples); shapes: the exact rendering rule (best colour and best shape).
+ALIGNMENT_REWARD = {"digits_mnist": "classifier_correct", "shapes": "shapes_correct"}
+
+
+def sample_accuracy(workdir: str, *, per_class: int = 50, num_steps: int = 20,
+                    guidance_scale: float | None = None, seed: int = 0,
+                    aux_dir: str = "workdir/aux_nets") -> dict:
+    """Class accuracy of a pretrained generator's samples, judged independently of it.
+
+    Draws ``per_class`` samples of every class from the EMA parameters of the newest checkpoint
+    in ``workdir`` (``num_steps``-step ODE, shift 3, CFG ``guidance_scale``; None: the
+    config's ``sample.guidance_scale``) and scores them with ``ALIGNMENT_REWARD`` of the
+    dataset (the reward classifier is loaded from ``aux_dir``, or trained there once).
+
+    Returns:
+      ``{"accuracy": mean, "stderr": binomial standard error, "per_class": [K floats],
+      "n": K·per_class, "step", "guidance_scale", "num_steps", "reward"}``.
+    """
+    import ml_collections  # noqa: PLC0415  (heavy imports only when scoring)
+
+    from normguard_jax import auxnets, evaluate, pretrain, rewards  # noqa: PLC0415
+
+    pre = pretrain.load_pretrained(workdir)
+    dataset = pre.config.data.name
+    cfg = pre.config.sample.guidance_scale if guidance_scale is None else guidance_scale
+    labels = np.repeat(np.arange(pre.num_classes, dtype=np.int32), per_class)
+    sample_cfg = ml_collections.ConfigDict(dict(
+        method="ode", num_steps=num_steps, shift=pre.config.sample.shift, guidance_scale=cfg,
+        noise_level=-1.0, batch_size=min(len(labels), 200)))
+    images = evaluate.generate_set(pre, labels, sample_cfg, seed)
+    nets = auxnets.AuxNetCache(dataset, aux_dir=aux_dir, data_dir=pre.config.data.data_dir
+                               or None)
+    ctx = rewards.RewardContext(dataset, tuple(pre.image_shape), pre.num_classes, nets)
+    name = ALIGNMENT_REWARD[dataset]
+    correct = rewards.score_images({name: rewards.build_reward(name, ctx)}, images,
+                                   labels)[name]
+    acc = float(correct.mean())
+    return {"accuracy": acc, "stderr": float(np.sqrt(acc * (1 - acc) / len(correct))),
+            "per_class": [float(correct[labels == k].mean()) for k in range(pre.num_classes)],
+            "n": int(len(correct)), "step": pre.step, "guidance_scale": float(cfg),
+            "num_steps": num_steps, "reward": name}
+
+
 def _rows(path):
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -61,8 +111,27 @@ def _config(cell: str):
     return module.get_config()
 
 
-def run_cell(cell: str, workroot: str) -> dict:
-    """Runs (or resumes) one pretraining cell; returns its summary from metrics.jsonl."""
+def cell_accuracy(workdir: str, per_class: int) -> dict:
+    """``sample_accuracy`` of a finished cell, cached in ``<workdir>/sample_accuracy.json``
+    (recomputed when the checkpoint step or ``per_class`` changed)."""
+    path = os.path.join(workdir, "sample_accuracy.json")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            cached = json.load(f)
+        newest = max(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))
+                     if d.isdigit())
+        if cached["step"] == newest and cached["n"] % per_class == 0 and (
+                cached["n"] // len(cached["per_class"]) == per_class):
+            return cached
+    result = sample_accuracy(workdir, per_class=per_class)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
+def run_cell(cell: str, workroot: str, per_class: int = 50) -> dict:
+    """Runs (or resumes) one pretraining cell; returns its summary from metrics.jsonl and the
+    class accuracy of its samples (``per_class`` per class; 0 skips it)."""
     workdir = os.path.join(workroot, f"pretrain_{cell}")
     marker = os.path.join(workdir, "wall_time.json")
     if not os.path.exists(marker):
@@ -92,7 +161,8 @@ def run_cell(cell: str, workroot: str) -> dict:
             "assessment": ASSESSMENT[cell], "steps": final["step"], "final_loss": final["loss"],
             "mean_loss_last_5_logs": sum(tail) / len(tail), "first_loss": losses[0]["loss"],
             "minutes": seconds / 60, "median_steps_per_sec": sorted(speeds)[len(speeds) // 2],
-            "params": params, "png": png}
+            "params": params, "png": png,
+            "accuracy": cell_accuracy(workdir, per_class) if per_class else None}
 
 
 def write_table(summaries: list[dict], command: str) -> str:
@@ -108,19 +178,30 @@ def write_table(summaries: list[dict], command: str) -> str:
         "of what an idle machine gives.",
         "",
         "| cell | size | params | batch × steps (peak lr) | first loss "
-        "| final loss (mean of last 5 logs) | wall time | steps/s (median) | samples |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| final loss (mean of last 5 logs) | wall time | steps/s (median) "
+        "| sample accuracy ± s.e. | samples |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for s in summaries:
+        acc = s.get("accuracy")
+        acc_cell = "—" if not acc else (
+            f"{acc['accuracy']:.1%} ± {acc['stderr']:.1%} ({acc['reward']}, n={acc['n']})")
         lines.append(
             f"| {s['cell']} | {s['size']} | {s['params']} | {s['batch']} × {s['steps']} "
             f"({s['lr']:g}) | {s['first_loss']:.3f} | "
             f"{s['final_loss']:.3f} ({s['mean_loss_last_5_logs']:.3f}) | {s['minutes']:.1f} min | "
-            f"{s['median_steps_per_sec']:.2f} | ![{s['cell']}]({s['png']}) |")
+            f"{s['median_steps_per_sec']:.2f} | {acc_cell} | ![{s['cell']}]({s['png']}) |")
     lines += ["", "Each grid row is one class (EMA parameters, 20-step ODE, shift 3, fixed seeds; "
               "classifier-free guidance scale per cell below). Shapes rows are class "
               "`shape·4 + colour`: circles, squares, triangles, crosses, each in red, green, "
-              "blue, yellow.", "", "Assessment of the final grids (by eye):", ""]
+              "blue, yellow.", "",
+              "Sample accuracy: the fraction of samples (EMA parameters, 20-step ODE, shift 3, "
+              "the cell's CFG scale, 50 per class from fixed seeds) that an independent judge "
+              "reads as the requested class: for digits the held-out reward classifier "
+              "(`classifier_correct`; trained on the train split only), for shapes the exact "
+              "rendering rule (`shapes_correct`: best-matching colour and best-matching shape "
+              "both right). Chance is 10 % and 6.25 %.", "",
+              "Assessment of the final grids (by eye):", ""]
     lines += [f"- **{s['cell']}** (CFG {s['guidance']:g}): {s['assessment']}" for s in summaries]
     return "\n".join(lines) + "\n"
 
@@ -129,15 +210,22 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=",".join(CELLS), help="comma-separated cells")
     parser.add_argument("--workroot", default="workdir", help="parent of the run workdirs")
+    parser.add_argument("--accuracy_per_class", type=int, default=50,
+                        help="samples per class for the accuracy column (0: skip it)")
     args = parser.parse_args()
     cells = [c for c in args.only.split(",") if c]
     unknown = sorted(set(cells) - set(CELLS))
     if unknown:
         parser.error(f"unknown cells {unknown}; choose from {list(CELLS)}")
     os.makedirs(RESULTS, exist_ok=True)
-    summaries = [run_cell(c, args.workroot) for c in cells]
-    command = "python experiments/pretrain_grid.py" + (
-        "" if cells == list(CELLS) else f" --only {args.only}")
+    for cell in cells:
+        run_cell(cell, args.workroot, args.accuracy_per_class)
+    # The table covers every finished cell, not only those run now, so rerunning one cell
+    # (``--only``) updates its row and keeps the others.
+    finished = [c for c in CELLS if c in cells or os.path.exists(
+        os.path.join(args.workroot, f"pretrain_{c}", "wall_time.json"))]
+    summaries = [run_cell(c, args.workroot, args.accuracy_per_class) for c in finished]
+    command = "python experiments/pretrain_grid.py (or one cell: --only <cell>)"
     with open(os.path.join(RESULTS, "pretrain.md"), "w", encoding="utf-8") as f:
         f.write(write_table(summaries, command))
     with open(os.path.join(RESULTS, "pretrain.json"), "w", encoding="utf-8") as f:

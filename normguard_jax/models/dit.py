@@ -23,6 +23,17 @@ The input skip exists because a velocity v = ε - x0 at large σ is mostly a cop
 token by its own spread. Without the skip, short training leaves noise-shaped fragments in the
 samples. The gain g(c) (one value per channel and sample) comes from a zero-initialised linear
 map of c, so it also starts at zero.
+
+Class conditioning (``class_init_std``): the label reaches the network only through c, and c
+only through zero-initialised maps (modulations, skip gain) or behind a zero-initialised conv
+(refiner). Their class-dependent part grows at a rate proportional to the size of c's class
+component, which the reference initialisation makes
+tiny (table ~ N(0, 0.02²)), so in a run of ~10³ steps the model stays almost unconditional:
+with 0.02 the small preset, after 1300 steps at batch 64 on digits_mnist, lowered its loss at
+σ = 0.95 by only 0.013 when given the true label instead of the null one (the U-Net: 0.042),
+and 31 % of its samples were read as the requested digit. After 400 steps the gain was 0.001
+and the accuracy 10 % (chance); with a table of N(0, 1) it was 0.014 and 31 % at 400 steps.
+The "small" preset therefore uses ``class_init_std=1.0``; the tiny test preset keeps 0.02.
 """
 
 from __future__ import annotations
@@ -161,12 +172,8 @@ class DiT(nnx.Module):
         passed to the ``ConvRefiner``; 0 (default): no stem, patches of x itself.
       input_skip: add ``g(c)·x`` to the output, g = zero-initialised Linear(SiLU(c)) → C gains
         per sample (default False: the plain DiT).
-
-The input skip exists because a velocity v = ε - x0 at large σ is mostly a copy of the input
-(v ≈ (x - x0̂)/σ), and the token path cannot copy x exactly: the final LayerNorm divides each
-token by its own spread. Without the skip, short training leaves noise-shaped fragments in the
-samples. The gain g(c) (one value per channel and sample) comes from a zero-initialised linear
-map of c, so it also starts at zero.
+      class_init_std: standard deviation of the class-embedding table at initialisation
+        (default 0.02, the reference DiT's value; see "Class conditioning" above).
       dtype: compute dtype (float32; bfloat16 on accelerators). Output is always float32.
       param_dtype: parameter dtype (float32).
       remat: wrap each block in ``nnx.remat`` (less activation memory, one more forward pass).
@@ -191,6 +198,7 @@ map of c, so it also starts at zero.
         refine_channels: int = 0,
         input_skip: bool = False,
         stem_channels: int = 0,
+        class_init_std: float = 0.02,
         dtype: jnp.dtype = jnp.float32,
         param_dtype: jnp.dtype = jnp.float32,
         remat: bool = False,
@@ -239,7 +247,7 @@ map of c, so it also starts at zero.
             **dense
         )
         self.cond_embed = ConditionEmbedding(
-            hidden_dim, num_classes, freq_dim=freq_dim, **dense
+            hidden_dim, num_classes, freq_dim=freq_dim, class_init_std=class_init_std, **dense
         )
         self.blocks = nnx.List(
             [DiTBlock(hidden_dim, num_heads, mlp_ratio, **dense) for _ in range(depth)]
