@@ -433,13 +433,15 @@ def earlystop_md(data: dict) -> tuple[list[str], list[dict]]:
             diff = g["fd"] - m["fd"]
             final = path[-1][1]
             gain = g["fd"] - final["fd"]
-            if abs(gain) <= NOISE["fd"]:
-                verdict = "no quality gain to explain"
-            elif abs(diff) <= NOISE["fd"]:
-                verdict = "yes: matched checkpoint has the same FD"
+            if gain > NOISE["fd"]:
+                verdict = "nothing to explain: guarded FD worse than the final unguarded"
+            elif gain >= -NOISE["fd"]:
+                verdict = "nothing to explain: same FD as the final unguarded (within noise)"
+            elif diff >= -NOISE["fd"]:
+                verdict = ("yes: the matched unguarded checkpoint is as good"
+                           + (" or better" if diff > NOISE["fd"] else ""))
             else:
-                verdict = ("no: guarded better than matched" if diff < 0
-                           else "no: guarded worse than matched")
+                verdict = "no: the guarded run beats the matched checkpoint"
             records.append({"setting": setting, "method": method, "matched_iteration": k,
                             "guard": g, "matched": m, "fd_interpolated": fd_interp,
                             "fd_guard_minus_matched": diff, "fd_guard_minus_final": gain,
