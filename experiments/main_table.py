@@ -293,9 +293,10 @@ def plot_lambda(rows: dict, setting: str, method: str, path: str) -> None:
     if len(done) < 2:
         return
     x = np.arange(len(done))
-    fig, axes = plt.subplots(1, 4, figsize=(14, 3.2))
+    fig, axes = plt.subplots(1, 5, figsize=(17, 3.2))
     for ax, (key, label) in zip(axes, (("reward", f"reward ({reward_name(setting)})"),
-                                       ("fd", "FD ↓"), ("recall", "recall ↑"), ("rho", "ρ"))):
+                                       ("fd", "FD ↓"), ("recall", "recall ↑"),
+                                       ("out_of_range", "out of range ↓"), ("rho", "ρ"))):
         ax.plot(x, [r[key] for _, r in done], "o-")
         ax.set_xticks(x, [f"{lam:g}" for lam, _ in done])
         ax.set_xlabel("λ")
