@@ -10,8 +10,15 @@ transformer gave noise-shaped fragments after 1200 steps at batch 128. Short tri
 faster at batch 64 with peak lr 1e-3, so the full run takes more, smaller steps in about the
 same wall time.
 
-Result (shared, loaded CPU): loss 0.051 at step 1300, 18.1 min, 1.32 steps/s; right colour in
-every row, but the shapes are indistinguishable blobs.
+The preset's class table starts at N(0, 1) instead of the reference N(0, 0.02²); with 0.02
+the same run used the colour but hardly the shape part of the label (indistinguishable blobs;
+31.6 % ± 2.6 % of samples right by the exact rendering rule).
+
+Result (shared CPU, load average 5-9 on 2 cores): loss 0.049 at step 1300, 19.1 min wall
+(18.7 min of training, median 1.23 steps/s); every row has its colour and the four shape
+groups differ, but outlines are ragged and crosses fragmented: 46.4 % ± 1.8 % of 800 samples
+(50 per class, CFG 3) have both the requested colour and shape by the rule (all circles,
+18-42 % of the other shapes).
 See experiments/results/pretrain.md for the loss, wall time and sample grid
 this produced.
 """
