@@ -53,8 +53,8 @@ ASSESSMENT = {
 # Fixed text under the table: what changed in the DiT cells and why (measured, not rerun here).
 NOTES = (
     "DiT class conditioning: with the reference class-table initialisation N(0, 0.02²) the "
-    "same DiT cells trained to nearly unconditional models: on digits the label lowered the loss at "
-    "σ = 0.95 by 0.013 (U-Net: 0.042), and sample accuracy was 30.7 % ± 2.7 % on digits "
+    "same DiT cells trained to nearly unconditional models: on digits the label lowered the "
+    "loss at σ = 0.95 by 0.013 (U-Net: 0.042), and sample accuracy was 30.7 % ± 2.7 % on digits "
     "(n=300) and 31.6 % ± 2.6 % on shapes (n=320, colour right, shapes not). adaLN-Zero lets "
     "the label in only through zero-initialised modulations, whose class-dependent part grows "
     "in proportion to the class embedding's scale; the small preset now starts the table at "
