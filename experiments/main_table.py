@@ -321,13 +321,14 @@ def fewstep_series(data: dict, setting: str, method: str, arm: str) -> list[tupl
 def fewstep_md(data: dict) -> tuple[list[str], dict]:
     steps = sorted(set(table_fewstep.STEPS) | {20})
     lines = ["FD gap = FD(guarded) − FD(unguarded) at each number of ODE steps (negative: the "
-             "guarded model is better); in brackets the unguarded FD. Recall gap below.", "",
+             "guarded model is better); in brackets the unguarded FD. Recall and out-of-range "
+             "gaps below.", "",
              "| setting | method | " + " | ".join(f"{n} steps" for n in steps) + " |",
              "|---|---|" + "---:|" * len(steps)]
     gaps = {}
-    for metric in ("fd", "recall"):
-        if metric == "recall":
-            lines += ["", "| setting | method (recall gap) | "
+    for metric in ("fd", "recall", "out_of_range"):
+        if metric != "fd":
+            lines += ["", f"| setting | method ({metric} gap, unguarded in brackets) | "
                       + " | ".join(f"{n} steps" for n in steps) + " |",
                       "|---|---|" + "---:|" * len(steps)]
         for setting in table_fewstep.SETTINGS:
@@ -340,7 +341,7 @@ def fewstep_md(data: dict) -> tuple[list[str], dict]:
                         gap = g[n][metric] - p[n][metric]
                         gaps.setdefault(f"{setting}-{method}-{metric}", {})[n] = gap
                         cells.append(f"{gap:+.2f} ({p[n][metric]:.2f})" if metric == "fd"
-                                     else f"{gap:+.3f}")
+                                     else f"{gap:+.3f} ({p[n][metric]:.3f})")
                     else:
                         cells.append("–")
                 lines.append(f"| {setting} | {method} | " + " | ".join(cells) + " |")
