@@ -12,6 +12,35 @@ two processes ``--config.distributed.coordinator_address=10.0.0.2:1234
 from __future__ import annotations
 
 import os
+import sys
+
+# glibc malloc settings for XLA:CPU: one arena, no separately mmap'd chunks, and a trim threshold
+# so high that freed memory stays in the process. XLA:CPU frees its large temporaries after
+# every call; with glibc's defaults they go back to the kernel and each train step faults them
+# in again (~330 MiB of fresh pages per step for the small models; see benchmarks/README.md).
+MALLOC_TUNING = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
+                 "glibc.malloc.trim_threshold=68719476736")
+# Set this environment variable (to anything non-empty) to keep glibc's default malloc.
+DEFAULT_MALLOC_ENV = "NORMGUARD_DEFAULT_MALLOC"
+
+
+def _reexec_with_tuned_malloc() -> None:
+    """Restarts this command with ``GLIBC_TUNABLES=MALLOC_TUNING`` when it is unset.
+
+    glibc reads its tunables only at process start, hence ``os.execve`` (same PID, same
+    arguments, same interpreter options). Nothing happens off Linux, when ``GLIBC_TUNABLES``
+    is already set (by the user or by the first pass) or when ``NORMGUARD_DEFAULT_MALLOC`` is.
+    """
+    if (not sys.platform.startswith("linux") or "GLIBC_TUNABLES" in os.environ
+            or os.environ.get(DEFAULT_MALLOC_ENV)):
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, sys.orig_argv, dict(os.environ, GLIBC_TUNABLES=MALLOC_TUNING))
+
+
+if __name__ == "__main__":  # before the imports below: ``python -m normguard_jax.main``
+    _reexec_with_tuned_malloc()
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow is only used by clu's writers.
 
@@ -60,6 +89,7 @@ def main(argv):
 
 def entry():
     """Console-script entry point (``normguard``)."""
+    _reexec_with_tuned_malloc()
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)
 
