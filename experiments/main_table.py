@@ -497,6 +497,24 @@ def plot_earlystop(data: dict, path: str) -> None:
     plt.close(fig)
 
 
+def wall_time_md() -> str:
+    """Cells and summed wall time per sweep, from the cells' done markers."""
+    parts = []
+    for label, root in (("table", main_sweep.WORKROOT), ("λ", table_lambda.WORKROOT),
+                        ("early stopping", table_earlystop.WORKROOT),
+                        ("few-step", table_fewstep.WORKROOT)):
+        full = os.path.join(REPO, root)
+        seconds = []
+        for name in sorted(os.listdir(full)) if os.path.isdir(full) else []:
+            marker = os.path.join(full, name, "sweep_done.json")
+            if os.path.exists(marker):
+                with open(marker, encoding="utf-8") as f:
+                    seconds.append(json.load(f)["seconds"])
+        parts.append(f"{label} {len(seconds)} cells, {sum(seconds) / 60:.0f} min")
+    return ("Wall time (sum over cells, 2 CPU cores shared with other jobs and at times paused, "
+            "so an upper bound): " + "; ".join(parts) + ".")
+
+
 def missing_md(missing: list[str]) -> str:
     """One line: how many cells of each sweep had not finished (names when few)."""
     if not missing:
@@ -558,6 +576,12 @@ def analyse(lambda_choice: tuple[str, str] | None) -> None:
         "`--stages analyse` rewrites this file from the finished cells).",
         "",
         *sizes_md(),
+        f"- Scope (budget): the λ sweep on one setting; the early-stopping checkpoints "
+        f"(iterations {', '.join(map(str, table_earlystop.STEPS))}) for "
+        f"{', '.join(table_earlystop.SETTINGS)}; few-step inference for "
+        f"{', '.join(table_fewstep.METHODS)} on {', '.join(table_fewstep.SETTINGS)}.",
+        "",
+        wall_time_md(),
         "",
         "Noise: two identical single-seed NFT runs differed by about 1.0 in log p(class) and "
         f"3 in FD (experiments/README.md, \"Noise\"). Differences below FD {NOISE['fd']:g}, "
