@@ -42,7 +42,9 @@ setuptools.setup(
         "gpu": ["jax[cuda12]>=0.10.2,<0.11"],
         "test": ["pytest>=8", "pytest-xdist>=3"],
         # The PyTorch twin used only by benchmarks/; never imported by the library or tests.
-        "bench": ["torch"],
+        # Pinned: a CPU wheel of this version is available offline here; an unpinned torch
+        # pulls a multi-GB CUDA build.
+        "bench": ["torch==2.13.0"],
     },
     entry_points={"console_scripts": ["normguard=normguard_jax.main:entry"]},
 )
