@@ -41,7 +41,8 @@ setuptools.setup(
         "tpu": ["jax[tpu]>=0.10.2,<0.11"],
         "gpu": ["jax[cuda12]>=0.10.2,<0.11"],
         "test": ["pytest>=8", "pytest-xdist>=3"],
-        # The PyTorch twin used only by benchmarks/; never imported by the library or tests.
+        # The PyTorch twins of benchmarks/; never imported by the library (the tests that use
+        # them skip without torch).
         # Pinned: a CPU wheel of this version is available offline here; an unpinned torch
         # pulls a multi-GB CUDA build.
         "bench": ["torch==2.13.0"],

@@ -27,7 +27,7 @@ Sections (per model):
   ``jax.jit`` (``generate.generate_images``) vs PyTorch eager vs ``torch.compile`` of the model.
 * ``train``: one flow-matching regression step (fixed batch of x0, noise, σ, labels; global
   norm clip 1 + AdamW, the library's optimizer chain) at the pretraining batch size: JAX one
-  step per jit call, JAX ``STEPS_PER_CALL`` steps per call (``lax.scan``), JAX with
+  step per jit call, JAX ``STEPS_PER_CALL`` steps per call (unrolled ``lax.scan``), JAX with
   rematerialised blocks (``remat=True``), PyTorch eager, ``torch.compile`` of the loss.
 * ``normguard``: one RL update (``rl.update``: value_and_grad + optimizer) of DiffusionNFT on
   32 rows. With the KL term (the objective computes v_ref): NormGuard λ=0.1 vs λ=0. Without it
@@ -59,10 +59,11 @@ import sys
 import tempfile
 import time
 
-# The glibc malloc settings of normguard_jax.main (kept in sync by tests/test_benchmark_twin.py).
-MALLOC_TUNING = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
-                 "glibc.malloc.trim_threshold=68719476736")
-STEPS_PER_CALL = 4
+from normguard_jax.main import MALLOC_TUNING  # the glibc malloc settings main.py runs under
+
+# Train steps per JAX call in the multi-step variant (an unrolled lax.scan: XLA:CPU runs the
+# convolutions of a rolled while-loop body far slower, 9 s instead of 0.55 s per step here).
+STEPS_PER_CALL = 2
 IMAGE_SHAPE = (32, 32, 1)
 NUM_CLASSES = 10
 # model name -> (preset, pretraining batch size of its config file)
@@ -311,7 +312,8 @@ class Bench:
                 return params, opt_state, loss
         else:
             def step(params, opt_state, batches):
-                (params, opt_state), loss = jax.lax.scan(one, (params, opt_state), batches)
+                (params, opt_state), loss = jax.lax.scan(one, (params, opt_state), batches,
+                                                     unroll=True)
                 return params, opt_state, loss
 
         batches = self._batches(steps_per_call)
@@ -390,7 +392,8 @@ class Bench:
         variants["torch_eager"] = lambda: eager(k)
         variants["torch_compile"] = lambda: comp(k)
         # Page faults of one JAX call (after warm-up): temporaries faulted in again.
-        jax1()
+        for _ in range(3):  # the first calls grow the heap; later ones reuse it (if kept)
+            jax1()
         f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         jax1()
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
