@@ -5,7 +5,7 @@ Run one cell (from the repository root; the sweep runs every cell this way):
       --workdir=workdir/sweeps/main_table/rl-digits_logprob-nft-plain
 With NormGuard: add --config.normguard.weight=0.1 (and another workdir).
 
-The argument is ``<method>,<setting>``: method nft | awm | dpo (any of rl_<method>.py), setting
+The argument is ``<method>,<setting>``: method nft | awm | dpo | grpo | ram (rl_<method>.py), setting
 a key of ``SETTINGS`` (a base model and a reward set). Every setting pairs an alignment reward
 that saturates with a proxy that is cheap to over-optimise, on each base:
 
@@ -31,9 +31,11 @@ import ml_collections
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import rl_awm  # noqa: E402  (configs/ is not a package; siblings are imported)
 import rl_dpo  # noqa: E402
+import rl_grpo  # noqa: E402
 import rl_nft  # noqa: E402
+import rl_ram  # noqa: E402
 
-METHOD_CONFIGS = {"nft": rl_nft, "awm": rl_awm, "dpo": rl_dpo}
+METHOD_CONFIGS = {"nft": rl_nft, "awm": rl_awm, "dpo": rl_dpo, "grpo": rl_grpo, "ram": rl_ram}
 # Base models: name -> pretraining workdir (made by experiments/main_table.py when missing,
 # from configs/table_base.py).
 BASES = {"digits": "workdir/quickstart/base", "shapes": "workdir/pretrain_shapes_unet"}

@@ -82,8 +82,10 @@ def base_finished(workdir: str, steps: int) -> bool:
     return step >= steps
 
 
-def make_bases() -> None:
-    for base, workdir in rl_table.BASES.items():
+def make_bases(names=tuple(rl_table.BASES)) -> None:
+    """Pretrains each base of ``names`` (keys of rl_table.BASES) whose workdir is unfinished."""
+    for base in names:
+        workdir = rl_table.BASES[base]
         steps = table_base.get_config(base).train.steps
         if base_finished(workdir, steps):
             print(f"base {base}: {workdir} is finished ({steps} steps)", flush=True)
@@ -91,10 +93,7 @@ def make_bases() -> None:
         cmd = [sys.executable, "-m", "normguard_jax.main",
                f"--config=configs/table_base.py:{base}", f"--workdir={workdir}"]
         print("+", " ".join(cmd), flush=True)
-        subprocess.run(cmd, cwd=REPO, check=True,
-                       env=dict(os.environ, GLIBC_TUNABLES=os.environ.get(
-                           "GLIBC_TUNABLES", "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
-                           "glibc.malloc.trim_threshold=68719476736")))
+        subprocess.run(cmd, cwd=REPO, check=True)  # main.py sets up the tuned malloc itself
 
 
 def run_sweep(spec: str, hosts: list[str]) -> bool:

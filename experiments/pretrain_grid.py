@@ -17,7 +17,6 @@ the class of 50 samples per class).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -28,12 +27,12 @@ import time
 
 import numpy as np
 
+from normguard_jax.main import MALLOC_TUNING  # the glibc malloc settings every cell runs under
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "experiments", "results")
 CELLS = ("mnist_dit", "mnist_unet", "shapes_dit", "shapes_unet")
 # Keeps XLA:CPU's large temporaries mapped between steps instead of re-faulting them each call.
-GLIBC_TUNABLES = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
-                  "glibc.malloc.trim_threshold=68719476736")
 # One line per cell: an honest reading of its final sample grid (does every row show its class?).
 ASSESSMENT = {
     "mnist_dit": ("recognisable digits in every row (class table N(0, 1)); strokes are thinner "
@@ -114,11 +113,8 @@ def _rows(path):
 
 def _config(cell: str):
     """The cell's ``get_config()`` (configs/ is not a package, so load the file by path)."""
-    path = os.path.join(REPO, "configs", f"pretrain_{cell}.py")
-    spec = importlib.util.spec_from_file_location(f"pretrain_{cell}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    from normguard_jax import config_files  # noqa: PLC0415
+    return config_files.load(os.path.join(REPO, "configs", f"pretrain_{cell}.py"))
 
 
 def cell_accuracy(workdir: str, per_class: int) -> dict:
@@ -147,17 +143,19 @@ def run_cell(cell: str, workroot: str, per_class: int = 50) -> dict:
     if not os.path.exists(marker):
         cmd = [sys.executable, "-m", "normguard_jax.main",
                f"--config=configs/pretrain_{cell}.py", f"--workdir={workdir}"]
-        env = dict(os.environ, GLIBC_TUNABLES=GLIBC_TUNABLES)
         print("+", " ".join(cmd), flush=True)
-        t0 = time.time()
-        subprocess.run(cmd, cwd=REPO, env=env, check=True)
+        t0, load_before = time.time(), os.getloadavg()
+        subprocess.run(cmd, cwd=REPO, check=True)  # main.py sets up the tuned malloc itself
         with open(marker, "w", encoding="utf-8") as f:
-            json.dump({"seconds": time.time() - t0}, f)
+            # The 1-minute load average before and after: the other work on the machine.
+            json.dump({"seconds": time.time() - t0, "loadavg_before": load_before[0],
+                       "loadavg_after": os.getloadavg()[0]}, f)
     rows = _rows(os.path.join(workdir, "metrics.jsonl"))
     losses = [r for r in rows if "loss" in r]
     speeds = [r["steps_per_sec"] for r in rows if "steps_per_sec" in r]
     with open(marker, encoding="utf-8") as f:
-        seconds = json.load(f)["seconds"]
+        timing = json.load(f)
+    seconds = timing["seconds"]
     with open(os.path.join(workdir, "parameters.txt"), encoding="utf-8") as f:
         params = f.read().strip().splitlines()[-1].split("--")[0].replace("Total:", "").strip()
     grids = sorted(os.listdir(os.path.join(workdir, "samples")))
@@ -170,9 +168,15 @@ def run_cell(cell: str, workroot: str, per_class: int = 50) -> dict:
             "lr": config.optim.lr, "guidance": config.sample.guidance_scale,
             "assessment": ASSESSMENT[cell], "steps": final["step"], "final_loss": final["loss"],
             "mean_loss_last_5_logs": sum(tail) / len(tail), "first_loss": losses[0]["loss"],
-            "minutes": seconds / 60, "median_steps_per_sec": sorted(speeds)[len(speeds) // 2],
+            "minutes": seconds / 60, "loadavg": (timing.get("loadavg_before"),
+                                                 timing.get("loadavg_after")), "median_steps_per_sec": sorted(speeds)[len(speeds) // 2],
             "params": params, "png": png,
             "accuracy": cell_accuracy(workdir, per_class) if per_class else None}
+
+
+def _load(loadavg) -> str:
+    before, after = loadavg
+    return "not recorded" if before is None else f"{before:.1f} → {after:.1f}"
 
 
 def write_table(summaries: list[dict], command: str) -> str:
@@ -182,15 +186,15 @@ def write_table(summaries: list[dict], command: str) -> str:
         f"Command: `{command}`",
         "",
         f"Machine: {os.cpu_count()} CPU cores, {platform.machine()}, JAX on CPU, "
-        f"`GLIBC_TUNABLES={GLIBC_TUNABLES}`. Wall time includes data build, compile, "
-        "checkpoints and sample grids. The machine was shared with other jobs while these ran "
-        "(load average 4-11 on 2 cores), so wall times and steps/s are upper and lower bounds "
-        "of what an idle machine gives.",
+        f"`GLIBC_TUNABLES={MALLOC_TUNING}`. Wall time includes data build, compile, "
+        "checkpoints and sample grids. Load = the machine's 1-minute load average before → "
+        "after the cell (about 2 = this cell alone on the 2 cores; more means other jobs "
+        "shared them and the wall time is an upper bound).",
         "",
         "| cell | size | params | batch × steps (peak lr) | first loss "
-        "| final loss (mean of last 5 logs) | wall time | steps/s (median) "
+        "| final loss (mean of last 5 logs) | wall time | load | steps/s (median) "
         "| sample accuracy ± s.e. | samples |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for s in summaries:
         acc = s.get("accuracy")
@@ -200,7 +204,7 @@ def write_table(summaries: list[dict], command: str) -> str:
             f"| {s['cell']} | {s['size']} | {s['params']} | {s['batch']} × {s['steps']} "
             f"({s['lr']:g}) | {s['first_loss']:.3f} | "
             f"{s['final_loss']:.3f} ({s['mean_loss_last_5_logs']:.3f}) | {s['minutes']:.1f} min | "
-            f"{s['median_steps_per_sec']:.2f} | {acc_cell} | ![{s['cell']}]({s['png']}) |")
+            f"{_load(s['loadavg'])} | {s['median_steps_per_sec']:.2f} | {acc_cell} | ![{s['cell']}]({s['png']}) |")
     lines += ["", "Each grid row is one class (EMA parameters, 20-step ODE, shift 3, fixed seeds; "
               "classifier-free guidance scale per cell below). Shapes rows are class "
               "`shape·4 + colour`: circles, squares, triangles, crosses, each in red, green, "

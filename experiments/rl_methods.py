@@ -26,8 +26,6 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "experiments", "results")
 METHODS = ("grpo", "nft", "awm", "dpo", "ram")
-GLIBC_TUNABLES = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
-                  "glibc.malloc.trim_threshold=68719476736")
 
 
 def run_method(method: str, args) -> tuple[dict, float]:
@@ -50,8 +48,7 @@ def run_method(method: str, args) -> tuple[dict, float]:
            f"--config.guard_weight={args.guard_weight}", f"--config.arms={args.arms}"]
     print("+", " ".join(cmd), flush=True)
     t0 = time.time()
-    subprocess.run(cmd, cwd=REPO, env=dict(os.environ, GLIBC_TUNABLES=GLIBC_TUNABLES),
-                   check=True)
+    subprocess.run(cmd, cwd=REPO, check=True)  # main.py sets up the tuned malloc itself
     with open(os.path.join(workdir, "quickstart.json"), encoding="utf-8") as f:
         return json.load(f), time.time() - t0
 

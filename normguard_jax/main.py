@@ -14,11 +14,13 @@ from __future__ import annotations
 import os
 import sys
 
-# glibc malloc settings for XLA:CPU: one arena, no separately mmap'd chunks, and a trim threshold
-# so high that freed memory stays in the process. XLA:CPU frees its large temporaries after
-# every call; with glibc's defaults they go back to the kernel and each train step faults them
-# in again (~330 MiB of fresh pages per step for the small models; see benchmarks/README.md).
-MALLOC_TUNING = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
+# glibc malloc settings for XLA:CPU: no separately mmap'd chunks and a trim threshold so high
+# that freed memory stays in the process. XLA:CPU frees its large temporaries after every call;
+# with glibc's defaults they go back to the kernel and each train step faults them in again
+# (~320-400 MiB of fresh pages per step for the small models; see benchmarks/README.md). One
+# arena per core: a single arena (arena_max=1) made the UNet train step 30 % slower than
+# glibc's defaults on a 2-core AMD EPYC, through lock contention between XLA's threads.
+MALLOC_TUNING = (f"glibc.malloc.arena_max={os.cpu_count() or 1}:glibc.malloc.mmap_max=0:"
                  "glibc.malloc.trim_threshold=68719476736")
 # Set this environment variable (to anything non-empty) to keep glibc's default malloc.
 DEFAULT_MALLOC_ENV = "NORMGUARD_DEFAULT_MALLOC"

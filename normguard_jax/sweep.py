@@ -41,7 +41,6 @@ marking that cell, so a rerun resumes it.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import itertools
 import json
 import os
@@ -54,11 +53,10 @@ from collections.abc import Callable, Mapping, Sequence
 
 import ml_collections
 
+from normguard_jax import config_files
+
 DONE_MARKER = "sweep_done.json"   # written into a cell's workdir after it succeeded.
 LOG_FILE = "sweep.log"            # the cell process's stdout and stderr (appended).
-# Keeps XLA:CPU's large temporaries mapped between calls instead of re-faulting them each call.
-GLIBC_TUNABLES = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
-                  "glibc.malloc.trim_threshold=68719476736")
 DEFAULT_PROGRAM = (sys.executable, "-m", "normguard_jax.main")
 _NAME = re.compile(r"^[A-Za-z0-9._=+-]+$")
 
@@ -246,14 +244,10 @@ def hosts(config: ml_collections.ConfigDict, environ: Mapping[str, str] = os.env
 
 def load_job_config(spec: str) -> ml_collections.ConfigDict:
     """Loads ``path[:arg]`` as ml_collections' config flag does: ``get_config(arg)``."""
-    path, sep, arg = spec.partition(":")
-    if not os.path.isfile(path):
-        raise SweepError(f"config file {path!r} does not exist (cwd {os.getcwd()})")
-    module_spec = importlib.util.spec_from_file_location(
-        "_sweep_cfg_" + re.sub(r"\W", "_", path), path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg) if sep else module.get_config()
+    try:
+        return config_files.load(spec)
+    except FileNotFoundError as e:
+        raise SweepError(str(e)) from None
 
 
 def _compatible(current, value) -> bool:
@@ -365,8 +359,7 @@ def run_cell(cell: Cell, forwarder: _Forwarder | None = None) -> tuple[bool, flo
     """
     os.makedirs(cell.workdir, exist_ok=True)
     t0 = time.time()
-    env = dict(os.environ)
-    env.setdefault("GLIBC_TUNABLES", GLIBC_TUNABLES)
+    env = dict(os.environ)  # normguard_jax.main sets up the tuned glibc malloc by itself
     with open(os.path.join(cell.workdir, LOG_FILE), "a", encoding="utf-8") as log:
         log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cell.command())}\n")
         log.flush()

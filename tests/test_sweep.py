@@ -255,7 +255,8 @@ class _Sink:
 
 
 @pytest.mark.parametrize("spec", ["table_main.py", "table_lambda.py:digits_contrast,dpo",
-                                  "table_fewstep.py", "table_earlystop.py"])
+                                  "table_fewstep.py", "table_earlystop.py",
+                                  "guard_ablation.py"])
 def test_shipped_table_sweeps_name_real_fields(spec, monkeypatch):
     """Every cell of the sweeps in configs/sweeps/ overrides existing fields of its job config,
     and every evaluation cell reads an RL workdir that an RL cell of the table writes."""
@@ -269,7 +270,7 @@ def test_shipped_table_sweeps_name_real_fields(spec, monkeypatch):
             loaded[cell.config] = sweep.load_job_config(cell.config)
         sweep.check_overrides(cell, loaded[cell.config])
     rl_dirs = set()
-    for s in ("table_main.py", "table_lambda.py:digits_contrast,dpo"):
+    for s in ("table_main.py", "table_lambda.py:digits_contrast,dpo", "guard_ablation.py"):
         rl_dirs |= {c.workdir for c in sweep.expand(sweep.load_job_config(
             os.path.join("configs", "sweeps", s))) if c.name.startswith("rl-")}
     for cell in cells:

@@ -1,0 +1,372 @@
+"""NormGuard where the norm inflates (RAM, m = 4): seeds, λ, form, power, margin, early stopping.
+
+Usage (from the repository root; resumable: rerun after an interruption and finished cells
+are skipped):
+  python experiments/guard_ablation.py [--stages base,sweep,analyse] [--num_hosts N --host_index i]
+``--stages analyse`` only rewrites the results from the finished cells.
+
+Stages:
+- ``base``: pretrains the quickstart's digits base (configs/table_base.py:digits) if missing;
+- ``sweep``: ``python -m normguard_jax.sweep --config=configs/sweeps/guard_ablation.py`` (the
+  cells and the reasons for their settings are in that file's docstring);
+- ``analyse``: reads every finished evaluation and training log and writes
+  ``experiments/results/guard_ablation.md``, ``.json``, ``guard_ablation_training.png`` and
+  ``guard_ablation_tradeoff.png``.
+
+What it measures. (1) Over ``SEEDS`` seeds, unguarded against the default guard (λ = 0.1,
+relative hinge): mean ± standard error of every metric and of the paired difference, so a
+gap can be read against the run-to-run spread instead of one pair. (2) The early-stopping
+control on every seed: each guarded run against its own seed's unguarded checkpoints
+(iterations 0, 8, 16, 24) at the same reward. (3) The hinge's strength, form, power and
+margin on seed 0, next to the seed spread of (1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "experiments"))
+sys.path.insert(0, os.path.join(REPO, "configs", "sweeps"))
+
+import main_table as mt  # noqa: E402  (reads evaluations, sweeps, bases: shared helpers)
+import guard_ablation as ablation  # noqa: E402  (configs/sweeps/guard_ablation.py)
+
+import numpy as np  # noqa: E402
+from matplotlib import pyplot as plt  # noqa: E402  (main_table selected the Agg backend)
+
+RESULTS = mt.RESULTS
+SETTING = ablation.SETTING
+METRICS = (("reward", "log p(class) ↑", "{:.2f}"), ("fd", "FD ↓", "{:.2f}"),
+           ("recall", "recall ↑", "{:.3f}"), ("realism", "judged real ↑", "{:.3f}"),
+           ("precision", "precision ↑", "{:.3f}"), ("out_of_range", "out of range ↓", "{:.3f}"),
+           ("rho", "ρ (sampling)", "{:.3f}"))
+STAGES = ("base", "sweep", "analyse")
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading.
+# ----------------------------------------------------------------------------------------------
+
+
+def evaluation(name: str) -> dict | None:
+    """Summary (reward, quality, ρ) of the finished evaluation cell ``name``, or None."""
+    return mt.summarise(mt.load_eval(ablation.WORKROOT, name), SETTING)
+
+
+def training_log(rl_cell: str) -> dict[str, np.ndarray]:
+    """Per-iteration series of one RL cell's metrics.jsonl: iteration, training ρ (mean
+    ‖v_θ‖/‖v_ref‖ over the training rows), hinge-active fraction and mean rollout reward."""
+    path = os.path.join(REPO, ablation.WORKROOT, rl_cell, "metrics.jsonl")
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    rows = [r for r in rows if "train/normguard/ratio" in r]
+    by_step = {r["step"]: r for r in rows}  # a resumed run may log an iteration twice
+    steps = sorted(by_step)
+    return {"iteration": np.array(steps),
+            "ratio": np.array([by_step[s]["train/normguard/ratio"] for s in steps]),
+            "active": np.array([by_step[s]["train/normguard/active_frac"] for s in steps]),
+            "reward": np.array([by_step[s]["reward/mean"] for s in steps])}
+
+
+def collect() -> dict:
+    """Every finished cell of the sweep, summarised, plus the list of missing ones."""
+    out = {"base": evaluation("eval-base"), "final": {}, "early": {}, "train": {},
+           "missing": []}
+    if out["base"] is None:
+        out["missing"].append("eval-base")
+    arms = [(a, s) for s in ablation.SEEDS for a in ablation.REPEATED]
+    arms += [(a, 0) for a in ablation.ABLATION]
+    for arm, seed in arms:
+        key = f"{arm}-s{seed}"
+        row = evaluation(f"eval-{key}")
+        if row is None:
+            out["missing"].append(f"eval-{key}")
+            continue
+        log = training_log(f"rl-{key}")
+        row["hinge_active"] = float(np.mean(log["active"])) if log else None
+        row["train_ratio_last"] = float(log["ratio"][-1]) if log else None
+        out["final"][key] = row
+        out["train"][key] = {k: v.tolist() for k, v in log.items()}
+    for seed in ablation.SEEDS:
+        for k in ablation.EARLY_STEPS:
+            key = f"plain-s{seed}-it{k}"
+            row = evaluation(f"eval-{key}")
+            if row is None:
+                out["missing"].append(f"eval-{key}")
+            else:
+                out["early"][key] = row
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics and tables.
+# ----------------------------------------------------------------------------------------------
+
+
+def mean_se(values) -> tuple[float, float]:
+    """Mean and standard error (sample std / √n; 0 for n = 1) of a list of numbers."""
+    v = np.asarray(values, dtype=float)
+    se = float(np.std(v, ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
+    return float(np.mean(v)), se
+
+
+def seeds_done(data: dict) -> list[int]:
+    """Seeds whose unguarded and guarded evaluations both finished."""
+    return [s for s in ablation.SEEDS
+            if f"plain-s{s}" in data["final"] and f"guard-s{s}" in data["final"]]
+
+
+def seed_table(data: dict) -> tuple[list[str], dict]:
+    """Per-seed rows, means ± s.e., and the paired difference guarded − unguarded."""
+    seeds = seeds_done(data)
+    head = ["model", *[label for _, label, _ in METRICS], "hinge active"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    if data["base"]:
+        lines.append("| base | " + " | ".join(spec.format(data["base"][k])
+                                             for k, _, spec in METRICS) + " | |")
+    for s in seeds:
+        for arm, label in (("plain", "unguarded"), ("guard", f"guard λ={ablation.GUARD_WEIGHT}")):
+            r = data["final"][f"{arm}-s{s}"]
+            lines.append(f"| {label}, seed {s} | " + " | ".join(
+                spec.format(r[k]) for k, _, spec in METRICS)
+                + f" | {mt.fmt(r['hinge_active'], '{:.2f}')} |")
+    stats = {}
+    if seeds:
+        for arm, label in (("plain", "unguarded"), ("guard", "guarded")):
+            cells = []
+            for k, _, spec in METRICS:
+                m, se = mean_se([data["final"][f"{arm}-s{s}"][k] for s in seeds])
+                stats[f"{arm}/{k}"] = (m, se)
+                cells.append(f"{spec.format(m)} ± {spec.format(se)}")
+            lines.append(f"| **{label}, mean ± s.e. ({len(seeds)} seeds)** | "
+                         + " | ".join(cells) + " | |")
+        cells = []
+        for k, _, spec in METRICS:
+            d = [data["final"][f"guard-s{s}"][k] - data["final"][f"plain-s{s}"][k]
+                 for s in seeds]
+            m, se = mean_se(d)
+            t = m / se if se > 0 else float("nan")
+            stats[f"diff/{k}"] = (m, se, t)
+            cells.append(f"{'+' if m >= 0 else ''}{spec.format(m)} ± {spec.format(se)}"
+                         + (f" (t={t:.1f})" if se > 0 else ""))
+        lines.append("| **guarded − unguarded, paired** | " + " | ".join(cells) + " | |")
+    return lines, stats
+
+
+def earlystop_table(data: dict) -> tuple[list[str], list[dict]]:
+    """Each seed's guarded run against its unguarded path (base, 8, 16, 24) at equal reward."""
+    lines = ["| seed | guarded: log p, FD, recall | unguarded path: iteration (log p, FD, recall) "
+             "| matched checkpoint (closest log p) | FD of the path at the guarded log p "
+             "(interpolated) | guarded − matched FD |",
+             "|---|---|---|---|---:|---:|"]
+    records = []
+    for s in seeds_done(data):
+        g = data["final"][f"guard-s{s}"]
+        path = [(0, data["base"])] + [
+            (k, data["early"].get(f"plain-s{s}-it{k}")) for k in ablation.EARLY_STEPS]
+        path.append((ablation.ITERATIONS, data["final"][f"plain-s{s}"]))
+        path = [(k, r) for k, r in path if r is not None]
+        k, m = min(path, key=lambda kr: abs(kr[1]["reward"] - g["reward"]))
+        interp = mt.interpolate_at_reward(path, g["reward"], "fd")
+        records.append({"seed": s, "matched_iteration": k, "fd_guard": g["fd"],
+                        "fd_matched": m["fd"], "fd_interpolated": interp,
+                        "path": [(i, r["reward"], r["fd"], r["recall"]) for i, r in path]})
+        lines.append(
+            f"| {s} | {g['reward']:.2f}, {g['fd']:.2f}, {g['recall']:.3f} | "
+            + "; ".join(f"{i} ({r['reward']:.2f}, {r['fd']:.2f}, {r['recall']:.2f})"
+                        for i, r in path)
+            + f" | it {k} | {mt.fmt(interp, '{:.2f}')} | {g['fd'] - m['fd']:+.2f} |")
+    return lines, records
+
+
+def ablation_table(data: dict) -> list[str]:
+    """Seed-0 rows of every arm (plain and guard first), with ρ during and after training."""
+    head = ["arm (seed 0)", "NormGuard", *[label for _, label, _ in METRICS], "hinge active",
+            "training ρ, last iteration"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    arms = {**ablation.REPEATED, **ablation.ABLATION}
+    for arm, overrides in arms.items():
+        r = data["final"].get(f"{arm}-s0")
+        what = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in overrides.items())
+        if r is None:
+            lines.append(f"| {arm} | {what} | not run |" + " |" * (len(head) - 3))
+            continue
+        lines.append(f"| {arm} | {what} | " + " | ".join(
+            spec.format(r[k]) for k, _, spec in METRICS)
+            + f" | {mt.fmt(r['hinge_active'], '{:.2f}')} | "
+            f"{mt.fmt(r['train_ratio_last'], '{:.3f}')} |")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------
+# Plots.
+# ----------------------------------------------------------------------------------------------
+
+
+def plot_training(data: dict, path: str) -> None:
+    """Training-time ρ and rollout reward per iteration: seeds of plain/guard, and ablations."""
+    if not data["train"]:
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+    colours = {"plain": "C3", "guard": "C0"}
+    for key, log in data["train"].items():
+        if not log:
+            continue
+        arm, seed = key.rsplit("-s", 1)
+        it = log["iteration"]
+        if arm in colours:
+            for ax, series in zip(axes[:2], ("ratio", "reward")):
+                ax.plot(it, log[series], color=colours[arm], alpha=0.8, lw=1.2,
+                        label=f"{arm} (seeds)" if seed == "0" else None)
+        else:
+            axes[2].plot(it, log["ratio"], lw=1.2, label=arm)
+    if "plain-s0" in data["train"]:
+        log = data["train"]["plain-s0"]
+        axes[2].plot(log["iteration"], log["ratio"], "--", color="C3", label="plain")
+    for ax, title in zip(axes, ("training ρ = ‖v_θ‖/‖v_ref‖ (mean over rows)",
+                                "rollout reward (log p(class))",
+                                "training ρ, ablation arms (seed 0)")):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("RL iteration")
+        ax.legend(fontsize=7)
+    for ax in (axes[0], axes[2]):
+        ax.axhline(1.0, color="k", lw=0.5)
+    fig.suptitle(f"RAM m = 4 on digits, log p(class): unguarded vs NormGuard "
+                 f"({len(seeds_done(data))} seeds) and the ablation arms")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_tradeoff(data: dict, path: str) -> None:
+    """Reward against FD, recall and out-of-range for every evaluated model; the unguarded
+    runs' checkpoint paths dashed (the early-stopping control)."""
+    if not data["final"]:
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    for ax, (key, label) in zip(axes, (("fd", "FD ↓"), ("recall", "recall ↑"),
+                                       ("out_of_range", "out of range ↓"))):
+        if data["base"]:
+            ax.plot(data["base"]["reward"], data["base"][key], "kx", ms=9, label="base")
+        for s in ablation.SEEDS:
+            path = [data["base"]] + [data["early"].get(f"plain-s{s}-it{k}")
+                                     for k in ablation.EARLY_STEPS]
+            path.append(data["final"].get(f"plain-s{s}"))
+            path = [r for r in path if r is not None]
+            if len(path) > 1:
+                ax.plot([r["reward"] for r in path], [r[key] for r in path], "--o",
+                        color="C3", ms=3, alpha=0.7,
+                        label="unguarded, it 0/8/16/24" if s == 0 else None)
+            g = data["final"].get(f"guard-s{s}")
+            if g is not None:
+                ax.plot(g["reward"], g[key], "*", color="C0", ms=12,
+                        label=f"guard λ={ablation.GUARD_WEIGHT}" if s == 0 else None)
+        for i, arm in enumerate(ablation.ABLATION):
+            r = data["final"].get(f"{arm}-s0")
+            if r is not None:
+                ax.plot(r["reward"], r[key], "s", color=f"C{(i + 4) % 10}", ms=6, label=arm)
+        ax.set_xlabel("log p(class) ↑ (the reward)")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=6)
+    fig.suptitle("Reward against quality: guarded runs (stars, squares) vs the unguarded "
+                 "runs' own checkpoints (dashed)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Report.
+# ----------------------------------------------------------------------------------------------
+
+
+def analyse() -> None:
+    data = collect()
+    seed_lines, stats = seed_table(data)
+    early_lines, early = earlystop_table(data)
+    os.makedirs(RESULTS, exist_ok=True)
+    plot_training(data, os.path.join(RESULTS, "guard_ablation_training.png"))
+    plot_tradeoff(data, os.path.join(RESULTS, "guard_ablation_tradeoff.png"))
+    rl = mt.rl_table.get_config(f"{ablation.METHOD},{SETTING}")
+    lines = [
+        "# NormGuard where the norm inflates: seeds, λ, form, power, margin",
+        "",
+        "Command: `python experiments/guard_ablation.py` (runs configs/sweeps/guard_ablation.py,"
+        " then this analysis; `--stages analyse` rewrites this file from the finished cells).",
+        "",
+        f"Setting: RAM (correction scale m = {rl.objective.scale:g}, lr {rl.optim.lr:g}) on the "
+        f"quickstart's digits base (`{mt.rl_table.BASES['digits']}`), reward log p(class), "
+        f"{ablation.ITERATIONS} iterations of {rl.rollout.prompts_per_iter} prompts × "
+        f"{rl.rollout.group_size} samples, 10-step ODE rollouts, no CFG. Evaluation: "
+        "configs/eval_table.py:digits_logprob (300 samples at fixed seeds, 20-step ODE; FD, "
+        "recall, judged real and precision against held-out digits; out of range = fraction "
+        "of pixels beyond [-1.05, 1.05]; ρ on θ's own sampling trajectory).",
+        "",
+        mt.missing_md(data["missing"]).replace("of the four sweeps ", ""),
+        "",
+        "## Seeds: unguarded vs NormGuard (λ = 0.1, relative hinge)",
+        "",
+        "Hinge active = fraction of training rows with ‖v_θ‖ > ‖v_ref‖, mean over iterations. "
+        "Paired difference = mean over seeds of (guarded − unguarded) with its standard "
+        "error; t = mean / s.e. (with 3 seeds, |t| > 4.3 is significant at 5 %, two-sided).",
+        "",
+        *seed_lines,
+        "",
+        "![training](guard_ablation_training.png)",
+        "",
+        "## Early-stopping control, every seed",
+        "",
+        "If the guard only slowed the optimisation down, the unguarded run's own checkpoint at "
+        "the guarded run's reward would have the guarded run's quality.",
+        "",
+        *early_lines,
+        "",
+        "![tradeoff](guard_ablation_tradeoff.png)",
+        "",
+        "## Strength, form, power and margin (seed 0)",
+        "",
+        "Read these single-seed rows against the seed spread above. λ for the absolute and "
+        "squared forms is chosen to give about the same gradient as the relative hinge at "
+        "λ = 0.1 (configs/sweeps/guard_ablation.py explains the numbers).",
+        "",
+        *ablation_table(data),
+        "",
+    ]
+    with open(os.path.join(RESULTS, "guard_ablation.md"), "w", encoding="utf-8") as f:
+        f.write("\n".join(lines))
+    with open(os.path.join(RESULTS, "guard_ablation.json"), "w", encoding="utf-8") as f:
+        json.dump({"data": data, "seed_stats": stats, "earlystop": early}, f, indent=1)
+    print("\n".join(lines), flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--stages", default=",".join(STAGES),
+                        help=f"comma-separated stages, run in order: {', '.join(STAGES)}")
+    parser.add_argument("--num_hosts", type=int, default=0)
+    parser.add_argument("--host_index", type=int, default=-1)
+    args = parser.parse_args()
+    stages = [s for s in args.stages.split(",") if s]
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        parser.error(f"unknown stages {unknown}; choose from {list(STAGES)}")
+    hosts = ([f"--config.num_hosts={args.num_hosts}"] if args.num_hosts else []) + (
+        [f"--config.host_index={args.host_index}"] if args.host_index >= 0 else [])
+    os.chdir(REPO)
+    for stage in stages:
+        if stage == "base":
+            mt.make_bases(["digits"])
+        elif stage == "sweep":
+            mt.run_sweep("configs/sweeps/guard_ablation.py", hosts)
+        elif stage == "analyse":
+            analyse()
+
+
+if __name__ == "__main__":
+    main()
