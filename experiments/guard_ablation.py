@@ -2,7 +2,7 @@
 
 Usage (from the repository root; resumable: rerun after an interruption and finished cells
 are skipped):
-  python experiments/guard_ablation.py [--stages base,sweep,analyse] [--num_hosts N --host_index i]
+  python experiments/guard_ablation.py [--stages base,sweep,analyse,norms] [--num_hosts N --host_index i]
 ``--stages analyse`` only rewrites the results from the finished cells.
 
 Stages:
@@ -11,7 +11,11 @@ Stages:
   cells and the reasons for their settings are in that file's docstring);
 - ``analyse``: reads every finished evaluation and training log and writes
   ``experiments/results/guard_ablation.md``, ``.json``, ``guard_ablation_training.png`` and
-  ``guard_ablation_tradeoff.png``.
+  ``guard_ablation_tradeoff.png``;
+- ``norms``: experiments/norm_analyses.py on the seed-0 unguarded and guarded runs: ρ_k per
+  sampling step and over training, sampling with v_θ rescaled to ‖v_ref‖ (does inference-time
+  renormalisation repair an inflated model?) and the adjoint sensitivity under the log-prob
+  and the contrast reward (``experiments/results/guard_ablation_norms.*``).
 
 What it measures. (1) Over ``SEEDS`` seeds, unguarded against the default guard (λ = 0.1,
 relative hinge): mean ± standard error of every metric and of the paired difference, so a
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,7 +49,9 @@ METRICS = (("reward", "log p(class) ↑", "{:.2f}"), ("fd", "FD ↓", "{:.2f}"),
            ("recall", "recall ↑", "{:.3f}"), ("realism", "judged real ↑", "{:.3f}"),
            ("precision", "precision ↑", "{:.3f}"), ("out_of_range", "out of range ↓", "{:.3f}"),
            ("rho", "ρ (sampling)", "{:.3f}"))
-STAGES = ("base", "sweep", "analyse")
+STAGES = ("base", "sweep", "analyse", "norms")
+# Rewards of the adjoint sensitivity in the ``norms`` stage: the trained one and a pixel proxy.
+SENSITIVITY_REWARDS = "classifier_logprob,contrast"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -366,6 +373,18 @@ def main():
             mt.run_sweep("configs/sweeps/guard_ablation.py", hosts)
         elif stage == "analyse":
             analyse()
+        elif stage == "norms":
+            runs = [os.path.join(ablation.WORKROOT, f"rl-{arm}-s0") for arm in ("plain", "guard")]
+            missing = [r for r in runs if not os.path.exists(
+                os.path.join(r, "sweep_done.json"))]
+            if missing:
+                print(f"norms stage skipped: {missing} not finished", flush=True)
+                continue
+            cmd = [sys.executable, os.path.join("experiments", "norm_analyses.py"),
+                   f"--runs={','.join(runs)}", "--out=experiments/results/guard_ablation_norms",
+                   f"--sensitivity_rewards={SENSITIVITY_REWARDS}"]
+            print("+", " ".join(cmd), flush=True)
+            subprocess.run(cmd, check=True)
 
 
 if __name__ == "__main__":

@@ -2,16 +2,18 @@
 
 Usage (from the repository root, after the quickstart or experiments/rl_methods.py):
   .venv/bin/python experiments/norm_analyses.py --runs workdir/quickstart/rl_unguarded,workdir/quickstart/rl_normguard \
-      [--out experiments/results/norm_analyses] [--per_class 10] [--num_steps 20]
+      [--out experiments/results/norm_analyses] [--per_class 10] [--num_steps 20] \
+      [--sensitivity_rewards classifier_logprob,contrast]
 
 For every RL workdir (its newest checkpoint against its own base model):
 1. ρ_k = ‖v_θ(x_k)‖/‖v_ref(x_k)‖ at every ODE step on θ's own trajectory (fixed seeds), and
    the trajectory mean at every saved checkpoint (norm inflation over training);
 2. reward and quality of θ sampled plainly and with v_θ rescaled to ‖v_ref‖ at every step
    (the evaluate job with ``sample.renormalize``), next to the base model;
-3. the adjoint sensitivity g_k = dR/dε_k of the run's (differentiable) reward to scaling the
-   velocity of step k by (1+ε), for the base and for θ: per-step mean, std, t-statistic and
-   fraction of positive signs.
+3. the adjoint sensitivity g_k = dR/dε_k of a differentiable reward to scaling the velocity of
+   step k by (1+ε), for the base and for θ: per-step mean, std, t-statistic and fraction of
+   positive signs. The reward is the run's own, or each of ``--sensitivity_rewards`` (names of
+   normguard_jax.rewards.REWARDS; the non-differentiable ones are skipped with a message).
 Writes ``<out>.md``, ``<out>.json`` and ``<out>_*.png``.
 """
 
@@ -85,7 +87,13 @@ def main():
     parser.add_argument("--per_class", type=int, default=10)
     parser.add_argument("--num_steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sensitivity_rewards", default="",
+                        help="comma-separated reward names for the adjoint sensitivity "
+                             "('' = each run's own reward)")
     args = parser.parse_args()
+    unknown = sorted({r for r in args.sensitivity_rewards.split(",") if r} - set(rewards.REWARDS))
+    if unknown:
+        parser.error(f"unknown rewards {unknown}; choose from {sorted(rewards.REWARDS)}")
     runs = [r for r in args.runs.split(",") if r]
     for r in runs:
         if not os.path.isdir(os.path.join(r, "checkpoints")):
@@ -113,16 +121,20 @@ def main():
         ctx = rewards.RewardContext(dataset=base.config.data.name,
                                     image_shape=tuple(base.image_shape),
                                     num_classes=base.num_classes, nets=nets)
-        reward = rewards.build_combined(dict(cfg.rewards), ctx)
-        if not reward.differentiable:
-            print(f"[{run}] reward {dict(cfg.rewards)} is not differentiable: no sensitivity")
-            sens = None
-        else:
-            print(f"[{run}] adjoint sensitivity", flush=True)
-            fn = lambda images, cond: reward(images, cond)[0]
-            sens = {name: sensitivity(model, labels, args.seed, fn, args.num_steps,
-                                      cfg.sample.shift, guidance)
-                    for name, model in (("base", base), ("policy", policy))}
+        names = [r for r in args.sensitivity_rewards.split(",") if r]
+        weight_sets = ({n: {n: 1.0} for n in names} if names
+                       else {"+".join(dict(cfg.rewards)): dict(cfg.rewards)})
+        sens = {}
+        for label, weights in weight_sets.items():
+            reward = rewards.build_combined(weights, ctx)
+            if not reward.differentiable:
+                print(f"[{run}] reward {weights} is not differentiable: no sensitivity")
+                continue
+            print(f"[{run}] adjoint sensitivity of {label}", flush=True)
+            fn = lambda images, cond, reward=reward: reward(images, cond)[0]
+            sens[label] = {name: sensitivity(model, labels, args.seed, fn, args.num_steps,
+                                             cfg.sample.shift, guidance)
+                           for name, model in (("base", base), ("policy", policy))}
         record[run] = {"method": cfg.method, "normguard_weight": cfg.normguard.weight,
                        "rewards": dict(cfg.rewards), "ratio_per_step": profile.tolist(),
                        "ratio_over_training": over_training,
@@ -156,19 +168,24 @@ def write(args, record):
 
     with_sens = {run: r for run, r in record.items() if r["sensitivity"]}
     if with_sens:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-        for run, r in with_sens.items():
-            for name, style in (("base", "--"), ("policy", "-")):
-                s = r["sensitivity"][name]
-                label = f"{r['method']} λ={r['normguard_weight']:g} {name}"
-                axes[0].plot(s["t_stat"], style, marker=".", label=label)
-                axes[1].plot(s["frac_positive"], style, marker=".", label=label)
-        axes[0].axhline(0.0, color="grey", lw=0.8)
-        axes[0].set(xlabel="ODE step k", ylabel="t-statistic of dR/dε_k",
-                    title="does the reward want a larger velocity at step k?")
-        axes[1].axhline(0.5, color="grey", lw=0.8)
-        axes[1].set(xlabel="ODE step k", ylabel="fraction dR/dε_k > 0")
-        axes[0].legend(fontsize=6)
+        reward_names = sorted({k for r in with_sens.values() for k in r["sensitivity"]})
+        fig, axes = plt.subplots(len(reward_names), 2, figsize=(10, 3.6 * len(reward_names)),
+                                 squeeze=False)
+        for row, reward_name in zip(axes, reward_names):
+            for run, r in with_sens.items():
+                if reward_name not in r["sensitivity"]:
+                    continue
+                for name, style in (("base", "--"), ("policy", "-")):
+                    s = r["sensitivity"][reward_name][name]
+                    label = f"{r['method']} λ={r['normguard_weight']:g} {name}"
+                    row[0].plot(s["t_stat"], style, marker=".", label=label)
+                    row[1].plot(s["frac_positive"], style, marker=".", label=label)
+            row[0].axhline(0.0, color="grey", lw=0.8)
+            row[0].set(xlabel="ODE step k", ylabel="t-statistic of dR/dε_k",
+                       title=f"{reward_name}: does it want a larger velocity at step k?")
+            row[1].axhline(0.5, color="grey", lw=0.8)
+            row[1].set(xlabel="ODE step k", ylabel="fraction dR/dε_k > 0")
+            row[0].legend(fontsize=6)
         fig.tight_layout()
         fig.savefig(out + "_sensitivity.png", dpi=120)
         plt.close(fig)
@@ -194,14 +211,15 @@ def write(args, record):
     if with_sens:
         lines += ["Adjoint sensitivity (t-statistic per ODE step; base dashed, policy solid):", "",
                   "![sensitivity](" + os.path.basename(out) + "_sensitivity.png)", "",
-                  "| run | model | t-statistic per step | fraction positive per step |",
-                  "|---|---|---|---|"]
+                  "| run | reward | model | t-statistic per step | fraction positive per step |",
+                  "|---|---|---|---|---|"]
         for run, r in with_sens.items():
-            for name in ("base", "policy"):
-                s = r["sensitivity"][name]
-                lines.append(f"| `{run}` | {name} | "
-                             + " ".join(f"{t:+.1f}" for t in s["t_stat"]) + " | "
-                             + " ".join(f"{p:.2f}" for p in s["frac_positive"]) + " |")
+            for reward_name, by_model in r["sensitivity"].items():
+                for name in ("base", "policy"):
+                    s = by_model[name]
+                    lines.append(f"| `{run}` | {reward_name} | {name} | "
+                                 + " ".join(f"{t:+.1f}" for t in s["t_stat"]) + " | "
+                                 + " ".join(f"{p:.2f}" for p in s["frac_positive"]) + " |")
     with open(out + ".md", "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
