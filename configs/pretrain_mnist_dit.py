@@ -14,10 +14,9 @@ The preset's class table starts at N(0, 1) instead of the reference N(0, 0.02²)
 the same run gave connected strokes but ignored the label (31 % of samples read as the
 requested digit by the held-out classifier; see normguard_jax/models/dit.py).
 
-Result (shared CPU, load average 5-9 on 2 cores): loss 0.127 at step 1300, 21.0 min wall
-(20.8 min of training, median 1.08 steps/s); every row shows its digit, and the held-out
-classifier reads 91.0 % ± 1.3 % of 500 samples (50 per class, CFG 1.5) as the requested
-class (the small U-Net: 89 %).
+Result (idle 2-core AMD EPYC, 2026-12-01): loss 0.126 at step 1300, 8.4 min wall (median
+2.8 steps/s); every row shows its digit, and the held-out classifier reads 90.2 % ± 1.3 % of
+500 samples (50 per class, CFG 1.5) as the requested class (the small U-Net: 87 %).
 See experiments/results/pretrain.md for the loss, wall time and sample grid
 this produced.
 """

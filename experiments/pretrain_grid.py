@@ -38,7 +38,8 @@ ASSESSMENT = {
     "mnist_dit": ("recognisable digits in every row (class table N(0, 1)); strokes are thinner "
                   "and more wobbly than the U-Net's, a few 2s, 5s, 8s and 9s are malformed"),
     "mnist_unet": ("recognisable digits in every row; a few samples show another digit (a 1 "
-                   "and a 4 in the 9 row, a 7-like 4)"),
+                   "and two 4-like 9s in the 9 row, a 7-like 4, a 3-like 5); some 2s and 8s "
+                   "are scratchy"),
     "shapes_dit": ("every row has its colour and the four shape groups now differ (round "
                    "blobs, squarish blobs, small pointed triangles, fragmented crosses), but "
                    "outlines are ragged with 4-pixel steps and crosses fall apart: shape "
