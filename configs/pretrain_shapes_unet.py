@@ -11,9 +11,11 @@ after 1200 steps at batch 128). "small_wide" (16/32/64/96 channels) reached loss
 learning rate and more steps for the same wall time. Its grids use CFG 3: in that trial CFG 1.5
 still put a wrong colour in some rows, CFG 3 did not.
 
-Result (shared CPU at load 8-11): loss 0.041 at step 1100, 37.7 min, 0.72 steps/s; right
-colour in every row, clear circles and triangles, crosses in about half the samples,
-squares mostly rounded.
+Result (idle 2-core AMD EPYC, 2026-12-01, batch 48): loss 0.046 at step 1100, 17.4 min wall,
+median 1.2 steps/s; right colour in every row, clear circles and most triangles, squares
+mostly rounded, crosses fragmented in half the rows; 54.0 % ± 1.8 % of 800 samples (50 per
+class, CFG 3) have both the requested colour and shape by the exact rule. At batch 64 (shared
+CPU, 37.7 min) the same run reached 61.5 % ± 1.7 %.
 See experiments/results/pretrain.md for the loss, wall time and sample grid this produced.
 """
 

@@ -44,9 +44,10 @@ ASSESSMENT = {
                    "blobs, squarish blobs, small pointed triangles, fragmented crosses), but "
                    "outlines are ragged with 4-pixel steps and crosses fall apart: shape "
                    "detail, not the label, is what the 4×4-patch DiT still lacks"),
-    "shapes_unet": ("every row has its colour; circles and triangles are clear, crosses show in "
-                    "about half the samples (red crosses malformed), squares are mostly "
-                    "rounded blobs with only a few corners"),
+    "shapes_unet": ("every row has its colour; circles are clear, triangles clear in red, green "
+                    "and blue but blobby in yellow, squares mostly rounded blobs with a few "
+                    "corners, crosses recognisable in yellow and in some blue samples, "
+                    "fragmented in red and green"),
 }
 
 
