@@ -14,11 +14,10 @@ The preset's class table starts at N(0, 1) instead of the reference N(0, 0.02²)
 the same run used the colour but hardly the shape part of the label (indistinguishable blobs;
 31.6 % ± 2.6 % of samples right by the exact rendering rule).
 
-Result (shared CPU, load average 5-9 on 2 cores): loss 0.049 at step 1300, 19.1 min wall
-(18.7 min of training, median 1.23 steps/s); every row has its colour and the four shape
-groups differ, but outlines are ragged and crosses fragmented: 46.4 % ± 1.8 % of 800 samples
-(50 per class, CFG 3) have both the requested colour and shape by the rule (all circles,
-18-42 % of the other shapes).
+Result (idle 2-core AMD EPYC, 2026-12-01): loss 0.045 at step 2000, 13.0 min wall (median
+2.8 steps/s); every row has its colour, circles, squares and triangles are recognisable,
+crosses fragmented: 53.1 % ± 1.8 % of 800 samples (50 per class, CFG 3) have both the
+requested colour and shape by the exact rule (1300 steps on a shared CPU: 46.4 % ± 1.8 %).
 See experiments/results/pretrain.md for the loss, wall time and sample grid
 this produced.
 """

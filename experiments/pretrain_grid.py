@@ -40,10 +40,10 @@ ASSESSMENT = {
     "mnist_unet": ("recognisable digits in every row; a few samples show another digit (a 1 "
                    "and two 4-like 9s in the 9 row, a 7-like 4, a 3-like 5); some 2s and 8s "
                    "are scratchy"),
-    "shapes_dit": ("every row has its colour and the four shape groups now differ (round "
-                   "blobs, squarish blobs, small pointed triangles, fragmented crosses), but "
-                   "outlines are ragged with 4-pixel steps and crosses fall apart: shape "
-                   "detail, not the label, is what the 4×4-patch DiT still lacks"),
+    "shapes_dit": ("every row has its colour; with 2000 steps (was 1300) circles are round, "
+                   "squares mostly squarish, triangles pointed in all four colours; crosses "
+                   "are still fragmented and some outlines ragged in 4-pixel steps: the "
+                   "4×4-patch DiT lacks fine shape detail"),
     "shapes_unet": ("every row has its colour; circles are clear, triangles clear in red, green "
                     "and blue but blobby in yellow, squares mostly rounded blobs with a few "
                     "corners, crosses recognisable in yellow and in some blue samples, "
