@@ -151,7 +151,7 @@ def seed_table(data: dict) -> tuple[list[str], dict]:
                 m, se = mean_se([data["final"][f"{arm}-s{s}"][k] for s in seeds])
                 stats[f"{arm}/{k}"] = (m, se)
                 cells.append(f"{spec.format(m)} ± {spec.format(se)}")
-            lines.append(f"| **{label}, mean ± s.e. ({len(seeds)} seeds)** | "
+            lines.append(f"| **{label}, mean ± s.e. ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})** | "
                          + " | ".join(cells) + " | |")
         cells = []
         for k, _, spec in METRICS:
@@ -262,12 +262,12 @@ def plot_tradeoff(data: dict, path: str) -> None:
         if data["base"]:
             ax.plot(data["base"]["reward"], data["base"][key], "kx", ms=9, label="base")
         for s in ablation.SEEDS:
-            path = [data["base"]] + [data["early"].get(f"plain-s{s}-it{k}")
-                                     for k in ablation.EARLY_STEPS]
-            path.append(data["final"].get(f"plain-s{s}"))
-            path = [r for r in path if r is not None]
-            if len(path) > 1:
-                ax.plot([r["reward"] for r in path], [r[key] for r in path], "--o",
+            trail = [data["base"]] + [data["early"].get(f"plain-s{s}-it{k}")
+                                      for k in ablation.EARLY_STEPS]
+            trail.append(data["final"].get(f"plain-s{s}"))
+            trail = [r for r in trail if r is not None]
+            if len(trail) > 1:
+                ax.plot([r["reward"] for r in trail], [r[key] for r in trail], "--o",
                         color="C3", ms=3, alpha=0.7,
                         label="unguarded, it 0/8/16/24" if s == 0 else None)
             g = data["final"].get(f"guard-s{s}")
@@ -315,7 +315,9 @@ def analyse() -> None:
         "recall, judged real and precision against held-out digits; out of range = fraction "
         "of pixels beyond [-1.05, 1.05]; ρ on θ's own sampling trajectory).",
         "",
-        mt.missing_md(data["missing"]).replace("of the four sweeps ", ""),
+        ("Every cell finished." if not data["missing"] else
+         f"Cells not finished when this was written ({len(data['missing'])}): "
+         + ", ".join(data["missing"]) + "."),
         "",
         "## Seeds: unguarded vs NormGuard (λ = 0.1, relative hinge)",
         "",
