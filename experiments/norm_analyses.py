@@ -102,6 +102,7 @@ def main():
             parser.error(f"{r} is not an RL workdir")
 
     record = {}
+    base_sensitivity = {}  # runs that share a base model and reward share its sensitivity
     for run in runs:
         policy, base = rl.load_policy(run)
         cfg = policy.config
@@ -132,9 +133,14 @@ def main():
                 continue
             print(f"[{run}] adjoint sensitivity of {label}", flush=True)
             fn = lambda images, cond, reward=reward: reward(images, cond)[0]
-            sens[label] = {name: sensitivity(model, labels, args.seed, fn, args.num_steps,
-                                             cfg.sample.shift, guidance)
-                           for name, model in (("base", base), ("policy", policy))}
+            key = (os.path.abspath(cfg.base.workdir), base.step, bool(cfg.base.use_ema), label,
+                   float(cfg.sample.shift), guidance)
+            if key not in base_sensitivity:
+                base_sensitivity[key] = sensitivity(base, labels, args.seed, fn, args.num_steps,
+                                                    cfg.sample.shift, guidance)
+            sens[label] = {"base": base_sensitivity[key],
+                           "policy": sensitivity(policy, labels, args.seed, fn, args.num_steps,
+                                                 cfg.sample.shift, guidance)}
         record[run] = {"method": cfg.method, "normguard_weight": cfg.normguard.weight,
                        "rewards": dict(cfg.rewards), "ratio_per_step": profile.tolist(),
                        "ratio_over_training": over_training,

@@ -1,5 +1,6 @@
 """experiments/guard_ablation.py: statistics and matching on synthetic finished cells."""
 
+import importlib.util
 import json
 import sys
 
@@ -14,8 +15,6 @@ sys.path.insert(0, str(REPO / "configs" / "sweeps"))
 import guard_ablation as ablation_config  # noqa: E402  (configs/sweeps/guard_ablation.py)
 
 # experiments/guard_ablation.py shares its module name with the sweep config: load it by path.
-from normguard_jax import config_files  # noqa: E402,F401  (conftest set up JAX first)
-import importlib.util  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location(
     "guard_ablation_experiment", REPO / "experiments" / "guard_ablation.py")
