@@ -2,8 +2,13 @@
 
 Usage (from the repository root; resumable: rerun after an interruption and finished cells
 are skipped):
-  python experiments/guard_ablation.py [--stages base,sweep,analyse,norms] [--num_hosts N --host_index i]
-``--stages analyse`` only rewrites the results from the finished cells.
+  python experiments/guard_ablation.py [--study ram_logprob|nft_contrast]
+      [--stages base,sweep,analyse,norms] [--num_hosts N --host_index i]
+``--stages analyse`` only rewrites the results from the finished cells. ``--study`` picks the
+setting (configs/sweeps/guard_ablation.py:STUDIES): ``ram_logprob`` (default; seeds, early
+stopping and every ablation arm; results ``guard_ablation.*``) or ``nft_contrast`` (NFT on the
+contrast reward, the main table's most inflating setting; seeds and early stopping;
+``guard_ablation_nft_contrast.*``).
 
 Stages:
 - ``base``: pretrains the quickstart's digits base (configs/table_base.py:digits) if missing;
@@ -44,8 +49,29 @@ import numpy as np  # noqa: E402
 from matplotlib import pyplot as plt  # noqa: E402  (main_table selected the Agg backend)
 
 RESULTS = mt.RESULTS
-SETTING = ablation.SETTING
-METRICS = (("reward", "log p(class) ↑", "{:.2f}"), ("fd", "FD ↓", "{:.2f}"),
+# The study analysed (configs/sweeps/guard_ablation.py:STUDIES); ``--study`` selects another.
+ST = ablation.study()
+REWARD_NAMES = {"digits_logprob": "log p(class)", "digits_contrast": "contrast"}
+
+
+def reward_name() -> str:
+    """Display name of the study's training reward."""
+    return REWARD_NAMES.get(ST.setting, ST.setting)
+
+
+def out_name(suffix: str = "") -> str:
+    """Results file stem: ``guard_ablation`` for the default study, else with its name."""
+    stem = ("guard_ablation" if ST.name == ablation.DEFAULT_STUDY
+            else f"guard_ablation_{ST.name}")
+    return stem + suffix
+
+
+def metric_label(key: str, label: str) -> str:
+    """Column label of a metric; the reward's names the study's reward."""
+    return f"{reward_name()} ↑" if key == "reward" else label
+
+
+METRICS = (("reward", "reward ↑", "{:.2f}"), ("fd", "FD ↓", "{:.2f}"),
            ("recall", "recall ↑", "{:.3f}"), ("realism", "judged real ↑", "{:.3f}"),
            ("precision", "precision ↑", "{:.3f}"), ("out_of_range", "out of range ↓", "{:.3f}"),
            ("rho", "ρ (sampling)", "{:.3f}"))
@@ -61,13 +87,13 @@ SENSITIVITY_REWARDS = "classifier_logprob,contrast"
 
 def evaluation(name: str) -> dict | None:
     """Summary (reward, quality, ρ) of the finished evaluation cell ``name``, or None."""
-    return mt.summarise(mt.load_eval(ablation.WORKROOT, name), SETTING)
+    return mt.summarise(mt.load_eval(ST.workroot, name), ST.setting)
 
 
 def training_log(rl_cell: str) -> dict[str, np.ndarray]:
     """Per-iteration series of one RL cell's metrics.jsonl: iteration, training ρ (mean
     ‖v_θ‖/‖v_ref‖ over the training rows), hinge-active fraction and mean rollout reward."""
-    path = os.path.join(REPO, ablation.WORKROOT, rl_cell, "metrics.jsonl")
+    path = os.path.join(REPO, ST.workroot, rl_cell, "metrics.jsonl")
     if not os.path.exists(path):
         return {}
     with open(path, encoding="utf-8") as f:
@@ -88,7 +114,7 @@ def collect() -> dict:
     if out["base"] is None:
         out["missing"].append("eval-base")
     arms = [(a, s) for s in ablation.SEEDS for a in ablation.REPEATED]
-    arms += [(a, 0) for a in ablation.ABLATION]
+    arms += [(a, 0) for a in ST.ablation]
     for arm, seed in arms:
         key = f"{arm}-s{seed}"
         row = evaluation(f"eval-{key}")
@@ -101,7 +127,7 @@ def collect() -> dict:
         out["final"][key] = row
         out["train"][key] = {k: v.tolist() for k, v in log.items()}
     for seed in ablation.SEEDS:
-        for k in ablation.EARLY_STEPS:
+        for k in ST.early_steps:
             key = f"plain-s{seed}-it{k}"
             row = evaluation(f"eval-{key}")
             if row is None:
@@ -132,7 +158,7 @@ def seeds_done(data: dict) -> list[int]:
 def seed_table(data: dict) -> tuple[list[str], dict]:
     """Per-seed rows, means ± s.e., and the paired difference guarded − unguarded."""
     seeds = seeds_done(data)
-    head = ["model", *[label for _, label, _ in METRICS], "hinge active"]
+    head = ["model", *[metric_label(k, label) for k, label, _ in METRICS], "hinge active"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     if data["base"]:
         lines.append("| base | " + " | ".join(spec.format(data["base"][k])
@@ -168,16 +194,16 @@ def seed_table(data: dict) -> tuple[list[str], dict]:
 
 def earlystop_table(data: dict) -> tuple[list[str], list[dict]]:
     """Each seed's guarded run against its unguarded path (base, 8, 16, 24) at equal reward."""
-    lines = ["| seed | guarded: log p, FD, recall | unguarded path: iteration (log p, FD, recall) "
-             "| matched checkpoint (closest log p) | FD of the path at the guarded log p "
+    lines = ["| seed | guarded: reward, FD, recall | unguarded path: iteration (reward, FD, "
+             "recall) | matched checkpoint (closest reward) | FD of the path at the guarded reward "
              "(interpolated) | guarded − matched FD |",
              "|---|---|---|---|---:|---:|"]
     records = []
     for s in seeds_done(data):
         g = data["final"][f"guard-s{s}"]
         path = [(0, data["base"])] + [
-            (k, data["early"].get(f"plain-s{s}-it{k}")) for k in ablation.EARLY_STEPS]
-        path.append((ablation.ITERATIONS, data["final"][f"plain-s{s}"]))
+            (k, data["early"].get(f"plain-s{s}-it{k}")) for k in ST.early_steps]
+        path.append((ST.iterations, data["final"][f"plain-s{s}"]))
         path = [(k, r) for k, r in path if r is not None]
         k, m = min(path, key=lambda kr: abs(kr[1]["reward"] - g["reward"]))
         interp = mt.interpolate_at_reward(path, g["reward"], "fd")
@@ -194,10 +220,10 @@ def earlystop_table(data: dict) -> tuple[list[str], list[dict]]:
 
 def ablation_table(data: dict) -> list[str]:
     """Seed-0 rows of every arm (plain and guard first), with ρ during and after training."""
-    head = ["arm (seed 0)", "NormGuard", *[label for _, label, _ in METRICS], "hinge active",
+    head = ["arm (seed 0)", "NormGuard", *[metric_label(k, label) for k, label, _ in METRICS], "hinge active",
             "training ρ, last iteration"]
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
-    arms = {**ablation.REPEATED, **ablation.ABLATION}
+    arms = {**ablation.REPEATED, **ST.ablation}
     for arm, overrides in arms.items():
         r = data["final"].get(f"{arm}-s0")
         what = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in overrides.items())
@@ -237,15 +263,16 @@ def plot_training(data: dict, path: str) -> None:
         log = data["train"]["plain-s0"]
         axes[2].plot(log["iteration"], log["ratio"], "--", color="C3", label="plain")
     for ax, title in zip(axes, ("training ρ = ‖v_θ‖/‖v_ref‖ (mean over rows)",
-                                "rollout reward (log p(class))",
+                                f"rollout reward ({reward_name()})",
                                 "training ρ, ablation arms (seed 0)")):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("RL iteration")
         ax.legend(fontsize=7)
     for ax in (axes[0], axes[2]):
         ax.axhline(1.0, color="k", lw=0.5)
-    fig.suptitle(f"RAM m = 4 on digits, log p(class): unguarded vs NormGuard "
-                 f"({len(seeds_done(data))} seeds) and the ablation arms")
+    fig.suptitle(f"{ST.method.upper()} on digits, {reward_name()}: unguarded vs NormGuard "
+                 f"({len(seeds_done(data))} seeds)"
+                 + (" and the ablation arms" if ST.ablation else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -263,22 +290,24 @@ def plot_tradeoff(data: dict, path: str) -> None:
             ax.plot(data["base"]["reward"], data["base"][key], "kx", ms=9, label="base")
         for s in ablation.SEEDS:
             trail = [data["base"]] + [data["early"].get(f"plain-s{s}-it{k}")
-                                      for k in ablation.EARLY_STEPS]
+                                      for k in ST.early_steps]
             trail.append(data["final"].get(f"plain-s{s}"))
             trail = [r for r in trail if r is not None]
             if len(trail) > 1:
                 ax.plot([r["reward"] for r in trail], [r[key] for r in trail], "--o",
                         color="C3", ms=3, alpha=0.7,
-                        label="unguarded, it 0/8/16/24" if s == 0 else None)
+                        label="unguarded, it " + "/".join(
+                            str(k) for k in (0, *ST.early_steps, ST.iterations))
+                        if s == 0 else None)
             g = data["final"].get(f"guard-s{s}")
             if g is not None:
                 ax.plot(g["reward"], g[key], "*", color="C0", ms=12,
                         label=f"guard λ={ablation.GUARD_WEIGHT}" if s == 0 else None)
-        for i, arm in enumerate(ablation.ABLATION):
+        for i, arm in enumerate(ST.ablation):
             r = data["final"].get(f"{arm}-s0")
             if r is not None:
                 ax.plot(r["reward"], r[key], "s", color=f"C{(i + 4) % 10}", ms=6, label=arm)
-        ax.set_xlabel("log p(class) ↑ (the reward)")
+        ax.set_xlabel(f"{reward_name()} ↑ (the reward)")
         ax.set_ylabel(label)
         ax.legend(fontsize=6)
     fig.suptitle("Reward against quality: guarded runs (stars, squares) vs the unguarded "
@@ -298,20 +327,27 @@ def analyse() -> None:
     seed_lines, stats = seed_table(data)
     early_lines, early = earlystop_table(data)
     os.makedirs(RESULTS, exist_ok=True)
-    plot_training(data, os.path.join(RESULTS, "guard_ablation_training.png"))
-    plot_tradeoff(data, os.path.join(RESULTS, "guard_ablation_tradeoff.png"))
-    rl = mt.rl_table.get_config(f"{ablation.METHOD},{SETTING}")
+    plot_training(data, os.path.join(RESULTS, out_name("_training.png")))
+    plot_tradeoff(data, os.path.join(RESULTS, out_name("_tradeoff.png")))
+    rl = mt.rl_table.get_config(f"{ST.method},{ST.setting}")
+    study_flag = "" if ST.name == ablation.DEFAULT_STUDY else f" --study {ST.name}"
+    if ST.method == "ram":
+        method = (f"RAM (correction scale m = {rl.objective.scale:g}, lr {rl.optim.lr:g})")
+    else:
+        method = f"{ST.method.upper()} (configs/rl_{ST.method}.py, lr {rl.optim.lr:g})"
     lines = [
-        "# NormGuard where the norm inflates: seeds, λ, form, power, margin",
+        "# NormGuard where the norm inflates: seeds"
+        + (", λ, form, power, margin" if ST.ablation else f" ({ST.name})"),
         "",
-        "Command: `python experiments/guard_ablation.py` (runs configs/sweeps/guard_ablation.py,"
-        " then this analysis; `--stages analyse` rewrites this file from the finished cells).",
+        f"Command: `python experiments/guard_ablation.py{study_flag}` (runs "
+        f"configs/sweeps/guard_ablation.py{':' + ST.name if study_flag else ''}, then this "
+        f"analysis; `--stages analyse{study_flag}` rewrites this file from the finished cells).",
         "",
-        f"Setting: RAM (correction scale m = {rl.objective.scale:g}, lr {rl.optim.lr:g}) on the "
-        f"quickstart's digits base (`{mt.rl_table.BASES['digits']}`), reward log p(class), "
-        f"{ablation.ITERATIONS} iterations of {rl.rollout.prompts_per_iter} prompts × "
+        f"Setting: {method} on the "
+        f"quickstart's digits base (`{mt.rl_table.BASES['digits']}`), reward {reward_name()}, "
+        f"{ST.iterations} iterations of {rl.rollout.prompts_per_iter} prompts × "
         f"{rl.rollout.group_size} samples, 10-step ODE rollouts, no CFG. Evaluation: "
-        "configs/eval_table.py:digits_logprob (300 samples at fixed seeds, 20-step ODE; FD, "
+        f"configs/eval_table.py:{ST.setting} (300 samples at fixed seeds, 20-step ODE; FD, "
         "recall, judged real and precision against held-out digits; out of range = fraction "
         "of pixels beyond [-1.05, 1.05]; ρ on θ's own sampling trajectory).",
         "",
@@ -327,7 +363,7 @@ def analyse() -> None:
         "",
         *seed_lines,
         "",
-        "![training](guard_ablation_training.png)",
+        f"![training]({out_name('_training.png')})",
         "",
         "## Early-stopping control, every seed",
         "",
@@ -336,20 +372,23 @@ def analyse() -> None:
         "",
         *early_lines,
         "",
-        "![tradeoff](guard_ablation_tradeoff.png)",
-        "",
-        "## Strength, form, power and margin (seed 0)",
-        "",
-        "Read these single-seed rows against the seed spread above. λ for the absolute and "
-        "squared forms is chosen to give about the same gradient as the relative hinge at "
-        "λ = 0.1 (configs/sweeps/guard_ablation.py explains the numbers).",
-        "",
-        *ablation_table(data),
+        f"![tradeoff]({out_name('_tradeoff.png')})",
         "",
     ]
-    with open(os.path.join(RESULTS, "guard_ablation.md"), "w", encoding="utf-8") as f:
+    if ST.ablation:
+        lines += [
+            "## Strength, form, power and margin (seed 0)",
+            "",
+            "Read these single-seed rows against the seed spread above. λ for the absolute and "
+            "squared forms is chosen to give about the same gradient as the relative hinge at "
+            "λ = 0.1 (configs/sweeps/guard_ablation.py explains the numbers).",
+            "",
+            *ablation_table(data),
+            "",
+        ]
+    with open(os.path.join(RESULTS, out_name(".md")), "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
-    with open(os.path.join(RESULTS, "guard_ablation.json"), "w", encoding="utf-8") as f:
+    with open(os.path.join(RESULTS, out_name(".json")), "w", encoding="utf-8") as f:
         json.dump({"data": data, "seed_stats": stats, "earlystop": early}, f, indent=1)
     print("\n".join(lines), flush=True)
 
@@ -358,6 +397,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--stages", default=",".join(STAGES),
                         help=f"comma-separated stages, run in order: {', '.join(STAGES)}")
+    parser.add_argument("--study", default=ablation.DEFAULT_STUDY, choices=sorted(ablation.STUDIES),
+                        help="which setting (configs/sweeps/guard_ablation.py:STUDIES)")
     parser.add_argument("--num_hosts", type=int, default=0)
     parser.add_argument("--host_index", type=int, default=-1)
     args = parser.parse_args()
@@ -367,23 +408,27 @@ def main():
         parser.error(f"unknown stages {unknown}; choose from {list(STAGES)}")
     hosts = ([f"--config.num_hosts={args.num_hosts}"] if args.num_hosts else []) + (
         [f"--config.host_index={args.host_index}"] if args.host_index >= 0 else [])
+    global ST
+    ST = ablation.study(args.study)
+    sweep_config = "configs/sweeps/guard_ablation.py" + (
+        "" if ST.name == ablation.DEFAULT_STUDY else f":{ST.name}")
     os.chdir(REPO)
     for stage in stages:
         if stage == "base":
             mt.make_bases(["digits"])
         elif stage == "sweep":
-            mt.run_sweep("configs/sweeps/guard_ablation.py", hosts)
+            mt.run_sweep(sweep_config, hosts)
         elif stage == "analyse":
             analyse()
         elif stage == "norms":
-            runs = [os.path.join(ablation.WORKROOT, f"rl-{arm}-s0") for arm in ("plain", "guard")]
+            runs = [os.path.join(ST.workroot, f"rl-{arm}-s0") for arm in ("plain", "guard")]
             missing = [r for r in runs if not os.path.exists(
                 os.path.join(r, "sweep_done.json"))]
             if missing:
                 print(f"norms stage skipped: {missing} not finished", flush=True)
                 continue
             cmd = [sys.executable, os.path.join("experiments", "norm_analyses.py"),
-                   f"--runs={','.join(runs)}", "--out=experiments/results/guard_ablation_norms",
+                   f"--runs={','.join(runs)}", f"--out=experiments/results/{out_name('_norms')}",
                    f"--sensitivity_rewards={SENSITIVITY_REWARDS}"]
             print("+", " ".join(cmd), flush=True)
             subprocess.run(cmd, check=True)

@@ -1,5 +1,6 @@
 """experiments/guard_ablation.py: statistics and matching on synthetic finished cells."""
 
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -45,7 +46,8 @@ def _write_log(root, name, ratios):
 
 @pytest.fixture
 def cells(tmp_path, monkeypatch):
-    monkeypatch.setattr(ablation_config, "WORKROOT", str(tmp_path))
+    monkeypatch.setattr(experiment, "ST", dataclasses.replace(
+        ablation_config.study(), workroot=str(tmp_path)))
     _write_eval(tmp_path, "eval-base", -6.0, 2.0)
     # Per seed: unguarded (logp, fd) and guarded (logp, fd).
     runs = {0: ((-4.0, 16.0), (-5.0, 7.0)), 1: ((-4.5, 12.0), (-5.5, 6.0)),

@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from normguard_jax.models.conv import conv_layer
 from normguard_jax.models.embeddings import ConditionEmbedding, sincos_2d_position_embedding
 
 
@@ -130,13 +131,13 @@ class ConvRefiner(nnx.Module):
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         zeros = nnx.initializers.zeros_init()
         groups = 4 if channels % 4 == 0 else 1
-        self.conv_in = nnx.Conv(
+        self.conv_in = conv_layer(
             2 * image_channels + extra_channels, channels, (3, 3), padding=1, **common
         )
         self.norm = nnx.GroupNorm(channels, num_groups=groups, **common)
         self.cond_proj = nnx.Linear(cond_dim, 2 * channels, **common)
-        self.conv_mid = nnx.Conv(channels, channels, (3, 3), padding=1, **common)
-        self.conv_out = nnx.Conv(
+        self.conv_mid = conv_layer(channels, channels, (3, 3), padding=1, **common)
+        self.conv_out = conv_layer(
             channels, image_channels, (3, 3), padding=1, kernel_init=zeros, bias_init=zeros,
             **common
         )
@@ -237,8 +238,8 @@ class DiT(nnx.Module):
         patch_values = patch_size * patch_size * ch
         if stem_channels:
             self.stem = nnx.List([
-                nnx.Conv(ch, stem_channels, (3, 3), padding=1, **dense),
-                nnx.Conv(stem_channels, stem_channels, (3, 3), padding=1, **dense),
+                conv_layer(ch, stem_channels, (3, 3), padding=1, **dense),
+                conv_layer(stem_channels, stem_channels, (3, 3), padding=1, **dense),
             ])
         else:
             self.stem = None

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from normguard_jax.models.conv import conv_layer
 from normguard_jax.models.embeddings import ConditionEmbedding
 
 
@@ -47,13 +48,13 @@ class ResBlock(nnx.Module):
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         zeros = nnx.initializers.zeros_init()
         self.norm1 = nnx.GroupNorm(in_ch, num_groups=num_groups, **common)
-        self.conv1 = nnx.Conv(in_ch, out_ch, (3, 3), padding=1, **common)
+        self.conv1 = conv_layer(in_ch, out_ch, (3, 3), padding=1, **common)
         self.emb_proj = nnx.Linear(emb_dim, 2 * out_ch, **common)
         self.norm2 = nnx.GroupNorm(out_ch, num_groups=num_groups, **common)
-        self.conv2 = nnx.Conv(
+        self.conv2 = conv_layer(
             out_ch, out_ch, (3, 3), padding=1, kernel_init=zeros, bias_init=zeros, **common
         )
-        self.skip = nnx.Conv(in_ch, out_ch, (1, 1), **common) if in_ch != out_ch else None
+        self.skip = conv_layer(in_ch, out_ch, (1, 1), **common) if in_ch != out_ch else None
 
     def __call__(self, x: jax.Array, emb: jax.Array) -> jax.Array:
         """x (B, h, w, in_ch), emb (B, emb_dim) -> (B, h, w, out_ch)."""
@@ -69,7 +70,7 @@ class Downsample(nnx.Module):
     """3×3 conv with stride 2: (B, h, w, ch) -> (B, h/2, w/2, ch); h and w must be even."""
 
     def __init__(self, ch: int, *, dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs):
-        self.conv = nnx.Conv(
+        self.conv = conv_layer(
             ch, ch, (3, 3), strides=2, padding=1, dtype=dtype, param_dtype=param_dtype, rngs=rngs
         )
 
@@ -83,7 +84,7 @@ class Upsample(nnx.Module):
     """Nearest-neighbour ×2 then 3×3 conv: (B, h, w, ch) -> (B, 2h, 2w, ch)."""
 
     def __init__(self, ch: int, *, dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs):
-        self.conv = nnx.Conv(
+        self.conv = conv_layer(
             ch, ch, (3, 3), padding=1, dtype=dtype, param_dtype=param_dtype, rngs=rngs
         )
 
@@ -205,7 +206,7 @@ class UNet(nnx.Module):
         self.dtype = dtype
 
         self.cond_embed = ConditionEmbedding(emb_dim, num_classes, freq_dim=freq_dim, **common)
-        self.stem = nnx.Conv(ch_in, widths[0], (3, 3), padding=1, **common)
+        self.stem = conv_layer(ch_in, widths[0], (3, 3), padding=1, **common)
 
         down, skip_widths, ch = [], [widths[0]], widths[0]
         for level, out in enumerate(widths):
@@ -236,7 +237,7 @@ class UNet(nnx.Module):
 
         zeros = nnx.initializers.zeros_init()
         self.out_norm = nnx.GroupNorm(ch, num_groups=num_groups, **common)
-        self.out_conv = nnx.Conv(
+        self.out_conv = conv_layer(
             ch, ch_in, (3, 3), padding=1, kernel_init=zeros, bias_init=zeros, **common
         )
 
