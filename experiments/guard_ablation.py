@@ -2,13 +2,13 @@
 
 Usage (from the repository root; resumable: rerun after an interruption and finished cells
 are skipped):
-  python experiments/guard_ablation.py [--study ram_logprob|nft_contrast]
+  python experiments/guard_ablation.py [--study ram_logprob|awm_contrast]
       [--stages base,sweep,analyse,norms] [--num_hosts N --host_index i]
 ``--stages analyse`` only rewrites the results from the finished cells. ``--study`` picks the
 setting (configs/sweeps/guard_ablation.py:STUDIES): ``ram_logprob`` (default; seeds, early
-stopping and every ablation arm; results ``guard_ablation.*``) or ``nft_contrast`` (NFT on the
-contrast reward, the main table's most inflating setting; seeds and early stopping;
-``guard_ablation_nft_contrast.*``).
+stopping and every ablation arm; results ``guard_ablation.*``) or ``awm_contrast`` (AWM on the
+contrast reward, the main table's hardest reward hack with ρ > 1; seeds and early stopping;
+``guard_ablation_awm_contrast.*``).
 
 Stages:
 - ``base``: pretrains the quickstart's digits base (configs/table_base.py:digits) if missing;

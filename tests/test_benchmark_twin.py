@@ -146,6 +146,15 @@ def test_flop_count_closed_forms():
     assert bench_run.count_matmul_flops(jax.make_jaxpr(conv)(x, w)) == forward
     grads = jax.grad(lambda x, w: conv(x, w).sum(), argnums=(0, 1))
     assert bench_run.count_matmul_flops(jax.make_jaxpr(grads)(x, w)) == 3 * forward
+    # The generators' conv (models/conv.py: per-tap kernel gradient) does the same work.
+    from normguard_jax.models import conv as model_conv
+
+    def tap_conv(x, w):
+        return model_conv.conv_general_dilated(x, w, (1, 1), "SAME",
+                                               dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    tap_grads = jax.grad(lambda x, w: tap_conv(x, w).sum(), argnums=(0, 1))
+    assert bench_run.count_matmul_flops(jax.make_jaxpr(tap_grads)(x, w)) == 3 * forward
 
     def repeated(x, w):
         return jax.lax.scan(lambda c, _: (conv(c, w[..., :3]), None), x, None, length=4)[0]

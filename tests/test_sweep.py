@@ -256,7 +256,7 @@ class _Sink:
 
 @pytest.mark.parametrize("spec", ["table_main.py", "table_lambda.py:digits_contrast,dpo",
                                   "table_fewstep.py", "table_earlystop.py",
-                                  "guard_ablation.py", "guard_ablation.py:nft_contrast"])
+                                  "guard_ablation.py", "guard_ablation.py:awm_contrast"])
 def test_shipped_table_sweeps_name_real_fields(spec, monkeypatch):
     """Every cell of the sweeps in configs/sweeps/ overrides existing fields of its job config,
     and every evaluation cell reads an RL workdir that an RL cell of the table writes."""
@@ -271,7 +271,7 @@ def test_shipped_table_sweeps_name_real_fields(spec, monkeypatch):
         sweep.check_overrides(cell, loaded[cell.config])
     rl_dirs = set()
     for s in ("table_main.py", "table_lambda.py:digits_contrast,dpo", "guard_ablation.py",
-              "guard_ablation.py:nft_contrast"):
+              "guard_ablation.py:awm_contrast"):
         rl_dirs |= {c.workdir for c in sweep.expand(sweep.load_job_config(
             os.path.join("configs", "sweeps", s))) if c.name.startswith("rl-")}
     for cell in cells:
@@ -290,5 +290,5 @@ def test_shipped_table_sweeps_name_real_fields(spec, monkeypatch):
 
 def test_guard_ablation_unknown_study_is_named():
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with pytest.raises(ValueError, match="nft_contrast"):
+    with pytest.raises(ValueError, match="awm_contrast"):
         sweep.load_job_config(os.path.join(repo, "configs", "sweeps", "guard_ablation.py:nope"))

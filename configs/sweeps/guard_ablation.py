@@ -11,9 +11,11 @@ Studies (``STUDIES``; the config argument picks one, default ``ram_logprob``):
   digits_logprob), 24 RL iterations. This is the setting where the unguarded trajectory-mean
   ρ reached 1.04 in experiments/results/guard_where_inflated.md, so the hinge has something
   to act on. Every ablation arm runs here.
-- ``nft_contrast``: NFT with the pixel-contrast reward (configs/rl_table.py:nft,
-  digits_contrast), 12 iterations as in the main table, where its unguarded ρ was the
-  largest (1.05) and whose reward's adjoint sensitivity favours a larger late-step velocity.
+- ``awm_contrast``: AWM with the pixel-contrast reward (configs/rl_table.py:awm,
+  digits_contrast), 12 iterations as in the main table. Its reward's adjoint sensitivity
+  favours a larger late-step velocity, and in the main table this run hacked the reward
+  hardest while inflating ρ (contrast 0.50 -> 0.77, FD 53, ρ 1.03). NFT, the run with the
+  table's largest ρ (1.05), lowered the contrast it was trained on, so it is not used.
   Seeds and the early-stopping control only.
 
 Cells (workdirs under the study's ``workroot``):
@@ -83,11 +85,12 @@ STUDIES = {
     "ram_logprob": Study("ram_logprob", "ram", "digits_logprob", iterations=24,
                          checkpoint_every=8, early_steps=(8, 16),
                          workroot="workdir/sweeps/guard_ablation", ablation=ABLATION),
-    # The main table's largest unguarded ρ (1.05 after 12 iterations), and a reward whose
-    # adjoint sensitivity favours a larger late-step velocity: seeds and early stopping only.
-    "nft_contrast": Study("nft_contrast", "nft", "digits_contrast", iterations=12,
+    # A reward whose adjoint sensitivity favours a larger late-step velocity, and the main
+    # table's run that hacked it hardest while inflating ρ (AWM: contrast 0.50 -> 0.77, FD 53,
+    # ρ 1.03 after 12 iterations): seeds and early stopping only.
+    "awm_contrast": Study("awm_contrast", "awm", "digits_contrast", iterations=12,
                           checkpoint_every=4, early_steps=(4, 8),
-                          workroot="workdir/sweeps/guard_ablation_nft_contrast", ablation={}),
+                          workroot="workdir/sweeps/guard_ablation_awm_contrast", ablation={}),
 }
 DEFAULT_STUDY = "ram_logprob"
 # The default study's values under their historical names (read by the experiment script).

@@ -81,11 +81,11 @@ def _conv_fwd(x, w, strides, pads):
 
 def _conv_bwd(strides, pads, residuals, g):
     x, w = residuals
-    _, input_vjp = jax.vjp(lambda x_: _xla_conv(x_, w, strides, pads), x)
-    (dx,) = input_vjp(g)
+    # Transposes of the linear maps x -> conv(x, w) and w -> conv(x, w) (no forward pass).
+    (dx,) = jax.linear_transpose(lambda x_: _xla_conv(x_, w, strides, pads), x)(g)
 
     def xla_kernel_gradient(x_, g_):
-        return jax.vjp(lambda w_: _xla_conv(x_, w_, strides, pads), w)[1](g_)[0]
+        return jax.linear_transpose(lambda w_: _xla_conv(x_, w_, strides, pads), w)(g_)[0]
 
     def tap_kernel_gradient(x_, g_):
         return kernel_gradient(x_, g_, w.shape[:2], strides, pads).astype(w.dtype)
