@@ -246,7 +246,8 @@ def plot_training(data: dict, path: str) -> None:
     """Training-time ρ and rollout reward per iteration: seeds of plain/guard, and ablations."""
     if not data["train"]:
         return
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+    panels = 3 if ST.ablation else 2  # the third shows the ablation arms
+    fig, axes = plt.subplots(1, panels, figsize=(16 if ST.ablation else 11, 4))
     colours = {"plain": "C3", "guard": "C0"}
     for key, log in data["train"].items():
         if not log:
@@ -259,7 +260,7 @@ def plot_training(data: dict, path: str) -> None:
                         label=f"{arm} (seeds)" if seed == "0" else None)
         else:
             axes[2].plot(it, log["ratio"], lw=1.2, label=arm)
-    if "plain-s0" in data["train"]:
+    if "plain-s0" in data["train"] and ST.ablation:
         log = data["train"]["plain-s0"]
         axes[2].plot(log["iteration"], log["ratio"], "--", color="C3", label="plain")
     for ax, title in zip(axes, ("training ρ = ‖v_θ‖/‖v_ref‖ (mean over rows)",
@@ -268,7 +269,7 @@ def plot_training(data: dict, path: str) -> None:
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("RL iteration")
         ax.legend(fontsize=7)
-    for ax in (axes[0], axes[2]):
+    for ax in axes[::2]:
         ax.axhline(1.0, color="k", lw=0.5)
     fig.suptitle(f"{ST.method.upper()} on digits, {reward_name()}: unguarded vs NormGuard "
                  f"({len(seeds_done(data))} seeds)"
