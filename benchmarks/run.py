@@ -218,14 +218,13 @@ class Bench:
 
     # -- sampling ------------------------------------------------------------------------------
 
-    def sample(self, peak_gflops: float) -> dict:
-        jax, torch, tt = self.jax, self.torch, self.tt
+    def sample_program(self):
+        """``(sample_fn, labels, key)``: the timed sampler ``(params, labels, key) -> images``
+        (SAMPLE_BATCH, H, W, C), SAMPLE_STEPS Euler steps with CFG GUIDANCE, and its inputs."""
+        jax = self.jax
         import jax.numpy as jnp  # noqa: PLC0415
 
-        from normguard_jax import flow, generate  # noqa: PLC0415
-
-        labels = jnp.arange(SAMPLE_BATCH, dtype=jnp.int32) % NUM_CLASSES
-        key = jax.random.key(5)
+        from normguard_jax import generate  # noqa: PLC0415
 
         def sample_fn(params, labels, key):
             return generate.generate_images(
@@ -233,6 +232,15 @@ class Bench:
                 num_steps=SAMPLE_STEPS, shift=SHIFT, guidance_scale=GUIDANCE,
                 null_class=NUM_CLASSES)
 
+        labels = jnp.arange(SAMPLE_BATCH, dtype=jnp.int32) % NUM_CLASSES
+        return sample_fn, labels, jax.random.key(5)
+
+    def sample(self, peak_gflops: float) -> dict:
+        jax, torch, tt = self.jax, self.torch, self.tt
+
+        from normguard_jax import flow, generate  # noqa: PLC0415
+
+        sample_fn, labels, key = self.sample_program()
         t0 = time.perf_counter()
         lowered = jax.jit(sample_fn).lower(self.params, labels, key)
         t1 = time.perf_counter()
@@ -298,8 +306,10 @@ class Bench:
             "cond": jax.random.randint(jax.random.fold_in(key, 3), (k, b), 0, NUM_CLASSES + 1),
         }
 
-    def _jax_train(self, velocity, steps_per_call: int):
-        """(compiled, state0, call, trace+lower s, compile s, memory analysis)."""
+    def _jax_train(self, velocity, steps_per_call: int, compiler_options=None):
+        """``(call, trace+lower s, compile s, memory analysis, matmul FLOPs per step)`` of a
+        jitted train step; ``call()`` runs one call and blocks. ``compiler_options`` go to
+        XLA (``Lowered.compile``)."""
         jax = self.jax
         import optax  # noqa: PLC0415
 
@@ -334,7 +344,7 @@ class Bench:
         t0 = time.perf_counter()
         lowered = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, batches)
         t1 = time.perf_counter()
-        compiled = lowered.compile()
+        compiled = lowered.compile(compiler_options=compiler_options)
         t2 = time.perf_counter()
         state = [params, opt_state]
 

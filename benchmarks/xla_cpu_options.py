@@ -39,25 +39,14 @@ def main() -> None:
     args = parser.parse_args()
 
     import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
-
-    from normguard_jax import generate  # noqa: PLC0415
 
     bench = bench_run.Bench(args.model, args.rounds)
     calls = {}
     for name, options in VARIANTS.items():
         t0 = time.perf_counter()
         if args.what == "sample":
-            labels = jnp.arange(bench_run.SAMPLE_BATCH, dtype=jnp.int32) % bench_run.NUM_CLASSES
-            key = jax.random.key(5)
-
-            def sample_fn(params, labels, key):
-                return generate.generate_images(
-                    bench.velocity, params, labels, key, image_shape=bench_run.IMAGE_SHAPE,
-                    num_steps=bench_run.SAMPLE_STEPS, shift=bench_run.SHIFT,
-                    guidance_scale=bench_run.GUIDANCE, null_class=bench_run.NUM_CLASSES)
-
+            sample_fn, labels, key = bench.sample_program()
             compiled = jax.jit(sample_fn).lower(bench.params, labels, key).compile(
                 compiler_options=options or None)
             images = np.asarray(compiled(bench.params, labels, key))
@@ -65,16 +54,7 @@ def main() -> None:
                            c(bench.params, l, k).block_until_ready())
             detail = f"mean |pixel| {np.abs(images).mean():.7f}"
         else:
-            original = jax.stages.Lowered.compile
-
-            def with_options(self, compiler_options=None, _o=options):
-                return original(self, compiler_options=_o or None)
-
-            jax.stages.Lowered.compile = with_options
-            try:
-                call, *_ = bench._jax_train(bench.velocity, 1)
-            finally:
-                jax.stages.Lowered.compile = original
+            call, *_ = bench._jax_train(bench.velocity, 1, compiler_options=options or None)
             call()
             calls[name] = call
             detail = ""

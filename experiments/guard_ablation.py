@@ -177,7 +177,8 @@ def seed_table(data: dict) -> tuple[list[str], dict]:
                 m, se = mean_se([data["final"][f"{arm}-s{s}"][k] for s in seeds])
                 stats[f"{arm}/{k}"] = (m, se)
                 cells.append(f"{spec.format(m)} ± {spec.format(se)}")
-            lines.append(f"| **{label}, mean ± s.e. ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})** | "
+            plural = "s" if len(seeds) > 1 else ""
+            lines.append(f"| **{label}, mean ± s.e. ({len(seeds)} seed{plural})** | "
                          + " | ".join(cells) + " | |")
         cells = []
         for k, _, spec in METRICS:
@@ -220,7 +221,8 @@ def earlystop_table(data: dict) -> tuple[list[str], list[dict]]:
 
 def ablation_table(data: dict) -> list[str]:
     """Seed-0 rows of every arm (plain and guard first), with ρ during and after training."""
-    head = ["arm (seed 0)", "NormGuard", *[metric_label(k, label) for k, label, _ in METRICS], "hinge active",
+    head = ["arm (seed 0)", "NormGuard",
+            *[metric_label(k, label) for k, label, _ in METRICS], "hinge active",
             "training ρ, last iteration"]
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     arms = {**ablation.REPEATED, **ST.ablation}

@@ -83,6 +83,22 @@ def test_grouped_convolution_falls_through_to_lax():
     np.testing.assert_allclose(jax.grad(ours)(w), jax.grad(xla)(w), rtol=1e-6, atol=1e-6)
 
 
+def test_negative_padding_falls_through_to_lax():
+    """lax crops the input for negative padding; the gradient is XLA's own there."""
+    x, w, _ = _inputs((2, 8, 8, 3), (3, 3, 3, 4))
+    pads = ((-1, 1), (0, -1))
+
+    def loss(conv_fn, w):
+        return jnp.sum(jnp.sin(conv_fn(x, w, (1, 1), pads, dimension_numbers=LAYOUT)))
+
+    np.testing.assert_array_equal(
+        conv.conv_general_dilated(x, w, (1, 1), pads, dimension_numbers=LAYOUT),
+        lax.conv_general_dilated(x, w, (1, 1), pads, dimension_numbers=LAYOUT))
+    np.testing.assert_allclose(jax.grad(lambda w: loss(conv.conv_general_dilated, w))(w),
+                               jax.grad(lambda w: loss(lax.conv_general_dilated, w))(w),
+                               rtol=1e-6, atol=1e-6)
+
+
 def test_conv_layer_matches_nnx_conv_under_jit():
     """Same parameters and forward pass as nnx.Conv; gradients agree through jit."""
     ours = conv.conv_layer(3, 5, (3, 3), padding=1, rngs=nnx.Rngs(0))

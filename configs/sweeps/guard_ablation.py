@@ -93,11 +93,6 @@ STUDIES = {
                           workroot="workdir/sweeps/guard_ablation_awm_contrast", ablation={}),
 }
 DEFAULT_STUDY = "ram_logprob"
-# The default study's values under their historical names (read by the experiment script).
-WORKROOT = STUDIES[DEFAULT_STUDY].workroot
-METHOD, SETTING = STUDIES[DEFAULT_STUDY].method, STUDIES[DEFAULT_STUDY].setting
-ITERATIONS = STUDIES[DEFAULT_STUDY].iterations
-EARLY_STEPS = STUDIES[DEFAULT_STUDY].early_steps
 
 
 def study(name: str = "") -> Study:

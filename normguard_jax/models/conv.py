@@ -8,16 +8,17 @@ input gradient are XLA's own convolutions. Only the kernel gradient differs: for
     dL/dW[i, j, c, o] = Σ_{b, h, w} x_p[b, s_h·h + i, s_w·w + j, c] · g[b, h, w, o],
 
 computed on CPU as k_h·k_w matrix products (C_in × B·H_out·W_out) · (B·H_out·W_out × C_out),
-one per kernel tap, instead of XLA:CPU's kernel-gradient convolution (on GPU and TPU, where the
-native convolution is fast, it stays; ``lax.platform_dependent`` picks at lowering time). At the generators' 8–32
-channels that convolution is 2–3× slower than the products (benchmarks/README.md, "fast
-kernel gradient"); the products keep a strided copy of x per tap alive, so the training step
-needs more temporary memory. Results agree with ``jax.grad`` of the XLA convolution to float32
-rounding (tests/test_conv.py).
+one per kernel tap, instead of XLA:CPU's kernel-gradient convolution. On GPU and TPU, where
+the native convolution is fast, it stays (``lax.platform_dependent`` picks at lowering time).
+At the generators' 8–96 channels XLA:CPU's kernel-gradient convolution was 1.5–19× slower
+than the products (benchmarks/conv_grad.py; benchmarks/README.md, "Kernel gradient of the
+convolutions"). The products keep a strided copy of x per tap alive, so the training step
+needs more temporary memory. Results agree with ``jax.grad`` of the XLA convolution to
+float32 rounding (tests/test_conv.py).
 
 Layouts: NHWC images and HWIO kernels, as ``nnx.Conv`` uses them. Any other case (grouped or
-dilated convolutions, other layouts, 1-D/3-D, ``preferred_element_type``) falls through to
-``jax.lax.conv_general_dilated`` unchanged.
+dilated convolutions, other layouts, 1-D/3-D, ``preferred_element_type``, negative padding)
+falls through to ``jax.lax.conv_general_dilated`` unchanged.
 """
 
 from __future__ import annotations
@@ -118,15 +119,16 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
             and dimension_numbers is not None
             and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
             == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _LAYOUT))
-    if not fast:
-        return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
-                                        rhs_dilation, dimension_numbers, feature_group_count,
-                                        precision=precision, **kwargs)
-    strides = tuple(int(s) for s in window_strides)
-    if isinstance(padding, str):
-        padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
-    pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-    return _conv(lhs, rhs, strides, pads)
+    if fast:
+        strides = tuple(int(s) for s in window_strides)
+        pads = (lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
+                if isinstance(padding, str) else padding)
+        pads = tuple((int(lo), int(hi)) for lo, hi in pads)
+        if all(p >= 0 for pair in pads for p in pair):  # kernel_gradient pads with jnp.pad
+            return _conv(lhs, rhs, strides, pads)
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
+                                    rhs_dilation, dimension_numbers, feature_group_count,
+                                    precision=precision, **kwargs)
 
 
 def conv_layer(in_features: int, out_features: int, kernel_size: Sequence[int],
