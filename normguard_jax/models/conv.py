@@ -17,8 +17,10 @@ needs more temporary memory. Results agree with ``jax.grad`` of the XLA convolut
 float32 rounding (tests/test_conv.py).
 
 Layouts: NHWC images and HWIO kernels, as ``nnx.Conv`` uses them. Any other case (grouped or
-dilated convolutions, other layouts, 1-D/3-D, ``preferred_element_type``, negative padding)
-falls through to ``jax.lax.conv_general_dilated`` unchanged.
+dilated convolutions, other layouts, 1-D/3-D, ``preferred_element_type``) falls through to
+``jax.lax.conv_general_dilated`` unchanged. Negative padding is applied as a crop of the input
+before the convolution: XLA:CPU's own convolution with negative padding gave a different,
+wrong result from run to run (tests/test_conv.py checks the crop against numpy).
 """
 
 from __future__ import annotations
@@ -99,6 +101,19 @@ def _conv_bwd(strides, pads, residuals, g):
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
+def _crop(x: jax.Array, pads: Pads) -> jax.Array:
+    """Removes the rows and columns that negative entries of ``pads`` cut from x (B, H, W, C)."""
+    (top, bottom), (left, right) = pads
+    h, w = x.shape[1:3]
+    start = (0, max(-top, 0), max(-left, 0), 0)
+    limit = (x.shape[0], h - max(-bottom, 0), w - max(-right, 0), x.shape[3])
+    if start == (0, 0, 0, 0) and limit == x.shape:
+        return x
+    if limit[1] <= start[1] or limit[2] <= start[2]:
+        raise ValueError(f"padding {pads} crops away the whole {h}×{w} input")
+    return lax.slice(x, start, limit)
+
+
 def _is_unit(dilation) -> bool:
     return dilation is None or all(d == 1 for d in dilation)
 
@@ -110,7 +125,7 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
 
     Same arguments and result as the lax function. The fast path takes NHWC lhs (B, H, W,
     C_in), HWIO rhs (k_h, k_w, C_in, C_out), any strides and padding (string or explicit
-    pairs), no dilation and one feature group; everything else is passed to lax unchanged.
+    pairs; negative entries crop the input), no dilation and one feature group; everything else is passed to lax unchanged.
     """
     fast = (lhs.ndim == 4 and rhs.ndim == 4 and feature_group_count == 1
             and _is_unit(lhs_dilation) and _is_unit(rhs_dilation) and precision is None
@@ -124,8 +139,8 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
         pads = (lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
                 if isinstance(padding, str) else padding)
         pads = tuple((int(lo), int(hi)) for lo, hi in pads)
-        if all(p >= 0 for pair in pads for p in pair):  # kernel_gradient pads with jnp.pad
-            return _conv(lhs, rhs, strides, pads)
+        lhs = _crop(lhs, pads)
+        return _conv(lhs, rhs, strides, tuple((max(lo, 0), max(hi, 0)) for lo, hi in pads))
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
                                     rhs_dilation, dimension_numbers, feature_group_count,
                                     precision=precision, **kwargs)
