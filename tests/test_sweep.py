@@ -256,7 +256,8 @@ class _Sink:
 
 @pytest.mark.parametrize("spec", ["table_main.py", "table_lambda.py:digits_contrast,dpo",
                                   "table_fewstep.py", "table_earlystop.py",
-                                  "guard_ablation.py", "guard_ablation.py:awm_contrast"])
+                                  "guard_ablation.py", "guard_ablation.py:awm_contrast",
+                                  "table_norms.py"])
 def test_shipped_table_sweeps_name_real_fields(spec, monkeypatch):
     """Every cell of the sweeps in configs/sweeps/ overrides existing fields of its job config,
     and every evaluation cell reads an RL workdir that an RL cell of the table writes."""
@@ -271,7 +272,7 @@ def test_shipped_table_sweeps_name_real_fields(spec, monkeypatch):
         sweep.check_overrides(cell, loaded[cell.config])
     rl_dirs = set()
     for s in ("table_main.py", "table_lambda.py:digits_contrast,dpo", "guard_ablation.py",
-              "guard_ablation.py:awm_contrast"):
+              "guard_ablation.py:awm_contrast", "table_norms.py"):
         rl_dirs |= {c.workdir for c in sweep.expand(sweep.load_job_config(
             os.path.join("configs", "sweeps", s))) if c.name.startswith("rl-")}
     for cell in cells:
@@ -286,6 +287,21 @@ def test_shipped_table_sweeps_name_real_fields(spec, monkeypatch):
         if checkpoint in by_workdir:
             j, rl_cell = by_workdir[checkpoint]
             assert rl_cell.group == cell.group and j < i
+
+
+def test_norm_analyses_runs_are_cells_of_the_table_sweeps(monkeypatch):
+    """The ten runs experiments/run_all.py hands to norm_analyses.py are RL cells of
+    table_main.py or table_norms.py (so the sweeps make every one of them)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.chdir(repo)
+    rl_dirs = set()
+    for s in ("table_main.py", "table_norms.py"):
+        rl_dirs |= {c.workdir for c in sweep.expand(sweep.load_job_config(
+            os.path.join("configs", "sweeps", s))) if c.name.startswith("rl-")}
+    sys.path.insert(0, os.path.join(repo, "configs", "sweeps"))
+    import table_norms  # noqa: PLC0415
+    runs = table_norms.run_dirs()
+    assert len(runs) == 10 and set(runs) <= rl_dirs
 
 
 def test_guard_ablation_unknown_study_is_named():

@@ -1,0 +1,188 @@
+"""Every analysis of experiments/README.md from one command, with the compute it took.
+
+Usage (from the repository root, on a fresh clone or after an interruption: finished work is
+skipped, interrupted cells resume from their checkpoints):
+  .venv/bin/python experiments/run_all.py [--stages core] [--stages all] [--stages main_table,norms]
+      [--list] [--redo norm_analyses]
+
+Stages run in order, each in its own process (the commands are in ``STAGES``):
+- ``main_table``: experiments/main_table.py with its default stages: pretrains the two base
+  models (digits: small UNet on 4,500 MNIST digits, 600 steps at batch 64; shapes: wide UNet
+  on the procedurally generated shapes, 1100 steps at batch 64), trains the auxiliary nets the
+  metrics need, then 2 bases × 2 rewards × NFT/AWM/DPO × {λ = 0, 0.1} (12 RL iterations of
+  8 prompts × 8 samples, 10-step rollouts), the λ sweep, the early-stopping control and
+  few-step inference (analyses 4–7 of issue #6);
+- ``norm_runs``: GRPO and RAM, unguarded and guarded, on the digits log p(class) setting
+  (configs/sweeps/table_norms.py), so every method has a run;
+- ``norm_analyses``: ρ_k per step and over training, inference-time renormalisation and the
+  adjoint sensitivity (analyses 1–3) of the ten digits log p(class) runs of all five methods;
+- ``validity``: do the quality metrics rank degraded real images below real ones;
+- extended (not in ``core``): ``guard_ablation_awm_contrast``, ``guard_ablation`` (the
+  multi-seed guard studies), ``rl_methods`` (24-iteration runs at 64 rollouts), and
+  ``pretrain_grid`` (every dataset × architecture).
+
+``core`` is the set planned for the 2-core, ~3-hour budget; ``all`` adds the extended stages.
+The wall time of every attempt at a stage is added to ``workdir/run_all/timings.json`` (an
+interrupted attempt counts too), and ``experiments/results/compute.md`` is rewritten after
+each stage with the time per stage, the total, and the machine. A stage that finished is not
+rerun unless named in ``--redo``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "configs", "sweeps"))
+
+import table_norms  # noqa: E402  (configs/sweeps/ is not a package)
+
+PY = sys.executable
+STAGES = {
+    "main_table": [PY, "experiments/main_table.py"],
+    "norm_runs": [PY, "-m", "normguard_jax.sweep", "--config=configs/sweeps/table_norms.py"],
+    "norm_analyses": [PY, "experiments/norm_analyses.py", "--runs", ",".join(table_norms.run_dirs()),
+                      "--out", "experiments/results/norm_table"],
+    "validity": [PY, "experiments/validity.py", "--datasets=digits_mnist,shapes",
+                 "--aux_dir=workdir/aux_nets"],
+    "guard_ablation_awm_contrast": [PY, "experiments/guard_ablation.py", "--study",
+                                    "awm_contrast"],
+    "guard_ablation": [PY, "experiments/guard_ablation.py"],
+    "rl_methods": [PY, "experiments/rl_methods.py"],
+    "pretrain_grid": [PY, "experiments/pretrain_grid.py"],
+}
+CORE = ("main_table", "norm_runs", "norm_analyses", "validity")
+BUDGET_MIN = 180
+TIMINGS = os.path.join(REPO, "workdir", "run_all", "timings.json")
+REPORT = os.path.join(REPO, "experiments", "results", "compute.md")
+
+
+def parse_stages(spec: str) -> list[str]:
+    """``core`` | ``all`` | comma-separated stage names -> stage names in ``STAGES`` order."""
+    if spec == "core":
+        return list(CORE)
+    if spec == "all":
+        return list(STAGES)
+    names = [s for s in spec.split(",") if s]
+    unknown = [s for s in names if s not in STAGES]
+    if unknown or not names:
+        raise SystemExit(f"unknown stage(s) {unknown or spec!r}; choose from core, all or "
+                         f"{', '.join(STAGES)}")
+    return [s for s in STAGES if s in names]
+
+
+def load_timings() -> dict:
+    if not os.path.exists(TIMINGS):
+        return {}
+    with open(TIMINGS, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def save_timings(timings: dict) -> None:
+    os.makedirs(os.path.dirname(TIMINGS), exist_ok=True)
+    tmp = TIMINGS + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(timings, f, indent=1)
+    os.replace(tmp, TIMINGS)  # never a half-written file after an interruption
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}"
+
+
+def write_report(timings: dict, argv: list[str]) -> None:
+    """experiments/results/compute.md: minutes per stage (all attempts summed) and the total."""
+    lines = ["# Compute of the analyses", "",
+             "Command: `python experiments/run_all.py " + " ".join(argv) + "`", "",
+             f"Machine: {machine()}. Times are wall-clock minutes summed over every attempt "
+             "at a stage (an interrupted attempt counts), from `workdir/run_all/timings.json`.",
+             "", "| stage | in core | status | attempts | minutes | command |",
+             "|---|---|---|---:|---:|---|"]
+    total = {"core": 0.0, "all": 0.0}
+    for name in STAGES:
+        t = timings.get(name)
+        if t is None:
+            continue
+        minutes = sum(a["seconds"] for a in t["attempts"]) / 60
+        total["all"] += minutes
+        if name in CORE:
+            total["core"] += minutes
+        lines.append(f"| {name} | {'yes' if name in CORE else 'no'} | {t['status']} | "
+                     f"{len(t['attempts'])} | {minutes:.1f} | `{' '.join(t['command'])}` |")
+    done_core = all(timings.get(n, {}).get("status") == "done" for n in CORE)
+    lines += ["", f"Core stages: {total['core']:.0f} min "
+              f"({'all finished' if done_core else 'not all finished yet'}; "
+              f"budget {BUDGET_MIN} min). All recorded stages: {total['all']:.0f} min."]
+    os.makedirs(os.path.dirname(REPORT), exist_ok=True)
+    with open(REPORT, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def run_stage(name: str, timings: dict, argv: list[str]) -> bool:
+    """Runs one stage, recording its wall time whatever happens; returns whether it finished."""
+    command = STAGES[name]
+    entry = timings.setdefault(name, {"attempts": [], "status": "todo"})
+    entry["command"] = ["python" if c == PY else c for c in command]
+    start = time.time()
+    status = "failed"
+    try:
+        status = "done" if subprocess.run(command, cwd=REPO).returncode == 0 else "failed"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:
+        entry["status"] = status
+        entry["attempts"].append({
+            "started": datetime.datetime.fromtimestamp(start).isoformat(timespec="seconds"),
+            "seconds": round(time.time() - start, 1), "status": status})
+        save_timings(timings)
+        write_report(timings, argv)
+    return status == "done"
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--stages", default="core",
+                        help="core (default), all, or comma-separated stage names")
+    parser.add_argument("--redo", default="", help="comma-separated stages to rerun")
+    parser.add_argument("--list", action="store_true", help="print the stages and stop")
+    args = parser.parse_args(argv)
+    stages = parse_stages(args.stages)
+    redo = set(parse_stages(args.redo)) if args.redo else set()
+    timings = load_timings()
+    if args.list:
+        for name in stages:
+            t = timings.get(name, {"status": "todo", "attempts": []})
+            minutes = sum(a["seconds"] for a in t["attempts"]) / 60
+            command = " ".join("python" if c == PY else c for c in STAGES[name])
+            print(f"{name:28s} {t['status']:11s} {minutes:6.1f} min  {command}")
+        return 0
+    for i, name in enumerate(stages, 1):
+        if timings.get(name, {}).get("status") == "done" and name not in redo:
+            print(f"[run_all] {i}/{len(stages)} {name}: finished before, skipped", flush=True)
+            continue
+        print(f"[run_all] {i}/{len(stages)} {name} ({datetime.datetime.now():%H:%M}): "
+              + " ".join(STAGES[name]), flush=True)
+        if not run_stage(name, timings, argv):
+            print(f"[run_all] {name} failed; fix it and rerun (finished stages are skipped). "
+                  f"Times so far: {os.path.relpath(REPORT, REPO)}", file=sys.stderr)
+            return 1
+    print(f"[run_all] done; times in {os.path.relpath(REPORT, REPO)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,64 @@
+"""experiments/run_all.py: stage selection, timing of every attempt, skipping finished stages."""
+
+import importlib.util
+import json
+import sys
+
+import pytest
+
+from conftest import REPO
+
+_spec = importlib.util.spec_from_file_location("run_all", REPO / "experiments" / "run_all.py")
+run_all = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(run_all)
+
+
+@pytest.fixture()
+def fake(tmp_path, monkeypatch):
+    """Two fake stages: ``ok`` succeeds, ``flaky`` fails until a marker file exists."""
+    marker = tmp_path / "fixed"
+    monkeypatch.setattr(run_all, "STAGES", {
+        "ok": [sys.executable, "-c", f"open({str(tmp_path / 'ran')!r}, 'a').write('x')"],
+        "flaky": [sys.executable, "-c",
+                  f"import os, sys; sys.exit(0 if os.path.exists({str(marker)!r}) else 3)"],
+    })
+    monkeypatch.setattr(run_all, "CORE", ("ok", "flaky"))
+    monkeypatch.setattr(run_all, "TIMINGS", str(tmp_path / "timings.json"))
+    monkeypatch.setattr(run_all, "REPORT", str(tmp_path / "compute.md"))
+    return tmp_path, marker
+
+
+def test_parse_stages_orders_and_rejects():
+    assert run_all.parse_stages("core") == list(run_all.CORE)
+    assert run_all.parse_stages("all") == list(run_all.STAGES)
+    assert run_all.parse_stages("validity,main_table") == ["main_table", "validity"]
+    with pytest.raises(SystemExit, match="unknown stage"):
+        run_all.parse_stages("main_table,mian_table")
+
+
+def test_norm_analyses_reads_all_five_methods_both_arms():
+    runs = run_all.STAGES["norm_analyses"][run_all.STAGES["norm_analyses"].index("--runs") + 1]
+    names = [r.rsplit("/", 1)[1] for r in runs.split(",")]
+    assert len(names) == 10 and len(set(names)) == 10
+    for method in ("nft", "awm", "dpo", "grpo", "ram"):
+        assert {f"rl-digits_logprob-{method}-plain",
+                f"rl-digits_logprob-{method}-guard"} <= set(names)
+
+
+def test_failed_attempt_is_timed_then_resumed_and_finished_stage_skipped(fake):
+    tmp, marker = fake
+    assert run_all.main([]) == 1                      # ok runs, flaky fails
+    t = json.loads((tmp / "timings.json").read_text())
+    assert t["ok"]["status"] == "done" and t["flaky"]["status"] == "failed"
+    assert [a["status"] for a in t["flaky"]["attempts"]] == ["failed"]
+    marker.write_text("")
+    assert run_all.main([]) == 0                      # ok is skipped, flaky succeeds
+    t = json.loads((tmp / "timings.json").read_text())
+    assert (tmp / "ran").read_text() == "x"           # ok ran exactly once
+    assert len(t["ok"]["attempts"]) == 1
+    assert [a["status"] for a in t["flaky"]["attempts"]] == ["failed", "done"]
+    report = (tmp / "compute.md").read_text()
+    assert "| flaky | yes | done | 2 |" in report and "all finished" in report
+    assert run_all.main(["--redo", "ok"]) == 0        # --redo reruns a finished stage
+    assert (tmp / "ran").read_text() == "xx"
+    assert len(json.loads((tmp / "timings.json").read_text())["ok"]["attempts"]) == 2
