@@ -542,7 +542,6 @@ def report(tuned: dict, default: dict | None) -> str:
     add = lines.append
     for name, r in tuned["models"].items():
         s, t, g = r["sample"], r["train"], r["normguard"]
-        k = STEPS_PER_CALL
         add(f"## {name} ({r['params'] / 1e6:.2f}M parameters)")
         p = r["peak"]
         add(f"matmul peak (2048² f32): JAX {p['jax_gflops']:.0f} GFLOP/s, PyTorch "

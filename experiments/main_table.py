@@ -9,6 +9,7 @@ are skipped):
 Stages (the default runs the digits half of the table, the λ sweep, the early-stopping
 evaluations and an analysis first, then the shapes half and few-step inference):
 - ``bases``: pretrains the two base models (configs/table_base.py) when they are missing;
+  ``bases:digits`` (or ``bases:shapes``) only that one;
 - ``main``: ``python -m normguard_jax.sweep --config=configs/sweeps/table_main.py``
   (2 bases × 2 rewards × NFT/AWM/DPO × {λ = 0, λ = 0.1});
 - ``main:<pattern>|<pattern>``: only the table cells whose names match;
@@ -84,6 +85,9 @@ def base_finished(workdir: str, steps: int) -> bool:
 
 def make_bases(names=tuple(rl_table.BASES)) -> None:
     """Pretrains each base of ``names`` (keys of rl_table.BASES) whose workdir is unfinished."""
+    unknown = sorted(set(names) - set(rl_table.BASES))
+    if unknown:
+        raise SystemExit(f"unknown bases {unknown}; choose from {sorted(rl_table.BASES)}")
     for base in names:
         workdir = rl_table.BASES[base]
         steps = table_base.get_config(base).train.steps
@@ -667,7 +671,7 @@ def main():
         name, _, only = stage.partition(":")
         only_flag = [f"--config.only={only.replace('|', ',')}"] if only else []
         if name == "bases":
-            make_bases()
+            make_bases(tuple(only.split("|")) if only else tuple(rl_table.BASES))
         elif name == "main":
             run_sweep("configs/sweeps/table_main.py", hosts + only_flag)
         elif name == "lambda":

@@ -2,21 +2,23 @@
 
 Usage (from the repository root, on a fresh clone or after an interruption: finished work is
 skipped, interrupted cells resume from their checkpoints):
-  .venv/bin/python experiments/run_all.py [--stages core] [--stages all] [--stages main_table,norms]
+  .venv/bin/python experiments/run_all.py [--stages core] [--stages all] [--stages main_table_digits,norm_runs]
       [--list] [--redo norm_analyses]
 
 Stages run in order, each in its own process (the commands are in ``STAGES``):
-- ``main_table``: experiments/main_table.py with its default stages: pretrains the two base
-  models (digits: small UNet on 4,500 MNIST digits, 600 steps at batch 64; shapes: wide UNet
-  on the procedurally generated shapes, 1100 steps at batch 64), trains the auxiliary nets the
-  metrics need, then 2 bases × 2 rewards × NFT/AWM/DPO × {λ = 0, 0.1} (12 RL iterations of
-  8 prompts × 8 samples, 10-step rollouts), the λ sweep, the early-stopping control and
-  few-step inference (analyses 4–7 of issue #6);
+- ``main_table_digits``: experiments/main_table.py on the digits base: pretrains it (small
+  UNet on 4,500 MNIST digits, 600 steps at batch 64), trains the auxiliary nets the metrics
+  need, then 2 rewards × NFT/AWM/DPO × {λ = 0, 0.1} (12 RL iterations of 8 prompts × 8
+  samples, 10-step rollouts), the λ sweep, the early-stopping control and few-step inference
+  (analyses 4–7 of issue #6);
 - ``norm_runs``: GRPO and RAM, unguarded and guarded, on the digits log p(class) setting
   (configs/sweeps/table_norms.py), so every method has a run;
 - ``norm_analyses``: ρ_k per step and over training, inference-time renormalisation and the
   adjoint sensitivity (analyses 1–3) of the ten digits log p(class) runs of all five methods;
 - ``validity``: do the quality metrics rank degraded real images below real ones;
+- ``main_table_shapes``: the shapes half of the main table: pretrains the shapes base (wide
+  UNet on the procedurally generated shapes, 1100 steps at batch 64), its 12 RL cells and
+  evaluations, and rewrites the table;
 - extended (not in ``core``): ``guard_ablation_awm_contrast``, ``guard_ablation`` (the
   multi-seed guard studies), ``rl_methods`` (24-iteration runs at 64 rollouts), and
   ``pretrain_grid`` (every dataset × architecture).
@@ -45,20 +47,24 @@ sys.path.insert(0, os.path.join(REPO, "configs", "sweeps"))
 import table_norms  # noqa: E402  (configs/sweeps/ is not a package)
 
 PY = sys.executable
+# The main table runs in two stages, its digits half first (as main_table.py's default order
+# does), so that an interrupted run leaves the norm analyses and the validity check done.
 STAGES = {
-    "main_table": [PY, "experiments/main_table.py"],
+    "main_table_digits": [PY, "experiments/main_table.py", "--stages",
+                          "bases:digits,main:*digits*,lambda,earlystop,fewstep,analyse"],
     "norm_runs": [PY, "-m", "normguard_jax.sweep", "--config=configs/sweeps/table_norms.py"],
     "norm_analyses": [PY, "experiments/norm_analyses.py", "--runs", ",".join(table_norms.run_dirs()),
                       "--out", "experiments/results/norm_table"],
     "validity": [PY, "experiments/validity.py", "--datasets=digits_mnist,shapes",
                  "--aux_dir=workdir/aux_nets"],
+    "main_table_shapes": [PY, "experiments/main_table.py", "--stages", "bases:shapes,main,analyse"],
     "guard_ablation_awm_contrast": [PY, "experiments/guard_ablation.py", "--study",
                                     "awm_contrast"],
     "guard_ablation": [PY, "experiments/guard_ablation.py"],
     "rl_methods": [PY, "experiments/rl_methods.py"],
     "pretrain_grid": [PY, "experiments/pretrain_grid.py"],
 }
-CORE = ("main_table", "norm_runs", "norm_analyses", "validity")
+CORE = ("main_table_digits", "norm_runs", "norm_analyses", "validity", "main_table_shapes")
 BUDGET_MIN = 180
 TIMINGS = os.path.join(REPO, "workdir", "run_all", "timings.json")
 REPORT = os.path.join(REPO, "experiments", "results", "compute.md")

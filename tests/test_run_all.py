@@ -31,9 +31,9 @@ def fake(tmp_path, monkeypatch):
 def test_parse_stages_orders_and_rejects():
     assert run_all.parse_stages("core") == list(run_all.CORE)
     assert run_all.parse_stages("all") == list(run_all.STAGES)
-    assert run_all.parse_stages("validity,main_table") == ["main_table", "validity"]
+    assert run_all.parse_stages("validity,main_table_digits") == ["main_table_digits", "validity"]
     with pytest.raises(SystemExit, match="unknown stage"):
-        run_all.parse_stages("main_table,mian_table")
+        run_all.parse_stages("main_table_digits,mian_table")
 
 
 def test_norm_analyses_reads_all_five_methods_both_arms():
