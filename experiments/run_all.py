@@ -37,6 +37,7 @@ import datetime
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -137,26 +138,38 @@ def write_report(timings: dict, argv: list[str]) -> None:
         f.write("\n".join(lines) + "\n")
 
 
-def run_stage(name: str, timings: dict, argv: list[str]) -> bool:
-    """Runs one stage, recording its wall time whatever happens; returns whether it finished."""
+def run_stage(name: str, timings: dict, argv: list[str]) -> str:
+    """Runs one stage, recording its wall time however it ends.
+
+    Returns "done", "failed" or "interrupted". SIGINT or SIGTERM to this process is passed on
+    to the stage (whose jobs checkpoint and stop), and the attempt is recorded before exiting.
+    """
     command = STAGES[name]
     entry = timings.setdefault(name, {"attempts": [], "status": "todo"})
     entry["command"] = ["python" if c == PY else c for c in command]
     start = time.time()
-    status = "failed"
+    stopped = []
+    proc = subprocess.Popen(command, cwd=REPO)
+
+    def forward(signum, _frame):
+        stopped.append(signum)
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        status = "done" if subprocess.run(command, cwd=REPO).returncode == 0 else "failed"
-    except KeyboardInterrupt:
-        status = "interrupted"
-        raise
+        returncode = proc.wait()
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        status = "interrupted" if stopped else ("done" if returncode == 0 else "failed")
         entry["status"] = status
         entry["attempts"].append({
             "started": datetime.datetime.fromtimestamp(start).isoformat(timespec="seconds"),
             "seconds": round(time.time() - start, 1), "status": status})
         save_timings(timings)
         write_report(timings, argv)
-    return status == "done"
+    return status
 
 
 def main(argv: list[str]) -> int:
@@ -182,10 +195,12 @@ def main(argv: list[str]) -> int:
             continue
         print(f"[run_all] {i}/{len(stages)} {name} ({datetime.datetime.now():%H:%M}): "
               + " ".join(STAGES[name]), flush=True)
-        if not run_stage(name, timings, argv):
-            print(f"[run_all] {name} failed; fix it and rerun (finished stages are skipped). "
-                  f"Times so far: {os.path.relpath(REPORT, REPO)}", file=sys.stderr)
-            return 1
+        status = run_stage(name, timings, argv)
+        if status != "done":
+            print(f"[run_all] {name} {status}; rerun to go on (finished stages are skipped, "
+                  f"interrupted cells resume). Times so far: {os.path.relpath(REPORT, REPO)}",
+                  file=sys.stderr)
+            return 130 if status == "interrupted" else 1
     print(f"[run_all] done; times in {os.path.relpath(REPORT, REPO)}", flush=True)
     return 0
 

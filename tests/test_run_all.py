@@ -62,3 +62,36 @@ def test_failed_attempt_is_timed_then_resumed_and_finished_stage_skipped(fake):
     assert run_all.main(["--redo", "ok"]) == 0        # --redo reruns a finished stage
     assert (tmp / "ran").read_text() == "xx"
     assert len(json.loads((tmp / "timings.json").read_text())["ok"]["attempts"]) == 2
+
+
+def test_sigterm_is_passed_on_and_the_attempt_recorded(tmp_path, monkeypatch):
+    """A SIGTERM to run_all reaches the stage, which stops; the attempt is kept as interrupted."""
+    started = tmp_path / "started"
+    stage = ("import signal, sys, time\n"
+             "signal.signal(signal.SIGTERM, lambda *a: sys.exit(7))\n"
+             f"open({str(started)!r}, 'w').close()\n"
+             "time.sleep(60)\n")
+    script = tmp_path / "driver.py"
+    script.write_text(
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('run_all', {str(REPO / 'experiments' / 'run_all.py')!r})\n"
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+        f"m.STAGES = {{'slow': [sys.executable, '-c', {stage!r}]}}\n"
+        "m.CORE = ('slow',)\n"
+        f"m.TIMINGS = {str(tmp_path / 'timings.json')!r}\n"
+        f"m.REPORT = {str(tmp_path / 'compute.md')!r}\n"
+        "sys.exit(m.main([]))\n")
+    import signal as signal_module
+    import subprocess
+    import time
+    proc = subprocess.Popen([sys.executable, str(script)])
+    for _ in range(300):
+        if started.exists():
+            break
+        time.sleep(0.05)
+    assert started.exists()
+    proc.send_signal(signal_module.SIGTERM)
+    assert proc.wait(timeout=30) == 130
+    t = json.loads((tmp_path / "timings.json").read_text())
+    assert t["slow"]["status"] == "interrupted"
+    assert t["slow"]["attempts"][0]["seconds"] < 30
