@@ -3,7 +3,7 @@
 Usage (from the repository root, on a fresh clone or after an interruption: finished work is
 skipped, interrupted cells resume from their checkpoints):
   .venv/bin/python experiments/run_all.py [--stages core] [--stages all] [--stages main_table_digits,norm_runs]
-      [--list] [--redo norm_analyses]
+      [--list] [--report] [--redo norm_analyses]
 
 Stages run in order, each in its own process (the commands are in ``STAGES``):
 - ``main_table_digits``: experiments/main_table.py on the digits base: pretrains it (small
@@ -110,6 +110,29 @@ def machine() -> str:
     return f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}"
 
 
+def cell_times(sweeps_root: str = os.path.join(REPO, "workdir", "sweeps")) -> list[tuple]:
+    """Finished sweep cells grouped by (workroot, kind, base): rows of (workroot, kind, base,
+    cells, minutes). Kind is the cell name's prefix (``rl``, ``eval``); base is ``shapes``
+    when the name says so, else ``digits``. Read from each cell's ``sweep_done.json``."""
+    groups = {}
+    if not os.path.isdir(sweeps_root):
+        return []
+    for root in sorted(os.listdir(sweeps_root)):
+        root_dir = os.path.join(sweeps_root, root)
+        if not os.path.isdir(root_dir):
+            continue
+        for cell in sorted(os.listdir(root_dir)):
+            marker = os.path.join(root_dir, cell, "sweep_done.json")
+            if not os.path.exists(marker):
+                continue
+            with open(marker, encoding="utf-8") as f:
+                seconds = json.load(f)["seconds"]
+            key = (root, cell.split("-", 1)[0], "shapes" if "shapes" in cell else "digits")
+            n, total = groups.get(key, (0, 0.0))
+            groups[key] = (n + 1, total + seconds / 60)
+    return [(*key, n, minutes) for key, (n, minutes) in sorted(groups.items())]
+
+
 def write_report(timings: dict, argv: list[str]) -> None:
     """experiments/results/compute.md: minutes per stage (all attempts summed) and the total."""
     lines = ["# Compute of the analyses", "",
@@ -133,6 +156,14 @@ def write_report(timings: dict, argv: list[str]) -> None:
     lines += ["", f"Core stages: {total['core']:.0f} min "
               f"({'all finished' if done_core else 'not all finished yet'}; "
               f"budget {BUDGET_MIN} min). All recorded stages: {total['all']:.0f} min."]
+    rows = cell_times()
+    if rows:
+        lines += ["", "Where the time went: finished sweep cells (their own `sweep_done.json`; "
+                  "the stages' totals also include pretraining, plots and the norm analyses).",
+                  "", "| workroot | kind | base | cells | minutes | minutes per cell |",
+                  "|---|---|---|---:|---:|---:|"]
+        lines += [f"| `workdir/sweeps/{root}` | {kind} | {base} | {n} | {m:.1f} | {m / n:.2f} |"
+                  for root, kind, base, n, m in rows]
     os.makedirs(os.path.dirname(REPORT), exist_ok=True)
     with open(REPORT, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
@@ -178,10 +209,16 @@ def main(argv: list[str]) -> int:
                         help="core (default), all, or comma-separated stage names")
     parser.add_argument("--redo", default="", help="comma-separated stages to rerun")
     parser.add_argument("--list", action="store_true", help="print the stages and stop")
+    parser.add_argument("--report", action="store_true",
+                        help="rewrite experiments/results/compute.md from the recorded times and stop")
     args = parser.parse_args(argv)
     stages = parse_stages(args.stages)
     redo = set(parse_stages(args.redo)) if args.redo else set()
     timings = load_timings()
+    if args.report:
+        write_report(timings, argv)
+        print(f"[run_all] wrote {os.path.relpath(REPORT, REPO)}")
+        return 0
     if args.list:
         for name in stages:
             t = timings.get(name, {"status": "todo", "attempts": []})

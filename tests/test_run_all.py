@@ -62,6 +62,10 @@ def test_failed_attempt_is_timed_then_resumed_and_finished_stage_skipped(fake):
     assert run_all.main(["--redo", "ok"]) == 0        # --redo reruns a finished stage
     assert (tmp / "ran").read_text() == "xx"
     assert len(json.loads((tmp / "timings.json").read_text())["ok"]["attempts"]) == 2
+    (tmp / "compute.md").unlink()
+    assert run_all.main(["--report"]) == 0            # rewrites the report, runs nothing
+    assert (tmp / "ran").read_text() == "xx" and "| ok | yes | done | 2 |" in (
+        tmp / "compute.md").read_text()
 
 
 def test_sigterm_is_passed_on_and_the_attempt_recorded(tmp_path, monkeypatch):
@@ -95,3 +99,16 @@ def test_sigterm_is_passed_on_and_the_attempt_recorded(tmp_path, monkeypatch):
     t = json.loads((tmp_path / "timings.json").read_text())
     assert t["slow"]["status"] == "interrupted"
     assert t["slow"]["attempts"][0]["seconds"] < 30
+
+
+def test_cell_times_group_finished_cells(tmp_path):
+    for name, seconds in (("rl-digits_logprob-nft-plain", 120), ("rl-digits_logprob-awm-plain", 60),
+                          ("eval-shapes_rule-nft-plain", 30), ("rl-shapes_rule-nft-plain", 240)):
+        cell = tmp_path / "main_table" / name
+        cell.mkdir(parents=True)
+        (cell / "sweep_done.json").write_text(json.dumps({"seconds": seconds}))
+    (tmp_path / "main_table" / "rl-digits_contrast-dpo-plain").mkdir()   # unfinished: ignored
+    rows = run_all.cell_times(str(tmp_path))
+    assert rows == [("main_table", "eval", "shapes", 1, 0.5),
+                    ("main_table", "rl", "digits", 2, 3.0),
+                    ("main_table", "rl", "shapes", 1, 4.0)]
