@@ -54,6 +54,9 @@ import table_base  # noqa: E402
 import table_earlystop  # noqa: E402
 import table_fewstep  # noqa: E402
 import table_lambda  # noqa: E402
+import table_norms  # noqa: E402
+
+NORM_CELLS = {os.path.basename(d) for d in table_norms.run_dirs(table_norms.METHODS)}
 
 STAGES = ("bases", "main", "lambda", "earlystop", "fewstep", "analyse")
 # Default order: the digits half of the table first, then the analyses on it, then the shapes
@@ -509,13 +512,15 @@ def wall_time_md() -> str:
         full = os.path.join(REPO, root)
         seconds = []
         for name in sorted(os.listdir(full)) if os.path.isdir(full) else []:
+            if name in NORM_CELLS:  # experiments/run_all.py's GRPO/RAM cells share the workroot
+                continue
             marker = os.path.join(full, name, "sweep_done.json")
             if os.path.exists(marker):
                 with open(marker, encoding="utf-8") as f:
                     seconds.append(json.load(f)["seconds"])
         parts.append(f"{label} {len(seconds)} cells, {sum(seconds) / 60:.0f} min")
-    return ("Wall time (sum over cells, 2 CPU cores shared with other jobs and at times paused, "
-            "so an upper bound): " + "; ".join(parts) + ".")
+    return ("Wall time (sum of the cells' own times; more than the compute if other jobs shared "
+            "the cores, see experiments/results/compute.md): " + "; ".join(parts) + ".")
 
 
 def missing_md(missing: list[str]) -> str:

@@ -132,7 +132,7 @@ def main():
         "",
         quickstart.table(rows),
         "",
-        "Wall time per method (its arms and their evaluation, 2 CPU cores shared with other jobs): "
+        "Wall time per method (its arms and their evaluation; longer if other jobs shared the cores): "
         + ", ".join(f"{m} {r['wall_seconds'] / 60:.1f} min" for m, r in record.items()),
         "",
         f"Samples (rows are classes): base `{args.out}_base.png`; per method "
