@@ -5,7 +5,8 @@ Run (from the repository root; experiments/main_table.py does it when a base is 
   python -m normguard_jax.main --config=configs/table_base.py:shapes --workdir=workdir/table_base_shapes
 
 ``digits`` is the quickstart's base (its ``pretrain`` section: small UNet on digits_mnist,
-600 steps at batch 64, ~4 min on 2 idle cores); ``shapes`` is configs/pretrain_shapes_unet.py
+600 steps at batch 64, ~4 min on the 2 idle cores of 2026-11-22, 7 min on the slower
+machine of 2026-12-01); ``shapes`` is configs/pretrain_shapes_unet.py
 with the batch the main table was made with (wide UNet, 1100 steps at batch 64, ~24 min on 2
 idle cores; the pretraining grid's cell now uses batch 48). The workdirs are those of
 configs/rl_table.py's ``BASES``.
