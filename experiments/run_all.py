@@ -136,7 +136,7 @@ def cell_times(sweeps_root: str = os.path.join(REPO, "workdir", "sweeps")) -> li
 def write_report(timings: dict, argv: list[str]) -> None:
     """experiments/results/compute.md: minutes per stage (all attempts summed) and the total."""
     lines = ["# Compute of the analyses", "",
-             "Command: `python experiments/run_all.py " + " ".join(argv) + "`", "",
+             "Command: `" + " ".join(["python experiments/run_all.py", *argv]) + "`", "",
              f"Machine: {machine()}. Times are wall-clock minutes summed over every attempt "
              "at a stage (an interrupted attempt counts), from `workdir/run_all/timings.json`.",
              "", "| stage | in core | status | attempts | minutes | command |",
@@ -215,8 +215,8 @@ def main(argv: list[str]) -> int:
     stages = parse_stages(args.stages)
     redo = set(parse_stages(args.redo)) if args.redo else set()
     timings = load_timings()
-    if args.report:
-        write_report(timings, argv)
+    if args.report:  # the header names the command that ran the stages, not this one
+        write_report(timings, [a for a in argv if a != "--report"])
         print(f"[run_all] wrote {os.path.relpath(REPORT, REPO)}")
         return 0
     if args.list:
