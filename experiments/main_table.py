@@ -47,6 +47,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from normguard_jax import sweep  # noqa: E402
+
 import eval_table  # noqa: E402  (configs/ and configs/sweeps/ are not packages)
 import table_main as main_sweep  # noqa: E402
 import rl_table  # noqa: E402
@@ -509,15 +511,9 @@ def wall_time_md() -> str:
     for label, root in (("table", main_sweep.WORKROOT), ("λ", table_lambda.WORKROOT),
                         ("early stopping", table_earlystop.WORKROOT),
                         ("few-step", table_fewstep.WORKROOT)):
-        full = os.path.join(REPO, root)
-        seconds = []
-        for name in sorted(os.listdir(full)) if os.path.isdir(full) else []:
-            if name in NORM_CELLS:  # experiments/run_all.py's GRPO/RAM cells share the workroot
-                continue
-            marker = os.path.join(full, name, "sweep_done.json")
-            if os.path.exists(marker):
-                with open(marker, encoding="utf-8") as f:
-                    seconds.append(json.load(f)["seconds"])
+        # experiments/run_all.py's GRPO/RAM cells share the table's workroot: not counted.
+        seconds = [t for name, t in sweep.finished_seconds(os.path.join(REPO, root)).items()
+                   if name not in NORM_CELLS]
         parts.append(f"{label} {len(seconds)} cells, {sum(seconds) / 60:.0f} min")
     return ("Wall time (sum of the cells' own times; more than the compute if other jobs shared "
             "the cores, see experiments/results/compute.md): " + "; ".join(parts) + ".")

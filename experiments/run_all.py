@@ -47,6 +47,8 @@ sys.path.insert(0, os.path.join(REPO, "configs", "sweeps"))
 
 import table_norms  # noqa: E402  (configs/sweeps/ is not a package)
 
+from normguard_jax import sweep  # noqa: E402
+
 PY = sys.executable
 # The main table runs in two stages, its digits half first (as main_table.py's default order
 # does), so that an interrupted run leaves the norm analyses and the validity check done.
@@ -113,24 +115,24 @@ def machine() -> str:
 def cell_times(sweeps_root: str = os.path.join(REPO, "workdir", "sweeps")) -> list[tuple]:
     """Finished sweep cells grouped by (workroot, kind, base): rows of (workroot, kind, base,
     cells, minutes). Kind is the cell name's prefix (``rl``, ``eval``); base is ``shapes``
-    when the name says so, else ``digits``. Read from each cell's ``sweep_done.json``."""
+    when the name says so, else ``digits``. Read from each cell's done marker."""
     groups = {}
-    if not os.path.isdir(sweeps_root):
-        return []
-    for root in sorted(os.listdir(sweeps_root)):
-        root_dir = os.path.join(sweeps_root, root)
-        if not os.path.isdir(root_dir):
-            continue
-        for cell in sorted(os.listdir(root_dir)):
-            marker = os.path.join(root_dir, cell, "sweep_done.json")
-            if not os.path.exists(marker):
-                continue
-            with open(marker, encoding="utf-8") as f:
-                seconds = json.load(f)["seconds"]
+    for root in sorted(os.listdir(sweeps_root)) if os.path.isdir(sweeps_root) else []:
+        for cell, seconds in sweep.finished_seconds(os.path.join(sweeps_root, root)).items():
             key = (root, cell.split("-", 1)[0], "shapes" if "shapes" in cell else "digits")
             n, total = groups.get(key, (0, 0.0))
             groups[key] = (n + 1, total + seconds / 60)
     return [(*key, n, minutes) for key, (n, minutes) in sorted(groups.items())]
+
+
+def shown(command: list[str]) -> list[str]:
+    """The command as the docs write it: ``python`` for this interpreter."""
+    return ["python" if c == PY else c for c in command]
+
+
+def stage_minutes(entry: dict) -> float:
+    """Wall time of every recorded attempt at a stage, in minutes."""
+    return sum(a["seconds"] for a in entry["attempts"]) / 60
 
 
 def write_report(timings: dict, argv: list[str]) -> None:
@@ -146,7 +148,7 @@ def write_report(timings: dict, argv: list[str]) -> None:
         t = timings.get(name)
         if t is None:
             continue
-        minutes = sum(a["seconds"] for a in t["attempts"]) / 60
+        minutes = stage_minutes(t)
         total["all"] += minutes
         if name in CORE:
             total["core"] += minutes
@@ -177,7 +179,7 @@ def run_stage(name: str, timings: dict, argv: list[str]) -> str:
     """
     command = STAGES[name]
     entry = timings.setdefault(name, {"attempts": [], "status": "todo"})
-    entry["command"] = ["python" if c == PY else c for c in command]
+    entry["command"] = shown(command)
     start = time.time()
     stopped = []
     proc = subprocess.Popen(command, cwd=REPO)
@@ -222,9 +224,8 @@ def main(argv: list[str]) -> int:
     if args.list:
         for name in stages:
             t = timings.get(name, {"status": "todo", "attempts": []})
-            minutes = sum(a["seconds"] for a in t["attempts"]) / 60
-            command = " ".join("python" if c == PY else c for c in STAGES[name])
-            print(f"{name:28s} {t['status']:11s} {minutes:6.1f} min  {command}")
+            print(f"{name:28s} {t['status']:11s} {stage_minutes(t):6.1f} min  "
+                  + " ".join(shown(STAGES[name])))
         return 0
     for i, name in enumerate(stages, 1):
         if timings.get(name, {}).get("status") == "done" and name not in redo:

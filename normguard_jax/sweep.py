@@ -316,6 +316,18 @@ def check(cells: Sequence[Cell],
 # ----------------------------------------------------------------------------------------------
 
 
+def finished_seconds(workroot: str) -> dict[str, float]:
+    """Cell name -> its recorded wall time in seconds, for every cell directory under
+    ``workroot`` that has a done marker (sorted by name; {} when ``workroot`` does not exist)."""
+    out = {}
+    for name in sorted(os.listdir(workroot)) if os.path.isdir(workroot) else []:
+        path = os.path.join(workroot, name, DONE_MARKER)
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                out[name] = json.load(f)["seconds"]
+    return out
+
+
 def read_marker(cell: Cell) -> dict | None:
     """The cell's done marker, or None when it has not finished."""
     path = os.path.join(cell.workdir, DONE_MARKER)

@@ -125,7 +125,8 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
 
     Same arguments and result as the lax function. The fast path takes NHWC lhs (B, H, W,
     C_in), HWIO rhs (k_h, k_w, C_in, C_out), any strides and padding (string or explicit
-    pairs; negative entries crop the input), no dilation and one feature group; everything else is passed to lax unchanged.
+    pairs; negative entries crop the input), no dilation and one feature group; everything
+    else is passed to lax unchanged.
     """
     fast = (lhs.ndim == 4 and rhs.ndim == 4 and feature_group_count == 1
             and _is_unit(lhs_dilation) and _is_unit(rhs_dilation) and precision is None
@@ -134,16 +135,16 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
             and dimension_numbers is not None
             and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
             == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _LAYOUT))
-    if fast:
-        strides = tuple(int(s) for s in window_strides)
-        pads = (lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
-                if isinstance(padding, str) else padding)
-        pads = tuple((int(lo), int(hi)) for lo, hi in pads)
-        lhs = _crop(lhs, pads)
-        return _conv(lhs, rhs, strides, tuple((max(lo, 0), max(hi, 0)) for lo, hi in pads))
-    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
-                                    rhs_dilation, dimension_numbers, feature_group_count,
-                                    precision=precision, **kwargs)
+    if not fast:
+        return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
+                                        rhs_dilation, dimension_numbers, feature_group_count,
+                                        precision=precision, **kwargs)
+    strides = tuple(int(s) for s in window_strides)
+    if isinstance(padding, str):
+        padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
+    pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    return _conv(_crop(lhs, pads), rhs, strides,
+                 tuple((max(lo, 0), max(hi, 0)) for lo, hi in pads))
 
 
 def conv_layer(in_features: int, out_features: int, kernel_size: Sequence[int],
