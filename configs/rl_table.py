@@ -10,7 +10,7 @@ a key of ``SETTINGS`` (a base model and a reward set). Every setting pairs an al
 that saturates with a proxy that is cheap to over-optimise, on each base:
 
 - digits_logprob / digits_contrast: the quickstart base (small UNet, digits_mnist, 600 steps);
-- shapes_rule / shapes_saturation: the wide UNet on shapes (configs/table_base.py:shapes).
+- shapes_rule / shapes_saturation: the small DiT on shapes (configs/table_base.py:shapes).
 
 RL sizes are the quickstart's per iteration (8 prompts × 8 samples, 10-step ODE rollouts,
 2 re-noise draws) with fewer iterations (``ITERATIONS``) so the 24+ cells of the table fit
@@ -38,7 +38,7 @@ import rl_ram  # noqa: E402
 METHOD_CONFIGS = {"nft": rl_nft, "awm": rl_awm, "dpo": rl_dpo, "grpo": rl_grpo, "ram": rl_ram}
 # Base models: name -> pretraining workdir (made by experiments/main_table.py when missing,
 # from configs/table_base.py).
-BASES = {"digits": "workdir/quickstart/base", "shapes": "workdir/table_base_shapes"}
+BASES = {"digits": "workdir/quickstart/base", "shapes": "workdir/table_base_shapes_dit"}
 # setting -> (base, reward weights). Names of rewards: normguard_jax.rewards.REWARDS.
 SETTINGS = {
     "digits_logprob": ("digits", {"classifier_logprob": 1.0}),   # alignment, saturates at 0.

@@ -8,13 +8,16 @@ Usage (from the repository root, after the quickstart or experiments/rl_methods.
 For every RL workdir (its newest checkpoint against its own base model):
 1. ρ_k = ‖v_θ(x_k)‖/‖v_ref(x_k)‖ at every ODE step on θ's own trajectory (fixed seeds), and
    the trajectory mean at every saved checkpoint (norm inflation over training);
-2. reward and quality of θ sampled plainly and with v_θ rescaled to ‖v_ref‖ at every step
-   (the evaluate job with ``sample.renormalize``), next to the base model;
+2. reward and quality of θ sampled plainly and, for unguarded runs (λ = 0), also with v_θ
+   rescaled to ‖v_ref‖ at every step (the evaluate job with ``sample.renormalize``), so the
+   renormalised unguarded model sits next to the same model unmodified and to the guarded
+   runs (``--renormalise_all`` renormalises the guarded runs too);
 3. the adjoint sensitivity g_k = dR/dε_k of a differentiable reward to scaling the velocity of
    step k by (1+ε), for the base and for θ: per-step mean, std, t-statistic and fraction of
    positive signs. The reward is the run's own, or each of ``--sensitivity_rewards`` (names of
    normguard_jax.rewards.REWARDS; the non-differentiable ones are skipped with a message).
-Writes ``<out>.md``, ``<out>.json`` and ``<out>_*.png``.
+Writes ``<out>.md``, ``<out>.json`` and ``<out>_*.png``. Compiled programs go to the
+persistent XLA cache (normguard_jax.compile_cache), so runs of one architecture compile once.
 """
 
 from __future__ import annotations
@@ -37,8 +40,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 
-from normguard_jax import (auxnets, checkpointing, config_files, diagnostics,  # noqa: E402
-                           evaluate, generate, rewards, rl)
+from normguard_jax import (auxnets, checkpointing, compile_cache, config_files,  # noqa: E402
+                           diagnostics, evaluate, generate, rewards, rl)
 
 
 def ratio_profile(policy, base, labels, seed, num_steps, shift, guidance):
@@ -49,13 +52,20 @@ def ratio_profile(policy, base, labels, seed, num_steps, shift, guidance):
     return np.asarray(jnp.mean(ratios, axis=1))
 
 
-def ratio_over_training(workdir, labels, seed, num_steps, shift, guidance):
+def ratio_over_training(workdir, policy, base, newest_profile, labels, seed, num_steps, shift,
+                        guidance):
+    """Trajectory-mean ρ at every saved checkpoint: {step: mean ρ}. The newest checkpoint's
+    is the mean of ``newest_profile``; the others run with ``policy``'s velocity function (the
+    same network for every checkpoint of a run), so the ratio program compiles once."""
     steps = checkpointing.make_manager(os.path.join(workdir, "checkpoints")).all_steps()
     out = {}
     for step in sorted(steps):
-        policy, base = rl.load_policy(workdir, step=step)
-        out[int(step)] = float(ratio_profile(policy, base, labels, seed, num_steps, shift,
-                                             guidance).mean())
+        if int(step) == policy.step:
+            out[int(step)] = float(newest_profile.mean())
+            continue
+        params = rl.load_policy(workdir, step=step)[0].params
+        out[int(step)] = float(ratio_profile(policy._replace(params=params), base, labels, seed,
+                                             num_steps, shift, guidance).mean())
     return out
 
 
@@ -67,9 +77,12 @@ def sensitivity(model, labels, seed, reward_fn, num_steps, shift, guidance):
     return diagnostics.sensitivity_summary(g)
 
 
-def evaluate_variants(workdir, out_dir, per_class, num_steps, guidance, run_config):
+def evaluate_variants(workdir, out_dir, per_class, num_steps, guidance, run_config, renormalise):
+    """The evaluate job on the run's newest checkpoint: {"plain": result} and, if
+    ``renormalise``, {"renormalised": result} with v_θ rescaled to ‖v_ref‖ at every step."""
     results = {}
-    for name, renorm in (("plain", False), ("renormalised", True)):
+    variants = (("plain", False), ("renormalised", True)) if renormalise else (("plain", False),)
+    for name, renorm in variants:
         c = config_files.load(os.path.join(REPO, "configs", "evaluate.py"))
         c.checkpoint = workdir
         c.aux.dir = run_config.aux_dir
@@ -90,7 +103,12 @@ def main():
     parser.add_argument("--sensitivity_rewards", default="",
                         help="comma-separated reward names for the adjoint sensitivity "
                              "('' = each run's own reward)")
+    parser.add_argument("--renormalise_all", action="store_true",
+                        help="also evaluate the guarded runs (λ > 0) with renormalisation")
+    parser.add_argument("--compilation_cache", default=compile_cache.DEFAULT_DIR,
+                        help="persistent XLA compilation cache ('' = off)")
     args = parser.parse_args()
+    compile_cache.enable(args.compilation_cache)
     unknown = sorted({r for r in args.sensitivity_rewards.split(",") if r} - set(rewards.REWARDS))
     if unknown:
         parser.error(f"unknown rewards {unknown}; choose from {sorted(rewards.REWARDS)}")
@@ -112,11 +130,12 @@ def main():
         profile = ratio_profile(policy, base, labels, args.seed, args.num_steps,
                                 cfg.sample.shift, guidance)
         print(f"[{run}] ρ over training", flush=True)
-        over_training = ratio_over_training(run, labels, args.seed, args.num_steps,
-                                            cfg.sample.shift, guidance)
-        print(f"[{run}] plain vs renormalised evaluation", flush=True)
+        over_training = ratio_over_training(run, policy, base, profile, labels, args.seed,
+                                            args.num_steps, cfg.sample.shift, guidance)
+        renormalise = args.renormalise_all or float(cfg.normguard.weight) == 0.0
+        print(f"[{run}] evaluation{' plain and renormalised' if renormalise else ''}", flush=True)
         evals = evaluate_variants(run, os.path.join(run, "analyses"), args.per_class,
-                                  args.num_steps, guidance, cfg)
+                                  args.num_steps, guidance, cfg, renormalise)
         nets = auxnets.AuxNetCache(base.config.data.name, aux_dir=cfg.aux_dir,
                                    data_dir=base.config.data.data_dir or None)
         ctx = rewards.RewardContext(dataset=base.config.data.name,
@@ -149,6 +168,13 @@ def main():
                                       for k, v in evals.items()},
                        "sensitivity": sens}
     write(args, record)
+
+
+def _or_dash(result, name, fmt):
+    """A reward or quality value of an evaluation result, formatted; — when there is none."""
+    if result is None:
+        return "—"
+    return format(result[name] if name in result else result["quality"][name], fmt)
 
 
 def write(args, record):
@@ -200,19 +226,22 @@ def write(args, record):
              "Command: `python experiments/norm_analyses.py " + " ".join(sys.argv[1:]) + "`", "",
              f"{args.per_class} samples per class, fixed seed {args.seed}, {args.num_steps}-step "
              "ODE with each run's sample-grid CFG. ρ_k is measured on θ's own trajectory with "
-             "θ_ref evaluated on the same states.", "",
+             "θ_ref evaluated on the same states. Renormalised columns (v_θ rescaled to ‖v_ref‖ "
+             "at every step) are for unguarded runs" + (" and guarded ones" if args.renormalise_all
+                                                       else "; — for guarded runs") + ".", "",
              "| run | method | λ | mean ρ | ρ at first / last step | reward plain | reward "
              "renormalised | FD plain | FD renormalised | recall plain | recall renormalised |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for run, r in record.items():
         e = r["evaluation"]
+        plain, renorm = e["plain"], e.get("renormalised")
         lines.append(
             f"| `{run}` | {r['method']} | {r['normguard_weight']:g} | "
             f"{np.mean(r['ratio_per_step']):.3f} | {r['ratio_per_step'][0]:.3f} / "
-            f"{r['ratio_per_step'][-1]:.3f} | {e['plain']['combined_reward']:.3f} | "
-            f"{e['renormalised']['combined_reward']:.3f} | {e['plain']['quality']['fd']:.2f} | "
-            f"{e['renormalised']['quality']['fd']:.2f} | {e['plain']['quality']['recall']:.3f} | "
-            f"{e['renormalised']['quality']['recall']:.3f} |")
+            f"{r['ratio_per_step'][-1]:.3f} | {plain['combined_reward']:.3f} | "
+            f"{_or_dash(renorm, 'combined_reward', '.3f')} | {plain['quality']['fd']:.2f} | "
+            f"{_or_dash(renorm, 'fd', '.2f')} | {plain['quality']['recall']:.3f} | "
+            f"{_or_dash(renorm, 'recall', '.3f')} |")
     lines += ["", "![ρ](" + os.path.basename(out) + "_ratio.png)", ""]
     if with_sens:
         lines += ["Adjoint sensitivity (t-statistic per ODE step; base dashed, policy solid):", "",

@@ -16,8 +16,8 @@ Stages run in order, each in its own process (the commands are in ``STAGES``):
 - ``norm_analyses``: ρ_k per step and over training, inference-time renormalisation and the
   adjoint sensitivity (analyses 1–3) of the ten digits log p(class) runs of all five methods;
 - ``validity``: do the quality metrics rank degraded real images below real ones;
-- ``main_table_shapes``: the shapes half of the main table: pretrains the shapes base (wide
-  UNet on the procedurally generated shapes, 1100 steps at batch 64), its 12 RL cells and
+- ``main_table_shapes``: the shapes half of the main table: pretrains the shapes base (small
+  DiT on the procedurally generated shapes, 2000 steps at batch 64), its 12 RL cells and
   evaluations, and rewrites the table;
 - extended (not in ``core``): ``guard_ablation_awm_contrast``, ``guard_ablation`` (the
   multi-seed guard studies), ``rl_methods`` (24-iteration runs at 64 rollouts), and
@@ -27,7 +27,8 @@ Stages run in order, each in its own process (the commands are in ``STAGES``):
 The wall time of every attempt at a stage is added to ``workdir/run_all/timings.json`` (an
 interrupted attempt counts too), and ``experiments/results/compute.md`` is rewritten after
 each stage with the time per stage, the total, and the machine. A stage that finished is not
-rerun unless named in ``--redo``.
+rerun unless named in ``--redo``; a redone stage's earlier attempts are moved to its
+``replaced`` list and no longer counted, since the result they made is replaced.
 """
 
 from __future__ import annotations
@@ -231,6 +232,10 @@ def main(argv: list[str]) -> int:
         if timings.get(name, {}).get("status") == "done" and name not in redo:
             print(f"[run_all] {i}/{len(stages)} {name}: finished before, skipped", flush=True)
             continue
+        if name in redo and name in timings:  # the new result replaces the old: so does its time
+            entry = timings[name]
+            entry["replaced"] = entry.get("replaced", []) + entry["attempts"]
+            entry["attempts"] = []
         print(f"[run_all] {i}/{len(stages)} {name} ({datetime.datetime.now():%H:%M}): "
               + " ".join(STAGES[name]), flush=True)
         status = run_stage(name, timings, argv)

@@ -51,13 +51,13 @@ from ml_collections import config_flags  # noqa: E402
 
 import importlib  # noqa: E402
 
-from normguard_jax import distributed, reporting  # noqa: E402  (neither touches a backend)
+from normguard_jax import compile_cache, distributed, reporting  # noqa: E402  (none touches a backend)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
 _COMPILATION_CACHE = flags.DEFINE_string(
-    "compilation_cache", os.path.join(os.path.expanduser("~"), ".cache", "normguard_jax", "xla"),
+    "compilation_cache", compile_cache.DEFAULT_DIR,
     "Persistent XLA compilation cache ('' = off). Programs that took over a second to compile "
     "are stored there and reused by later runs and stages with identical programs (e.g. the "
     "same sampler on another checkpoint of the same architecture).")
@@ -78,9 +78,7 @@ def main(argv):
     config = _CONFIG.value
     if config.job not in JOBS:
         raise app.UsageError(f"config.job must be one of {sorted(JOBS)}, got {config.job!r}")
-    if _COMPILATION_CACHE.value:
-        import jax  # noqa: PLC0415  (setting a config option does not start a backend)
-        jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE.value)
+    compile_cache.enable(_COMPILATION_CACHE.value)
     if "distributed" in config:                   # jobs that support several processes
         distributed.initialize(config)
     job = importlib.import_module(JOBS[config.job])
