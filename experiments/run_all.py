@@ -15,10 +15,12 @@ Stages run in order, each in its own process (the commands are in ``STAGES``):
   (configs/sweeps/table_norms.py), so every method has a run;
 - ``norm_analyses``: ρ_k per step and over training, inference-time renormalisation and the
   adjoint sensitivity (analyses 1–3) of the ten digits log p(class) runs of all five methods;
-- ``validity``: do the quality metrics rank degraded real images below real ones;
 - ``main_table_shapes``: the shapes half of the main table: pretrains the shapes base (small
   DiT on the procedurally generated shapes, 2000 steps at batch 64), its 12 RL cells and
   evaluations, and rewrites the table;
+- ``validity``: do the quality metrics rank degraded real images below real ones, and the
+  table's two bases in between (results/validity_table_bases.md; results/validity.md is the
+  same check on the four pretraining-grid bases, after ``pretrain_grid``);
 - extended (not in ``core``): ``guard_ablation_awm_contrast``, ``guard_ablation`` (the
   multi-seed guard studies), ``rl_methods`` (24-iteration runs at 64 rollouts), and
   ``pretrain_grid`` (every dataset × architecture).
@@ -48,27 +50,32 @@ sys.path.insert(0, os.path.join(REPO, "configs", "sweeps"))
 
 import table_norms  # noqa: E402  (configs/sweeps/ is not a package)
 
+sys.path.insert(0, os.path.join(REPO, "configs"))
+import rl_table  # noqa: E402  (neither is configs/)
+
 from normguard_jax import sweep  # noqa: E402
 
 PY = sys.executable
 # The main table runs in two stages, its digits half first (as main_table.py's default order
-# does), so that an interrupted run leaves the norm analyses and the validity check done.
+# does), so that an interrupted run leaves the norm analyses done; the validity check needs
+# both of the table's bases, so it comes last.
 STAGES = {
     "main_table_digits": [PY, "experiments/main_table.py", "--stages",
                           "bases:digits,main:*digits*,lambda,earlystop,fewstep,analyse"],
     "norm_runs": [PY, "-m", "normguard_jax.sweep", "--config=configs/sweeps/table_norms.py"],
     "norm_analyses": [PY, "experiments/norm_analyses.py", "--runs", ",".join(table_norms.run_dirs()),
                       "--out", "experiments/results/norm_table"],
-    "validity": [PY, "experiments/validity.py", "--datasets=digits_mnist,shapes",
-                 "--aux_dir=workdir/aux_nets"],
     "main_table_shapes": [PY, "experiments/main_table.py", "--stages", "bases:shapes,main,analyse"],
+    "validity": [PY, "experiments/validity.py", "--datasets=digits_mnist,shapes",
+                 "--aux_dir=workdir/aux_nets", *(f"--base={b}" for b in rl_table.BASES.values()),
+                 "--out=experiments/results/validity_table_bases.md"],
     "guard_ablation_awm_contrast": [PY, "experiments/guard_ablation.py", "--study",
                                     "awm_contrast"],
     "guard_ablation": [PY, "experiments/guard_ablation.py"],
     "rl_methods": [PY, "experiments/rl_methods.py"],
     "pretrain_grid": [PY, "experiments/pretrain_grid.py"],
 }
-CORE = ("main_table_digits", "norm_runs", "norm_analyses", "validity", "main_table_shapes")
+CORE = ("main_table_digits", "norm_runs", "norm_analyses", "main_table_shapes", "validity")
 BUDGET_MIN = 180
 TIMINGS = os.path.join(REPO, "workdir", "run_all", "timings.json")
 REPORT = os.path.join(REPO, "experiments", "results", "compute.md")
