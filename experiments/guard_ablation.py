@@ -426,7 +426,7 @@ def main():
         elif stage == "norms":
             runs = [os.path.join(ST.workroot, f"rl-{arm}-s0") for arm in ("plain", "guard")]
             missing = [r for r in runs if not os.path.exists(
-                os.path.join(r, "sweep_done.json"))]
+                os.path.join(r, sweep.DONE_MARKER))]
             if missing:
                 print(f"norms stage skipped: {missing} not finished", flush=True)
                 continue

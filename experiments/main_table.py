@@ -120,7 +120,7 @@ def run_sweep(spec: str, hosts: list[str]) -> bool:
 def load_eval(workroot: str, name: str) -> dict | None:
     """``<workroot>/<name>/evaluation.json`` of a finished cell, or None."""
     path = os.path.join(REPO, workroot, name, "evaluation.json")
-    if not os.path.exists(os.path.join(REPO, workroot, name, "sweep_done.json")):
+    if not os.path.exists(os.path.join(REPO, workroot, name, sweep.DONE_MARKER)):
         return None
     with open(path, encoding="utf-8") as f:
         return json.load(f)
