@@ -1,5 +1,7 @@
 """The quickstart job end to end on tiny sizes, and evaluation of RL checkpoints."""
 
+import argparse
+import importlib.util
 import json
 import os
 
@@ -9,7 +11,12 @@ import pytest
 
 from normguard_jax import config_checks, diagnostics, evaluate, quickstart, rl
 
-from conftest import load_config_file
+from conftest import REPO, load_config_file
+
+_spec = importlib.util.spec_from_file_location("norm_analyses",
+                                               REPO / "experiments" / "norm_analyses.py")
+norm_analyses = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(norm_analyses)
 
 
 def tiny_quickstart_config(data_dir, aux_dir):
@@ -76,9 +83,48 @@ def test_quickstart_runs_both_arms_and_reports_their_norm_ratio(data_dir, tmp_pa
     for a, b in zip(leaves(generator.params), leaves(base.params)):
         np.testing.assert_array_equal(a, b)
 
+    # norm_analyses' ρ over training (one velocity function for all checkpoints, the newest
+    # checkpoint's profile reused) equals restoring each checkpoint on its own.
+    run = os.path.join(workdir, "rl_unguarded")
+    args = (labels[:8], 0, e.sample.num_steps, e.sample.shift, 1.0)
+    newest = norm_analyses.ratio_profile(unguarded, base, *args)
+    over = norm_analyses.ratio_over_training(run, unguarded, base, newest, *args)
+    assert sorted(over) == [1, 2]
+    for step, mean in over.items():
+        fresh, fresh_base = rl.load_policy(run, step=step)
+        assert mean == pytest.approx(
+            float(norm_analyses.ratio_profile(fresh, fresh_base, *args).mean()), rel=1e-6)
+    assert over[1] != over[2]
+
     # A second call reuses every stage and reports the same numbers.
     again = quickstart.run(config, workdir)
     assert json.loads(json.dumps(again)) == json.loads(json.dumps(results))
+
+
+def test_norm_analyses_table_renormalises_only_the_unguarded_run(tmp_path):
+    def result(reward, fd, recall):
+        return {"combined_reward": reward, "quality": {"fd": fd, "recall": recall}}
+
+    def run(weight, evaluation):
+        return {"method": "nft", "normguard_weight": weight, "ratio_per_step": [1.1, 0.9],
+                "ratio_over_training": {"1": 1.0, "2": 1.0}, "evaluation": evaluation,
+                "sensitivity": {}}
+
+    record = {"u": run(0.0, {"plain": result(-5.0, 7.25, 0.5),
+                             "renormalised": result(-5.5, 6.0, 0.625)}),
+              "g": run(0.1, {"plain": result(-6.0, 8.0, 0.25)})}
+    args = argparse.Namespace(out=str(tmp_path / "na"), per_class=1, seed=0, num_steps=2,
+                              renormalise_all=False)
+    norm_analyses.write(args, record)
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in (tmp_path / "na.md").read_text().splitlines()
+            if line.startswith("| `")}
+    # columns: method, λ, mean ρ, first / last, reward plain, renormalised, FD plain,
+    # renormalised, recall plain, renormalised
+    assert rows["`u`"][2:] == ["1.000", "1.100 / 0.900", "-5.000", "-5.500", "7.25", "6.00",
+                               "0.500", "0.625"]
+    assert rows["`g`"][4:] == ["-6.000", "—", "8.00", "—", "0.250", "—"]
+    assert (tmp_path / "na_ratio.png").exists()
 
 
 def test_bad_quickstart_config_fails_before_anything_runs(tmp_path):
