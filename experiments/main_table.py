@@ -466,6 +466,12 @@ def earlystop_md(data: dict) -> tuple[list[str], list[dict]]:
             elif diff >= -NOISE["fd"]:
                 verdict = ("yes: the matched unguarded checkpoint is as good"
                            + (" or better" if diff > NOISE["fd"] else ""))
+            elif fd_interp is not None and g["fd"] - fd_interp >= -NOISE["fd"]:
+                # The nearest checkpoint may sit well past the guarded reward; between two
+                # checkpoints the unguarded run passes through it.
+                verdict = ("yes, between checkpoints: the unguarded path at the guarded reward "
+                           "(interpolated) is as good"
+                           + (" or better" if g["fd"] - fd_interp > NOISE["fd"] else ""))
             else:
                 verdict = "no: the guarded run beats the matched checkpoint"
             records.append({"setting": setting, "method": method, "matched_iteration": k,
@@ -628,7 +634,10 @@ def analyse(lambda_choice: tuple[str, str] | None) -> None:
         "run's final reward. If NormGuard only slowed the optimisation down, the matched "
         "checkpoint would have the guarded run's quality. Intermediate checkpoints were "
         f"evaluated for {', '.join(table_earlystop.SETTINGS)}; for the other settings the "
-        "unguarded path is only the base and the final checkpoint.",
+        "unguarded path is only the base and the final checkpoint. When the closest checkpoint "
+        "is far from the guarded reward, the unguarded path interpolated at that reward is the "
+        "fairer control: a verdict \"yes, between checkpoints\" means that interpolation has "
+        "the guarded FD or better (linear between two checkpoints, so an estimate).",
         "",
         *early_lines,
         "",

@@ -33,3 +33,33 @@ def test_missing_line_groups_by_workroot():
     line = main_table.missing_md(["a/b/eval-x", "a/b/eval-y", "c/rl-z"])
     assert "`a/b`: 2 (eval-x, eval-y)" in line and "`c`: 1 (rl-z)" in line
     assert main_table.missing_md([]).startswith("Every cell")
+
+
+def _summary(reward, fd):
+    return {"reward": reward, "fd": fd, "recall": 0.5}
+
+
+def test_earlystop_verdicts_use_the_checkpoint_then_the_interpolated_path(monkeypatch):
+    monkeypatch.setattr(main_table.rl_table, "SETTINGS", {"s": None})
+    monkeypatch.setattr(main_table.main_sweep, "METHODS", ("a", "b", "c"))
+    monkeypatch.setattr(main_table.table_earlystop, "STEPS", (4, 8))
+    last = main_table.rl_table.ITERATIONS
+    data = {"base": {"s": _summary(0.5, 2.0)},
+            "main": {"s-a-plain": _summary(0.77, 51.0), "s-a-guard": _summary(0.745, 47.0),
+                     "s-b-plain": _summary(0.77, 51.0), "s-b-guard": _summary(0.745, 30.0),
+                     "s-c-plain": _summary(0.77, 51.0), "s-c-guard": _summary(0.70, 30.0)},
+            "earlystop": {"s-a-plain-it4": _summary(0.6, 8.0), "s-a-plain-it8": _summary(0.7, 26.0),
+                          "s-b-plain-it4": _summary(0.6, 8.0), "s-b-plain-it8": _summary(0.7, 26.0),
+                          "s-c-plain-it4": _summary(0.6, 8.0),
+                          "s-c-plain-it8": _summary(0.705, 31.0)}}
+    _, records = main_table.earlystop_md(data)
+    by = {r["method"]: r for r in records}
+    # a: nearest checkpoint is the last (0.77, FD 51 vs guarded 47: not explained), but the path
+    # between iterations 8 and 12 crosses 0.745 at FD 26 + 0.045/0.07·25 ≈ 42.1, more than the noise below 47.
+    assert by["a"]["matched_iteration"] == last
+    assert abs(by["a"]["fd_interpolated"] - (26.0 + (0.045 / 0.07) * 25.0)) < 1e-9
+    assert by["a"]["verdict"].startswith("yes, between checkpoints") and "or better" in by["a"]["verdict"]
+    # b: the guarded FD 30 beats both the checkpoint and the interpolated path (≈ 42.1).
+    assert by["b"]["verdict"] == "no: the guarded run beats the matched checkpoint"
+    # c: the nearest checkpoint (iteration 8, FD 31) already matches the guarded FD 30.
+    assert by["c"]["matched_iteration"] == 8 and by["c"]["verdict"].startswith("yes: the matched")
