@@ -20,7 +20,6 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 from absl import logging
-from clu import periodic_actions
 from flax import nnx
 
 from normguard_jax import (checkpointing, config_checks, data, distributed, flow, generate,
@@ -226,6 +225,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, hooks: Iterable[Hook
         with open(os.path.join(workdir, "parameters.txt"), "w", encoding="utf-8") as f:
             f.write(summary + "\n")
         writer.write_hparams(_flat_hparams(config))
+    from clu import periodic_actions  # noqa: PLC0415  (imports TensorFlow: see reporting)
     progress = periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
                                                every_steps=config.train.log_every)
     grid_labels = jnp.asarray(generate.class_grid_labels(split.num_classes,

@@ -5,6 +5,10 @@ Every run writes, under its workdir:
 - ``metrics.jsonl``: one JSON object per logged step, for scripts and plots;
 - ``samples/<tag>_<step>.png``: the image grids, to look at without TensorBoard.
 Only process 0 writes; other processes get a writer that only logs to the console.
+
+clu's ``metric_writers`` imports TensorFlow (about 10 s on a 2-core CPU), so it is imported
+only when a writer is made: jobs that write no metrics (evaluation, the analyses) start
+without it.
 """
 
 from __future__ import annotations
@@ -13,18 +17,23 @@ import json
 import logging
 import math
 import os
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import jax
 from absl import logging as absl_logging
 import numpy as np
-from clu import metric_writers
-from clu.metric_writers import interface
 from PIL import Image
 
+if TYPE_CHECKING:
+    from clu import metric_writers
 
-class JsonlWriter(interface.MetricWriter):
-    """Appends ``{"step": s, name: value, ...}`` lines to a file; only scalars are written."""
+
+class JsonlWriter:
+    """Appends ``{"step": s, name: value, ...}`` lines to a file; only scalars are written.
+
+    Implements every method of clu's ``metric_writers.interface.MetricWriter`` without
+    subclassing it, so that this module does not import TensorFlow (see the module docstring).
+    """
 
     def __init__(self, path: str):
         self._path = path
@@ -83,6 +92,7 @@ def quiet_library_logs(packages=("orbax", "etils", "tensorflow_datasets")) -> No
 
 def make_writer(workdir: str) -> metric_writers.MetricWriter:
     """TensorBoard + console + ``metrics.jsonl`` on process 0; console only elsewhere."""
+    from clu import metric_writers  # noqa: PLC0415  (imports TensorFlow: only when needed)
     if jax.process_index() != 0:
         return metric_writers.create_default_writer(workdir, just_logging=True)
     return metric_writers.MultiWriter([

@@ -31,7 +31,6 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 from absl import logging
-from clu import periodic_actions
 
 from normguard_jax import (advantages, auxnets, checkpointing, config_checks, distributed, flow,
                            generate, nonfinite, normguard, optim, pretrain, reporting, rewards,
@@ -385,6 +384,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, hooks: Iterable[Hook
     old_update_fn = jax.jit(functools.partial(nft.update_old_params, **decay))
 
     writer = reporting.make_writer(workdir)
+    from clu import periodic_actions  # noqa: PLC0415  (imports TensorFlow: see reporting)
     progress = periodic_actions.ReportProgress(num_train_steps=iterations, writer=writer,
                                                every_steps=config.train.log_every)
     grid_labels = jnp.asarray(generate.class_grid_labels(base.num_classes,

@@ -64,6 +64,27 @@ def test_jsonl_writer_appends_rows(tmp_path):
     assert rows == [{"step": 3, "loss": 0.5}, {"step": 4, "loss": 0.25, "lr": 1e-3}]
 
 
+def test_jsonl_writer_has_every_method_of_clus_writer_interface(tmp_path):
+    from clu.metric_writers import interface
+    missing = sorted(m for m in interface.MetricWriter.__abstractmethods__
+                     if not callable(getattr(reporting.JsonlWriter, m, None)))
+    assert not missing
+    writer = reporting.make_writer(str(tmp_path))       # TensorBoard + console + jsonl
+    writer.write_scalars(1, {"loss": 2.0})
+    writer.flush()
+    assert reporting.read_jsonl(str(tmp_path / "metrics.jsonl")) == [{"step": 1, "loss": 2.0}]
+
+
+def test_jobs_that_write_no_metrics_start_without_tensorflow():
+    """clu's metric writers import TensorFlow (~10 s); evaluation and the analyses need none."""
+    code = ("import sys; import normguard_jax.main; "
+            "from normguard_jax import evaluate, rl, pretrain, diagnostics, sweep; "
+            "print(sorted(m for m in ('tensorflow', 'clu.metric_writers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=str(REPO))
+    assert out.stdout.strip() == "[]"
+
+
 def test_config_checks_name_the_field():
     c = ml_collections.ConfigDict({"a": {"n": 0, "x": float("inf"), "k": "foo"}})
     with pytest.raises(config_checks.ConfigError, match=r"config\.a\.n must be an integer >= 1, got 0"):
