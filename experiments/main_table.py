@@ -46,6 +46,7 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from normguard_jax import sweep  # noqa: E402
 
@@ -511,6 +512,49 @@ def plot_earlystop(data: dict, path: str) -> None:
     plt.close(fig)
 
 
+SAMPLE_PAIRS = 2  # sample grids shown: the pairs whose judged-real fraction changed the most
+
+
+def samples_png(setting: str, method: str, path: str) -> bool:
+    """The unguarded (left) and guarded (right) evaluation sample grids of one pair, side by
+    side with a white gap, written to ``path``; False when either grid is missing."""
+    grids = [os.path.join(REPO, main_sweep.WORKROOT, f"eval-{setting}-{method}-{arm}",
+                          "samples_eval.png") for arm in ("plain", "guard")]
+    if not all(os.path.exists(g) for g in grids):
+        return False
+    left, right = (np.asarray(Image.open(g).convert("RGB")) for g in grids)
+    gap = 12
+    canvas = np.full((max(left.shape[0], right.shape[0]), left.shape[1] + gap + right.shape[1],
+                      3), 255, np.uint8)
+    canvas[:left.shape[0], :left.shape[1]] = left
+    canvas[:right.shape[0], left.shape[1] + gap:] = right
+    Image.fromarray(canvas).save(path)
+    return True
+
+
+def samples_md(data: dict) -> list[str]:
+    """Side-by-side sample grids (``main_table_samples_<setting>_<method>.png``) of the
+    ``SAMPLE_PAIRS`` pairs with the largest change in judged real, and their markdown."""
+    changes = []
+    for setting in rl_table.SETTINGS:
+        for method in main_sweep.METHODS:
+            plain = data["main"].get(f"{setting}-{method}-plain")
+            guard = data["main"].get(f"{setting}-{method}-guard")
+            if plain and guard:
+                changes.append((abs(guard["realism"] - plain["realism"]), setting, method,
+                                plain, guard))
+    lines = []
+    for _, setting, method, plain, guard in sorted(changes, key=lambda c: -c[0])[:SAMPLE_PAIRS]:
+        name = f"main_table_samples_{setting}_{method}.png"
+        if samples_png(setting, method, os.path.join(RESULTS, name)):
+            lines += [f"{setting}, {method}: unguarded on the left (judged real "
+                      f"{plain['realism']:.2f}, FD {plain['fd']:.2f}), NormGuard λ="
+                      f"{main_sweep.GUARD_WEIGHT:g} on the right ({guard['realism']:.2f}, FD "
+                      f"{guard['fd']:.2f}); one row per class, the evaluation's fixed seeds.",
+                      "", f"![{setting} {method}]({name})", ""]
+    return lines
+
+
 def wall_time_md() -> str:
     """Cells and summed wall time per sweep, from the cells' done markers."""
     parts = []
@@ -607,12 +651,17 @@ def analyse(lambda_choice: tuple[str, str] | None) -> None:
         *main_table_md(data),
         "",
         "Guarded minus unguarded. Hinge active = fraction of training rows with ‖v_θ‖ > "
-        "‖v_ref‖, averaged over the logged iterations (4, 8, 12) of the guarded run. Where it "
-        "is about 0 the guard barely acted (other iterations were not logged), so the gap "
-        "between those two runs is mostly run-to-run divergence, which RL amplifies from "
-        "tiny differences: those pairs show the noise at this size.",
+        "‖v_ref‖, averaged over the logged iterations (4, 8, 12) of the guarded run. A hinge "
+        "that never acts leaves the run bit-identical to the unguarded one; where it acted on "
+        "only a few rows (other iterations were not logged), the gap between the two runs is "
+        "mostly run-to-run divergence, which RL amplifies from tiny differences: those pairs "
+        "show the noise at this size.",
         "",
         *delta_lines,
+        "",
+        "## Samples",
+        "",
+        *(samples_md(data) or ["no finished pair yet"]),
         "",
         "## λ sweep",
         "",

@@ -3,6 +3,9 @@
 import importlib.util
 import json
 
+import numpy as np
+from PIL import Image
+
 from conftest import REPO
 
 _spec = importlib.util.spec_from_file_location("main_table", REPO / "experiments" / "main_table.py")
@@ -63,3 +66,30 @@ def test_earlystop_verdicts_use_the_checkpoint_then_the_interpolated_path(monkey
     assert by["b"]["verdict"] == "no: the guarded run beats the matched checkpoint"
     # c: the nearest checkpoint (iteration 8, FD 31) already matches the guarded FD 30.
     assert by["c"]["matched_iteration"] == 8 and by["c"]["verdict"].startswith("yes: the matched")
+
+
+def test_samples_put_the_largest_judged_real_change_side_by_side(tmp_path, monkeypatch):
+    monkeypatch.setattr(main_table, "REPO", str(tmp_path))
+    monkeypatch.setattr(main_table, "RESULTS", str(tmp_path / "results"))
+    (tmp_path / "results").mkdir()
+    monkeypatch.setattr(main_table.rl_table, "SETTINGS", {"s": None})
+    monkeypatch.setattr(main_table.main_sweep, "METHODS", ("a", "b", "c"))
+    monkeypatch.setattr(main_table, "SAMPLE_PAIRS", 1)
+    root = tmp_path / main_table.main_sweep.WORKROOT
+    left = np.zeros((5, 4, 3), np.uint8)
+    right = np.full((7, 3, 3), 100, np.uint8)
+    for method in ("a", "b"):
+        for arm, img in (("plain", left), ("guard", right)):
+            (root / f"eval-s-{method}-{arm}").mkdir(parents=True)
+            Image.fromarray(img).save(root / f"eval-s-{method}-{arm}" / "samples_eval.png")
+    row = lambda realism: {"realism": realism, "fd": 1.0}
+    data = {"main": {"s-a-plain": row(0.5), "s-a-guard": row(0.45),
+                     "s-b-plain": row(0.8), "s-b-guard": row(0.1),    # the largest change
+                     "s-c-plain": row(0.0), "s-c-guard": None}}
+    lines = main_table.samples_md(data)
+    assert "![s b](main_table_samples_s_b.png)" in lines
+    assert not (tmp_path / "results" / "main_table_samples_s_a.png").exists()
+    out = np.asarray(Image.open(tmp_path / "results" / "main_table_samples_s_b.png"))
+    assert out.shape == (7, 4 + 12 + 3, 3)
+    assert (out[:5, :4] == 0).all() and (out[5:, :4] == 255).all()   # left, padded below
+    assert (out[:, 4:16] == 255).all() and (out[:, 16:] == 100).all()
