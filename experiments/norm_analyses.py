@@ -54,18 +54,18 @@ def ratio_profile(policy, base, labels, seed, num_steps, shift, guidance):
 
 def ratio_over_training(workdir, policy, base, newest_profile, labels, seed, num_steps, shift,
                         guidance):
-    """Trajectory-mean ρ at every saved checkpoint: {step: mean ρ}. The newest checkpoint's
-    is the mean of ``newest_profile``; the others run with ``policy``'s velocity function (the
-    same network for every checkpoint of a run), so the ratio program compiles once."""
+    """Trajectory-mean ρ at every saved checkpoint: {step: mean ρ}. The newest checkpoint
+    (``policy``) has it as the mean of ``newest_profile``; the others are restored on ``base``,
+    so they share its velocity function and the ratio program compiles once."""
     steps = checkpointing.make_manager(os.path.join(workdir, "checkpoints")).all_steps()
     out = {}
     for step in sorted(steps):
         if int(step) == policy.step:
             out[int(step)] = float(newest_profile.mean())
             continue
-        params = rl.load_policy(workdir, step=step)[0].params
-        out[int(step)] = float(ratio_profile(policy._replace(params=params), base, labels, seed,
-                                             num_steps, shift, guidance).mean())
+        older, _ = rl.load_policy(workdir, step=step, base=base)
+        out[int(step)] = float(ratio_profile(older, base, labels, seed, num_steps, shift,
+                                             guidance).mean())
     return out
 
 

@@ -51,7 +51,8 @@ from ml_collections import config_flags  # noqa: E402
 
 import importlib  # noqa: E402
 
-from normguard_jax import compile_cache, distributed, reporting  # noqa: E402  (none touches a backend)
+# None of these touches a backend.
+from normguard_jax import compile_cache, distributed, reporting  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
                                           lock_config=True)

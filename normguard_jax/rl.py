@@ -188,22 +188,31 @@ def is_rl_workdir(workdir: str, step: int | None = None) -> bool:
     return "base_workdir" in meta
 
 
-def load_policy(workdir: str, *, step: int | None = None
+def load_policy(workdir: str, *, step: int | None = None,
+                base: pretrain.Pretrained | None = None
                 ) -> tuple[pretrain.Pretrained, pretrain.Pretrained]:
     """Restores the policy θ of an RL run and its frozen base θ_ref.
 
     Returns ``(policy, base)``: two :class:`pretrain.Pretrained` sharing the base's velocity
     function, image shape and classes; ``policy.params`` is θ at the checkpoint (newest unless
     ``step`` is given), ``policy.step`` its iteration, ``policy.config`` the RL config.
+    ``base``: the run's base as returned by an earlier call on the same workdir; it is used
+    instead of reading the base again, so policies of several checkpoints share one velocity
+    function (and jitted programs that take it as a static argument compile once).
 
     Raises:
       FileNotFoundError: no checkpoint in ``<workdir>/checkpoints``.
+      ValueError: ``base`` is not the base step this checkpoint was trained from.
     """
     directory = os.path.join(workdir, "checkpoints")
     step, meta = checkpointing.read_meta(directory, step)
     config = ml_collections.ConfigDict(meta["config"])
-    base = pretrain.load_pretrained(meta["base_workdir"], use_ema=config.base.use_ema,
-                                    step=meta["base_step"])
+    if base is None:
+        base = pretrain.load_pretrained(meta["base_workdir"], use_ema=config.base.use_ema,
+                                        step=meta["base_step"])
+    elif base.step != meta["base_step"]:
+        raise ValueError(f"{workdir} step {step} was trained from base step {meta['base_step']}, "
+                         f"not {base.step}")
     optimizer, _ = build_optimizer(config)
     template = initial_state(config, base.params, optimizer)
     state = checkpointing.restore_state(directory, step, template)

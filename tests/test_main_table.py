@@ -51,17 +51,21 @@ def test_earlystop_verdicts_use_the_checkpoint_then_the_interpolated_path(monkey
             "main": {"s-a-plain": _summary(0.77, 51.0), "s-a-guard": _summary(0.745, 47.0),
                      "s-b-plain": _summary(0.77, 51.0), "s-b-guard": _summary(0.745, 30.0),
                      "s-c-plain": _summary(0.77, 51.0), "s-c-guard": _summary(0.70, 30.0)},
-            "earlystop": {"s-a-plain-it4": _summary(0.6, 8.0), "s-a-plain-it8": _summary(0.7, 26.0),
-                          "s-b-plain-it4": _summary(0.6, 8.0), "s-b-plain-it8": _summary(0.7, 26.0),
+            "earlystop": {"s-a-plain-it4": _summary(0.6, 8.0),
+                          "s-a-plain-it8": _summary(0.7, 26.0),
+                          "s-b-plain-it4": _summary(0.6, 8.0),
+                          "s-b-plain-it8": _summary(0.7, 26.0),
                           "s-c-plain-it4": _summary(0.6, 8.0),
                           "s-c-plain-it8": _summary(0.705, 31.0)}}
     _, records = main_table.earlystop_md(data)
     by = {r["method"]: r for r in records}
     # a: nearest checkpoint is the last (0.77, FD 51 vs guarded 47: not explained), but the path
-    # between iterations 8 and 12 crosses 0.745 at FD 26 + 0.045/0.07·25 ≈ 42.1, more than the noise below 47.
+    # between iterations 8 and 12 crosses 0.745 at FD 26 + 0.045/0.07·25 ≈ 42.1, more than the
+    # noise below 47.
     assert by["a"]["matched_iteration"] == last
     assert abs(by["a"]["fd_interpolated"] - (26.0 + (0.045 / 0.07) * 25.0)) < 1e-9
-    assert by["a"]["verdict"].startswith("yes, between checkpoints") and "or better" in by["a"]["verdict"]
+    assert by["a"]["verdict"].startswith("yes, between checkpoints")
+    assert "or better" in by["a"]["verdict"]
     # b: the guarded FD 30 beats both the checkpoint and the interpolated path (≈ 42.1).
     assert by["b"]["verdict"] == "no: the guarded run beats the matched checkpoint"
     # c: the nearest checkpoint (iteration 8, FD 31) already matches the guarded FD 30.

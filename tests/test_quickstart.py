@@ -95,6 +95,14 @@ def test_quickstart_runs_both_arms_and_reports_their_norm_ratio(data_dir, tmp_pa
         assert mean == pytest.approx(
             float(norm_analyses.ratio_profile(fresh, fresh_base, *args).mean()), rel=1e-6)
     assert over[1] != over[2]
+    # Restoring on a given base shares its velocity function and gives the same θ.
+    older, same_base = rl.load_policy(run, step=1, base=base)
+    fresh, _ = rl.load_policy(run, step=1)
+    assert same_base is base and older.velocity is base.velocity
+    for a, b in zip(leaves(older.params), leaves(fresh.params)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="trained from base step"):
+        rl.load_policy(run, step=1, base=base._replace(step=base.step + 1))
 
     # A second call reuses every stage and reports the same numbers.
     again = quickstart.run(config, workdir)
