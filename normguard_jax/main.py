@@ -89,7 +89,7 @@ def main(argv):
 
 
 def entry():
-    """Console-script entry point (``normguard``)."""
+    """Parses the flags and runs :func:`main`; ``python -m normguard_jax.main`` calls it."""
     _reexec_with_tuned_malloc()
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)

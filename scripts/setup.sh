@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Creates ./.venv (if missing) and installs normguard_jax with its test extras into it.
+# Creates ./.venv (if missing) and installs normguard_jax with its test and experiments extras
+# into it, at the exact versions locked in constraints.txt (`pip install -c constraints.txt`).
 # Idempotent: a second run only checks that everything is installed.
+# Exits non-zero when pip fails.
 # Options: --bench also installs the `bench` extra (PyTorch, for benchmarks/run.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EXTRAS="test"
+EXTRAS="test,experiments"
 for arg in "$@"; do
   case "$arg" in
-    --bench) EXTRAS="test,bench" ;;
+    --bench) EXTRAS="test,experiments,bench" ;;
     *) echo "usage: scripts/setup.sh [--bench]" >&2; exit 2 ;;
   esac
 done
@@ -15,6 +17,11 @@ PY="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -m pip install -q -e ".[$EXTRAS]" 2>&1 | grep -v "^WARNING: Location" || true
+# Runs pip without its noisy "WARNING: Location" lines. With pipefail the pipeline's status is
+# pip's: grep -v exits 1 when it has nothing left to print, which is not an error (2 still is).
+pip_quiet() {
+  .venv/bin/python -m pip "$@" 2>&1 | { grep -v "^WARNING: Location" || [ $? -eq 1 ]; }
+}
+pip_quiet install -q --upgrade pip
+pip_quiet install -q -c constraints.txt -e ".[$EXTRAS]"
 .venv/bin/python -c "import normguard_jax, jax, flax, optax, orbax.checkpoint, clu, tensorflow_datasets; print('normguard_jax ready: jax', jax.__version__, 'flax', flax.__version__)"
