@@ -7,7 +7,7 @@ import ml_collections
 
 
 def make(method: str, objective: dict) -> ml_collections.ConfigDict:
-    """RL config for ``method`` (a key of normguard_jax.objectives.OBJECTIVES)."""
+    """RL config for ``method`` (a key of normguard_jax.objectives.METHODS)."""
     c = ml_collections.ConfigDict()
     c.job = "rl"                # main.py dispatches to normguard_jax.rl.run.
     c.seed = 0                  # prompts, rollout noise, re-noising and minibatch order.
@@ -62,7 +62,7 @@ def make(method: str, objective: dict) -> ml_collections.ConfigDict:
     c.train.minibatch_size = 32     # rows per optimizer step.
     c.train.renoise_draws = 1       # NFT/AWM/RAM: noise/σ draws per rollout sample (rows = D·G·K).
     c.train.sigma_sampler = "schedule"  # σ of re-noised batches: schedule | uniform | logit_normal.
-    c.train.old_policy = "nft"      # θ_old EMA preset (objectives.nft.OLD_POLICY_DECAY_PRESETS).
+    c.train.old_policy = "nft"      # θ_old EMA preset (rl_state.OLD_POLICY_DECAY_PRESETS).
     c.train.log_every = 5           # iterations between scalar logs.
     c.train.sample_every = 50       # iterations between fixed-seed sample grids.
     c.train.checkpoint_every = 10   # iterations between checkpoints (also at the end, on SIGTERM).

@@ -189,3 +189,50 @@ def inference_sigmas(
     if shift <= 0:
         raise ValueError(f"shift must be > 0, got {shift}")
     return _inference_sigmas_cached(int(num_steps), float(shift), int(num_train_timesteps))
+
+
+# ----------------------------------------------------------------------------------------------
+# Re-noised training batches (DiffusionNFT, AWM, RAM, online DPO).
+# ----------------------------------------------------------------------------------------------
+
+
+def schedule_sigma_sampler(sigmas) -> Callable[[jax.Array, int], jax.Array]:
+    """σ sampler drawing uniformly among the levels of a sampling schedule.
+
+    Args:
+      sigmas: ``(T+1,)`` schedule ending in 0 (:func:`inference_sigmas`); the terminal 0 is
+        excluded, so σ ∈ {sigmas[0], …, sigmas[T-1]} as in the references (their training
+        levels are the rollout's timesteps / 1000).
+
+    Returns:
+      ``(key, batch_size) -> (batch_size,)`` float32 sampler, usable wherever a
+      ``TIMESTEP_SAMPLERS`` entry (with its options bound) is.
+    """
+    levels = jnp.asarray(sigmas, jnp.float32)[:-1]
+
+    def sampler(key, batch_size: int) -> jax.Array:
+        return jax.random.choice(key, levels, (batch_size,))
+
+    return sampler
+
+
+def renoised_batch(key, x0, cond, advantage, *, sigma_sampler) -> dict:
+    """Fresh noise and σ for clean samples: the batch layout of the forward-process objectives.
+
+    Args:
+      key: typed PRNG key.
+      x0: (B, H, W, C) clean samples in [-1, 1] drawn from the sampling policy.
+      cond: (B,) int32 labels used to draw them.
+      advantage: (B,) float32 advantages (e.g. from ``advantages.group_advantages``).
+      sigma_sampler: ``(key, B) -> (B,)`` in [0, 1], e.g. ``TIMESTEP_SAMPLERS[name]`` (with its
+        options bound) or :func:`schedule_sigma_sampler`.
+
+    Returns:
+      ``{"x0", "noise", "sigma", "cond", "advantage"}``; the objective forms
+      ``x_σ = interpolate(x0, noise, sigma)`` itself.
+    """
+    k_noise, k_sigma = jax.random.split(key)
+    noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
+    sigma = sigma_sampler(k_sigma, x0.shape[0]).astype(jnp.float32)
+    return {"x0": x0, "noise": noise, "sigma": sigma, "cond": cond,
+            "advantage": jnp.asarray(advantage, jnp.float32)}

@@ -25,7 +25,6 @@ import os
 import time
 from typing import Callable, Iterable
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -36,36 +35,12 @@ from normguard_jax import (advantages, auxnets, checkpointing, config_checks, di
                            generate, nonfinite, normguard, optim, pretrain, reporting, rewards,
                            sampling, sharding)
 from normguard_jax.interrupts import StopFlag
-from normguard_jax.objectives import OBJECTIVES, nft
-from normguard_jax.objectives.base import Context
-from normguard_jax.rl_batches import NEEDS_TRAJECTORY, TRAINING_BATCHES, Rollout
+from normguard_jax.objectives import METHODS
+from normguard_jax.objectives.base import BatchSpec, Context, Rollout
+from normguard_jax.rl_state import (OLD_POLICY_DECAY_PRESETS, RLState, initial_state,
+                                    update_old_params)
 
 Hook = Callable[[int, "RLState", dict], None]
-
-
-@flax.struct.dataclass
-class RLState:
-    """Everything of an RL run that changes, as one checkpointable pytree.
-
-    Attributes:
-      iteration: int32, completed iterations (also the prompt position).
-      updates: int32, optimizer steps taken (drives the old-policy EMA schedule).
-      params: policy θ.
-      old_params: old / EMA policy θ_old.
-      opt_state: optax state.
-      rng: uint32 key data of the run's base key.
-    """
-
-    iteration: jax.Array
-    updates: jax.Array
-    params: object
-    old_params: object
-    opt_state: object
-    rng: jax.Array
-
-    def key(self) -> jax.Array:
-        """The run's typed base key."""
-        return jax.random.wrap_key_data(self.rng)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -81,7 +56,7 @@ def objective_config(config: ml_collections.ConfigDict, null_class: int):
     Fields that must agree with the rollout (``sampler``, ``noise_level``) and the data
     (``null_class``) are taken from there rather than duplicated in ``config.objective``.
     """
-    cls, _ = OBJECTIVES[config.method]
+    cls = METHODS[config.method].config_cls
     names = {f.name for f in dataclasses.fields(cls)}
     fields = dict(config.objective)
     shared = {"null_class": null_class, "sampler": config.rollout.sampler,
@@ -100,19 +75,24 @@ def trained_steps(config: ml_collections.ConfigDict) -> tuple[int, ...]:
     return tuple(range(r.sde_window_start, end))
 
 
+def batch_spec(config: ml_collections.ConfigDict, sigma_sampler=None) -> BatchSpec:
+    """How the configured method turns one iteration's rollout into training rows."""
+    return BatchSpec(prompts=config.rollout.prompts_per_iter,
+                     group_size=config.rollout.group_size,
+                     renoise_draws=config.train.renoise_draws,
+                     trained_steps=trained_steps(config), sigma_sampler=sigma_sampler)
+
+
 def rows_per_iteration(config: ml_collections.ConfigDict) -> int:
     """Rows of the training batch built from one iteration's rollout."""
-    n = config.rollout.prompts_per_iter * config.rollout.group_size
-    return {"grpo": n * len(trained_steps(config)),
-            "dpo": config.rollout.prompts_per_iter}.get(config.method,
-                                                        n * config.train.renoise_draws)
+    return METHODS[config.method].rows(batch_spec(config))
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     """Checks every RL field that can be checked before the base model is loaded."""
     c = config_checks
     c.integer(config, "seed", 0)
-    c.one_of(config, "method", OBJECTIVES)
+    c.one_of(config, "method", METHODS)
     c.integer(config, "rollout.prompts_per_iter", 1)
     c.integer(config, "rollout.group_size", 2)
     c.one_of(config, "rollout.sampler", sampling.STEP_FNS)
@@ -123,16 +103,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     if config.rollout.sde_window_end >= 0:
         c.integer(config, "rollout.sde_window_end", config.rollout.sde_window_start + 1,
                   config.rollout.num_steps)
-    if config.method == "grpo" and config.rollout.sampler not in ("sde", "cps"):
-        raise c.ConfigError("config.rollout.sampler must be 'sde' or 'cps' for method 'grpo' "
-                            f"(its log-probs), got {config.rollout.sampler!r}")
+    METHODS[config.method].validate(config)
     c.number(config, "advantages.clip", 0, strict_minimum=True)
     c.integer(config, "train.iterations", 1)
     c.integer(config, "train.inner_epochs", 1)
     c.integer(config, "train.renoise_draws", 1)
     c.integer(config, "train.minibatch_size", 1)
     c.one_of(config, "train.sigma_sampler", SIGMA_SAMPLERS)
-    c.one_of(config, "train.old_policy", nft.OLD_POLICY_DECAY_PRESETS)
+    c.one_of(config, "train.old_policy", OLD_POLICY_DECAY_PRESETS)
     for field in ("log_every", "sample_every", "checkpoint_every", "keep_checkpoints",
                   "max_nonfinite"):
         c.integer(config, f"train.{field}", 1)
@@ -169,19 +147,6 @@ def build_optimizer(config: ml_collections.ConfigDict):
                                  config.train.iterations * updates_per_iteration(config))
 
 
-def initial_state(config: ml_collections.ConfigDict, base_params, optimizer) -> RLState:
-    """The state before iteration 0: θ = θ_old = copies of the base parameters.
-
-    θ, θ_old and θ_ref start equal but must not share buffers: θ is donated to the update.
-    """
-    copy = lambda tree: jax.tree.map(jnp.copy, tree)
-    return RLState(
-        iteration=jnp.zeros((), jnp.int32), updates=jnp.zeros((), jnp.int32),
-        params=copy(base_params), old_params=copy(base_params),
-        opt_state=optimizer.init(base_params),
-        rng=jax.random.key_data(jax.random.key(config.seed)))
-
-
 def is_rl_workdir(workdir: str, step: int | None = None) -> bool:
     """Whether ``workdir``'s checkpoint (newest, or ``step``) was written by :func:`run`."""
     _, meta = checkpointing.read_meta(os.path.join(workdir, "checkpoints"), step)
@@ -214,7 +179,7 @@ def load_policy(workdir: str, *, step: int | None = None,
         raise ValueError(f"{workdir} step {step} was trained from base step {meta['base_step']}, "
                          f"not {base.step}")
     optimizer, _ = build_optimizer(config)
-    template = initial_state(config, base.params, optimizer)
+    template = initial_state(base.params, optimizer, config.seed)
     state = checkpointing.restore_state(directory, step, template)
     policy = base._replace(params=state.params, config=config, step=int(step))
     return policy, base
@@ -283,7 +248,7 @@ def sigma_sampler_for(config: ml_collections.ConfigDict, sigmas):
     """σ sampler of re-noised training batches: the rollout schedule's levels, or a density."""
     name = config.train.sigma_sampler
     if name == "schedule":
-        return nft.schedule_sigma_sampler(sigmas)
+        return flow.schedule_sigma_sampler(sigmas)
     return flow.TIMESTEP_SAMPLERS[name]
 
 
@@ -346,10 +311,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, hooks: Iterable[Hook
     null_class = base.num_classes
     reward_ctx = _reward_context(config, base)
     reward_fn = rewards.build_combined(dict(config.rewards), reward_ctx)
-    cls_make = OBJECTIVES[config.method][1]
+    method = METHODS[config.method]
     guard = normguard.NormGuardConfig(**config.normguard)
     objective = normguard.with_normguard(
-        cls_make(objective_config(config, null_class)), guard)
+        method.make_objective(objective_config(config, null_class)), guard)
 
     iterations = config.train.iterations
     rows = rows_per_iteration(config)
@@ -357,7 +322,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, hooks: Iterable[Hook
     optimizer, schedule = build_optimizer(config)
     repl, data_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
     ref_params = jax.device_put(base.params, repl)
-    state = jax.device_put(initial_state(config, base.params, optimizer), repl)
+    state = jax.device_put(initial_state(base.params, optimizer, config.seed), repl)
 
     restored = checkpointing.restore_latest(manager, state)
     skips = nonfinite.SkipCounter(config.train.max_nonfinite, "iteration",
@@ -377,20 +342,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, hooks: Iterable[Hook
         sde_window=(window[0], window[-1] + 1), guidance_scale=config.rollout.guidance_scale,
         null_class=null_class, reward_fn=reward_fn, group_size=config.rollout.group_size,
         adv_clip=config.advantages.clip, global_std=config.advantages.global_std,
-        keep_trajectory=config.method in NEEDS_TRAJECTORY),
+        keep_trajectory=method.needs_trajectory),
         in_shardings=(repl, data_sh, repl))
     sampler = sigma_sampler_for(config, sigmas)
-    batch_fn = jax.jit(functools.partial(TRAINING_BATCHES[config.method],
-                                         sigma_sampler=sampler, trained_steps=window,
-                                         group_size=config.rollout.group_size,
-                                         renoise_draws=config.train.renoise_draws))
+    batch_fn = jax.jit(functools.partial(method.training_batch,
+                                         spec=batch_spec(config, sampler)))
     update_fn = jax.jit(functools.partial(update, objective=objective, optimizer=optimizer,
                                           velocity=base.velocity),
                         in_shardings=(repl, repl, repl, repl, data_sh, repl),
                         out_shardings=(repl, repl, repl), donate_argnums=(0, 1))
     decay = dict(zip(("flat", "rate", "max_decay"),
-                     nft.OLD_POLICY_DECAY_PRESETS[config.train.old_policy]))
-    old_update_fn = jax.jit(functools.partial(nft.update_old_params, **decay))
+                     OLD_POLICY_DECAY_PRESETS[config.train.old_policy]))
+    old_update_fn = jax.jit(functools.partial(update_old_params, **decay))
 
     writer = reporting.make_writer(workdir)
     from clu import periodic_actions  # noqa: PLC0415  (imports TensorFlow: see reporting)

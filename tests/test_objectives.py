@@ -6,6 +6,7 @@ three classes and the null label 3. Every NumPy loss below is written from the m
 independently of the library code.
 """
 
+import dataclasses
 import functools
 import math
 
@@ -15,9 +16,10 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from normguard_jax import flow, normguard
-from normguard_jax.objectives import OBJECTIVES, awm, dpo, grpo, nft, ram
-from normguard_jax.objectives.base import Context
+from normguard_jax import flow, normguard, rl_state
+from normguard_jax.objectives import METHODS, awm, dpo, grpo, nft, ram
+from normguard_jax.objectives.base import (BatchSpec, Context, Rollout, renoised_rollout_batch,
+                                           renoised_rows)
 
 NULL = 3
 SHAPE = (4, 4, 1)
@@ -347,23 +349,23 @@ def test_nft_gradient_sign_follows_advantage():
 
 def test_old_policy_decay_schedule_and_update():
     steps = jnp.array([0, 10, 400, 600, 5000])
-    np.testing.assert_allclose(nft.old_policy_decay(steps), [0, 0.01, 0.4, 0.5, 0.5], atol=1e-7)
-    flat, rate, max_decay = nft.OLD_POLICY_DECAY_PRESETS["nft_slow"]
+    np.testing.assert_allclose(rl_state.old_policy_decay(steps), [0, 0.01, 0.4, 0.5, 0.5],
+                               atol=1e-7)
+    flat, rate, max_decay = rl_state.OLD_POLICY_DECAY_PRESETS["nft_slow"]
     np.testing.assert_allclose(
-        nft.old_policy_decay(jnp.array([0, 74, 75, 175, 10_000]), flat=flat, rate=rate,
-                             max_decay=max_decay), [0, 0, 0, 0.75, 0.999], atol=1e-6)
+        rl_state.old_policy_decay(jnp.array([0, 74, 75, 175, 10_000]), flat=flat, rate=rate,
+                                  max_decay=max_decay), [0, 0, 0, 0.75, 0.999], atol=1e-6)
     old, new = jx(P_OLD), jx(P_THETA)
-    updated = nft.update_old_params(old, new, 400)
+    updated = rl_state.update_old_params(old, new, 400)
     jax.tree.map(lambda u, o, n: np.testing.assert_allclose(u, 0.4 * o + 0.6 * n, rtol=1e-6),
                  updated, old, new)
-    jax.tree.map(np.testing.assert_array_equal, nft.update_old_params(old, new, 0), new)
+    jax.tree.map(np.testing.assert_array_equal, rl_state.update_old_params(old, new, 0), new)
 
 
 def test_renoised_batch_layout_and_schedule_sampler():
-    sampler = nft.schedule_sigma_sampler(SIGMAS)
-    batch = nft.make_renoised_batch(jax.random.key(0), jnp.zeros((64,) + SHAPE),
-                                    jnp.zeros(64, jnp.int32), jnp.ones(64),
-                                    sigma_sampler=sampler)
+    sampler = flow.schedule_sigma_sampler(SIGMAS)
+    batch = flow.renoised_batch(jax.random.key(0), jnp.zeros((64,) + SHAPE),
+                                jnp.zeros(64, jnp.int32), jnp.ones(64), sigma_sampler=sampler)
     assert batch["noise"].shape == (64,) + SHAPE and batch["sigma"].shape == (64,)
     levels = set(np.round(SIGMAS[:-1].astype(np.float32), 6))
     assert set(np.round(np.asarray(batch["sigma"]), 6)) <= levels
@@ -371,14 +373,15 @@ def test_renoised_batch_layout_and_schedule_sampler():
 
 
 def test_renoised_batch_with_several_draws_repeats_samples_with_fresh_noise():
-    from normguard_jax.rl_batches import Rollout, renoised_batch
     n = 6
     images = jax.random.normal(jax.random.key(1), (n,) + SHAPE)
     ro = Rollout(labels=jnp.arange(n, dtype=jnp.int32), images=images,
                  rewards=jnp.arange(n, dtype=jnp.float32), advantages=jnp.linspace(-1, 1, n),
                  trajectory=None)
-    batch = renoised_batch(ro, jax.random.key(0), nft.schedule_sigma_sampler(SIGMAS),
-                           renoise_draws=3)
+    spec = BatchSpec(prompts=n, group_size=1, renoise_draws=3,
+                     sigma_sampler=flow.schedule_sigma_sampler(SIGMAS))
+    batch = renoised_rollout_batch(ro, jax.random.key(0), spec)
+    assert renoised_rows(spec) == 3 * n
     assert batch["x0"].shape == (3 * n,) + SHAPE
     for d in range(3):
         rows = slice(d * n, (d + 1) * n)
@@ -386,7 +389,8 @@ def test_renoised_batch_with_several_draws_repeats_samples_with_fresh_noise():
         np.testing.assert_array_equal(batch["cond"][rows], ro.labels)
         np.testing.assert_array_equal(batch["advantage"][rows], ro.advantages)
     assert not np.allclose(batch["noise"][:n], batch["noise"][n:2 * n])
-    one = renoised_batch(ro, jax.random.key(0), nft.schedule_sigma_sampler(SIGMAS))
+    one = renoised_rollout_batch(ro, jax.random.key(0),
+                                 dataclasses.replace(spec, renoise_draws=1))
     assert one["x0"].shape == (n,) + SHAPE
 
 
@@ -609,10 +613,9 @@ def build(case, b=8):
 
 
 def test_registry_builds_every_method():
-    assert set(OBJECTIVES) == {"grpo", "nft", "awm", "dpo", "ram"}
-    for name, (config_cls, make) in OBJECTIVES.items():
-        objective = make(config_cls())
-        assert callable(objective), name
+    for name, method in METHODS.items():
+        assert method.name == name
+        assert callable(method.make_objective(method.config_cls())), name
 
 
 @pytest.mark.parametrize("config_cls, kwargs, field", [

@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from normguard_jax import normguard
-from normguard_jax.objectives import OBJECTIVES
+from normguard_jax.objectives import METHODS
 
 from test_objectives import CASES, P_THETA, build, ctx_for, jx
 
@@ -22,10 +22,10 @@ PER_DEVICE = 2
 
 
 def test_every_registered_objective_has_a_case():
-    assert set(OBJECTIVES) <= set(CASES)
+    assert set(METHODS) <= set(CASES)
 
 
-@pytest.mark.parametrize("method", sorted(OBJECTIVES))
+@pytest.mark.parametrize("method", sorted(METHODS))
 @pytest.mark.parametrize("guard", [
     normguard.NormGuardConfig(weight=0.3, power=2),
     normguard.NormGuardConfig(weight=0.5, form="absolute", margin=0.01),

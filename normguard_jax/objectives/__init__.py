@@ -1,24 +1,24 @@
-"""Training objectives, one module per method, and the registry that maps config names to them.
+"""Training objectives, one module per RL method, and ``METHODS``: the registry of method names.
 
 Every objective follows :mod:`normguard_jax.objectives.base`: ``objective(params, batch, ctx) ->
-(loss, Aux)``, per-example terms followed by a batch mean. RL objectives are built from a frozen
-config dataclass (validated on construction, errors name ``config.objective.<field>``):
+(loss, Aux)``, per-example terms followed by a batch mean. Each method module exports one
+:class:`~normguard_jax.objectives.base.Method` record, ``METHOD``: its frozen config class
+(validated on construction, errors name ``config.objective.<field>``), its objective factory,
+the builder of its training batch from a rollout, its rows per iteration, whether it needs the
+sampling trajectory and its own config checks:
 
-    config_cls, make = OBJECTIVES["nft"]
-    objective = make(config_cls(beta=0.1))
+    method = METHODS["nft"]
+    objective = method.make_objective(method.config_cls(beta=0.1))
 
-Adding a method is one module with a ``<Name>Config`` and ``make_objective(config)``, plus one
-line here. The batch layout each objective reads is documented on its ``make_objective``.
+This dict is the only list of method names in the repository: the RL loop, the configs, the
+experiments and the tests derive theirs from it. Adding a method is one module exporting
+``METHOD`` plus one entry here, a ``configs/rl_<name>.py`` and a case in the tests'
+``METHOD_CASES`` (``tests/test_methods.py`` checks that all four exist).
 """
 
 from normguard_jax.objectives import awm, dpo, grpo, nft, ram
+from normguard_jax.objectives.base import Method
 
-OBJECTIVES = {
-    "grpo": (grpo.GRPOConfig, grpo.make_objective),
-    "nft": (nft.NFTConfig, nft.make_objective),
-    "awm": (awm.AWMConfig, awm.make_objective),
-    "dpo": (dpo.DPOConfig, dpo.make_objective),
-    "ram": (ram.RAMConfig, ram.make_objective),
-}
+METHODS: dict[str, Method] = {m.METHOD.name: m.METHOD for m in (grpo, nft, awm, dpo, ram)}
 
-__all__ = ["OBJECTIVES", "awm", "dpo", "grpo", "nft", "ram"]
+__all__ = ["METHODS", "Method", "awm", "dpo", "grpo", "nft", "ram"]

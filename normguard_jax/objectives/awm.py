@@ -33,13 +33,13 @@ divides that by ``2·s²`` with ``s = 0.7·sqrt(σ/(1 - min(σ, 0.99)))``, the r
 Flow-GRPO-style SDE coefficient. Names map to the official config as: ``kl_weight`` = its
 ``train.beta`` (0.003 in the README), ``kl_time_weighting`` = its ``train.kl_weight`` ("Uniform"),
 ``ema_kl_weight`` = its ``train.ema_beta`` (1; the "KL-EMA" trust region to the lagged policy
-``ctx.old_params``, updated with ``nft.update_old_params`` and the "awm" preset
+``ctx.old_params``, updated with ``rl_state.update_old_params`` and the "awm" preset
 ``min(0.3, 0.001·step)``), ``ema_kl_time_weighting`` = its ``train.kl_ema_weight``. Other
 defaults: ``clip_range = 1``, ``adv_clip_max = 5``, ``advantage_max = 1``, "ghuber" with p = 0.25.
 Differences from the reference: its EMA-KL is only active when ``train.beta > 0`` (nested); here
 the two terms are independent. σ comes from the caller: the reference's default
 ("discrete_wo_init") draws stratified levels of the sampling schedule other than the first, which
-``nft.schedule_sigma_sampler`` approximates (uniform over all levels). Only its
+``flow.schedule_sigma_sampler`` approximates (uniform over all levels). Only its
 ``loss_type = "exp_first"`` (one ratio per (sample, σ) row) is implemented. Errors are float32
 (the reference casts to float64). No CFG during training (the official SD3 runs train the
 conditional field).
@@ -54,8 +54,8 @@ import jax
 import jax.numpy as jnp
 
 from normguard_jax import flow
-from normguard_jax.objectives.base import (Aux, Context, VelocityPoints, check_field,
-                                           pixel_mean)
+from normguard_jax.objectives.base import (Aux, Context, Method, VelocityPoints, check_field,
+                                           pixel_mean, renoised_rollout_batch, renoised_rows)
 
 _TINY = 1e-10
 
@@ -148,7 +148,7 @@ def matching_log_prob(v: jax.Array, target: jax.Array, sigma: jax.Array, weighti
 def make_objective(cfg: AWMConfig):
     """Returns the AWM objective ``(params, batch, ctx) -> (loss, Aux)``.
 
-    Batch (one row per (rollout sample, noise draw); ``nft.make_renoised_batch`` builds it):
+    Batch (one row per (rollout sample, noise draw); ``flow.renoised_batch`` builds it):
       ``x0`` (B, H, W, C) clean samples; ``noise`` (B, H, W, C) standard normal;
       ``sigma`` (B,) in (0, 1]; ``cond`` (B,) int32; ``advantage`` (B,) float32.
 
@@ -207,3 +207,7 @@ def make_objective(cfg: AWMConfig):
         return loss, Aux(metrics=metrics, points=points)
 
     return objective
+
+
+METHOD = Method(name="awm", config_cls=AWMConfig, make_objective=make_objective,
+                training_batch=renoised_rollout_batch, rows=renoised_rows)

@@ -19,11 +19,15 @@ An objective is a pure function
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, NamedTuple, Optional
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import ml_collections
+
+from normguard_jax import flow, sampling
 
 Params = Any
 VelocityFn = Callable[[Params, jax.Array, jax.Array, jax.Array], jax.Array]
@@ -91,3 +95,104 @@ def check_field(ok: bool, field: str, requirement: str, value) -> None:
 
 
 Objective = Callable[[Params, dict, Context], tuple[jax.Array, Aux]]
+
+
+# ----------------------------------------------------------------------------------------------
+# From a rollout to a method's training batch, and the Method record.
+# ----------------------------------------------------------------------------------------------
+
+
+class Rollout(NamedTuple):
+    """One RL iteration's samples, rewards and advantages.
+
+    ``N = G·K`` samples: G prompts, K samples per prompt, grouped contiguously (sample ``i``
+    belongs to group ``i // K``).
+
+    Attributes:
+      labels: (N,) int32 requested classes (group-contiguous).
+      images: (N, H, W, C) final samples (σ = 0).
+      rewards: (N,) float32 combined reward.
+      advantages: (N,) float32 per-prompt normalised, clipped advantages.
+      trajectory: the sampler's :class:`sampling.Trajectory` (time-major), or None when the
+        method only needs the final samples.
+    """
+
+    labels: jax.Array
+    images: jax.Array
+    rewards: jax.Array
+    advantages: jax.Array
+    trajectory: Optional[sampling.Trajectory]
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSpec:
+    """How one iteration's rollout becomes training rows (static: part of the compiled program).
+
+    Attributes:
+      prompts: G, prompts per iteration.
+      group_size: K, samples per prompt.
+      renoise_draws: D, noise/σ draws per sample for the re-noised batches.
+      trained_steps: indices k of the stored stochastic sampler steps (trajectory methods).
+      sigma_sampler: ``(key, B) -> (B,)`` σ of re-noised rows, or None where only the row count
+        is asked for.
+    """
+
+    prompts: int
+    group_size: int
+    renoise_draws: int = 1
+    trained_steps: tuple[int, ...] = ()
+    sigma_sampler: Optional[Callable[[jax.Array, int], jax.Array]] = None
+
+    @property
+    def samples(self) -> int:
+        """N = G·K, the rollout's samples."""
+        return self.prompts * self.group_size
+
+
+def renoised_rollout_batch(rollout: Rollout, key: jax.Array, spec: BatchSpec) -> dict:
+    """The final samples re-noised at fresh σ (B = D·N rows): DiffusionNFT, AWM and RAM.
+
+    Each sample appears ``spec.renoise_draws`` = D times (draw-major: row ``d·N + i`` is sample
+    i), every copy with its own noise and σ, as the references train each sample at several
+    levels. Keys: see :func:`normguard_jax.flow.renoised_batch`.
+    """
+    tile = lambda a: jnp.tile(a, (spec.renoise_draws,) + (1,) * (a.ndim - 1))
+    return flow.renoised_batch(key, tile(rollout.images), tile(rollout.labels),
+                               tile(rollout.advantages), sigma_sampler=spec.sigma_sampler)
+
+
+def renoised_rows(spec: BatchSpec) -> int:
+    """Rows of :func:`renoised_rollout_batch`: D·G·K."""
+    return spec.renoise_draws * spec.samples
+
+
+def no_extra_checks(config: ml_collections.ConfigDict) -> None:
+    """A method without config constraints beyond its config class and the shared RL fields."""
+    del config
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """Everything the RL loop needs to know about one method.
+
+    Attributes:
+      name: the config name (``config.method``).
+      config_cls: frozen dataclass of its hyper-parameters (``config.objective``), validated on
+        construction with errors naming ``config.objective.<field>``.
+      make_objective: ``config_cls instance -> objective(params, batch, ctx) -> (loss, Aux)``.
+      training_batch: ``(rollout, key, spec) -> dict`` of arrays with a common leading axis of
+        ``rows(spec)`` rows, which the loop shuffles and cuts into minibatches.
+      rows: ``spec -> int``, the rows of ``training_batch``.
+      needs_trajectory: whether ``training_batch`` reads ``rollout.trajectory`` (the rollout
+        then keeps every state and log-prob).
+      validate: ``config -> None``; checks of the whole RL config that only this method needs,
+        raising ``config_checks.ConfigError`` naming the field.
+    """
+
+    name: str
+    config_cls: type
+    make_objective: Callable[[Any], Objective]
+    training_batch: Callable[[Rollout, jax.Array, BatchSpec], dict]
+    rows: Callable[[BatchSpec], int]
+    needs_trajectory: bool = False
+    validate: Callable[[ml_collections.ConfigDict], None] = no_extra_checks

@@ -35,8 +35,8 @@ import jax.numpy as jnp
 
 from normguard_jax import advantages as advantages_lib
 from normguard_jax import flow
-from normguard_jax.objectives.base import (Aux, Context, VelocityPoints, check_field,
-                                           pixel_mean)
+from normguard_jax.objectives.base import (Aux, BatchSpec, Context, Method, Rollout,
+                                           VelocityPoints, check_field, pixel_mean)
 
 
 
@@ -130,7 +130,7 @@ def make_dpo_batch(key, x0, cond, rewards, *, sigma_sampler) -> dict:
       cond: (G,) int32 label of each group.
       rewards: (G, K) rewards.
       sigma_sampler: ``(key, G) -> (G,)`` σ sampler (``flow.TIMESTEP_SAMPLERS`` entry with its
-        options bound, or ``nft.schedule_sigma_sampler``).
+        options bound, or ``flow.schedule_sigma_sampler``).
 
     Returns:
       The batch of :func:`make_objective` with B = G rows.
@@ -147,3 +147,15 @@ def make_dpo_batch(key, x0, cond, rewards, *, sigma_sampler) -> dict:
         "cond": jnp.asarray(cond, jnp.int32),
         "valid": valid.astype(jnp.float32),
     }
+
+
+def training_batch(rollout: Rollout, key: jax.Array, spec: BatchSpec) -> dict:
+    """The best and worst sample of every group with shared noise and σ (B = G rows)."""
+    k = spec.group_size
+    x0 = rollout.images.reshape((-1, k) + rollout.images.shape[1:])
+    return make_dpo_batch(key, x0, rollout.labels[::k], rollout.rewards.reshape(-1, k),
+                          sigma_sampler=spec.sigma_sampler)
+
+
+METHOD = Method(name="dpo", config_cls=DPOConfig, make_objective=make_objective,
+                training_batch=training_batch, rows=lambda spec: spec.prompts)

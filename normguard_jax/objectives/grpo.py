@@ -42,8 +42,11 @@ from typing import Callable, Literal, Optional
 import jax
 import jax.numpy as jnp
 
-from normguard_jax import sampling
-from normguard_jax.objectives.base import Aux, Context, VelocityPoints, check_field
+import ml_collections
+
+from normguard_jax import config_checks, sampling
+from normguard_jax.objectives.base import (Aux, BatchSpec, Context, Method, Rollout,
+                                           VelocityPoints, check_field)
 
 
 
@@ -201,3 +204,42 @@ def make_objective(cfg: GRPOConfig):
         return loss, Aux(metrics=metrics, points=points)
 
     return objective
+
+
+def training_batch(rollout: Rollout, key: jax.Array, spec: BatchSpec) -> dict:
+    """Every stored stochastic transition becomes a row (B = N·len(spec.trained_steps)).
+
+    ``spec.trained_steps`` are the (static) indices k of the stochastic steps; row layout is
+    step-major (row ``j·N + i`` is sample i at step ``trained_steps[j]``). Keys: see
+    :func:`make_objective`.
+    """
+    del key
+    traj = rollout.trajectory
+    ks = jnp.asarray(spec.trained_steps, jnp.int32)
+    n = rollout.labels.shape[0]
+    flat = lambda a: a.reshape((-1,) + a.shape[2:])
+    sig = traj.sigmas
+    return {
+        "x": flat(traj.states[ks]),
+        "x_next": flat(traj.states[ks + 1]),
+        "sigma": jnp.repeat(sig[ks], n),
+        "sigma_next": jnp.repeat(sig[ks + 1], n),
+        "sigma_max": jnp.full((ks.shape[0] * n,), sig[1], jnp.float32),
+        "cond": jnp.tile(rollout.labels, ks.shape[0]),
+        "old_log_prob": flat(traj.log_probs[ks]),
+        "advantage": jnp.tile(rollout.advantages, ks.shape[0]),
+    }
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """The rollouts must use a sampler whose transitions have log-probs (``sde`` or ``cps``)."""
+    if config.rollout.sampler not in _SAMPLERS:
+        raise config_checks.ConfigError(
+            f"config.rollout.sampler must be one of {sorted(_SAMPLERS)} for method 'grpo' "
+            f"(its log-probs), got {config.rollout.sampler!r}")
+
+
+METHOD = Method(name="grpo", config_cls=GRPOConfig, make_objective=make_objective,
+                training_batch=training_batch,
+                rows=lambda spec: spec.samples * len(spec.trained_steps),
+                needs_trajectory=True, validate=validate)

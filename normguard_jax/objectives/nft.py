@@ -41,8 +41,8 @@ import jax
 import jax.numpy as jnp
 
 from normguard_jax import flow
-from normguard_jax.objectives.base import (Aux, Context, VelocityPoints, check_field,
-                                           pixel_mean)
+from normguard_jax.objectives.base import (Aux, Context, Method, VelocityPoints, check_field,
+                                           pixel_mean, renoised_rollout_batch, renoised_rows)
 
 
 
@@ -167,88 +167,5 @@ def make_objective(cfg: NFTConfig):
     return objective
 
 
-# ----------------------------------------------------------------------------------------------
-# Batches shared by the forward-process objectives (NFT, AWM, RAM).
-# ----------------------------------------------------------------------------------------------
-
-
-def schedule_sigma_sampler(sigmas) -> Callable[[jax.Array, int], jax.Array]:
-    """σ sampler drawing uniformly among the levels of a sampling schedule.
-
-    Args:
-      sigmas: ``(T+1,)`` schedule ending in 0 (``flow.inference_sigmas``); the terminal 0 is
-        excluded, so σ ∈ {sigmas[0], …, sigmas[T-1]} as in the reference (its training levels
-        are the rollout's timesteps / 1000).
-
-    Returns:
-      ``(key, batch_size) -> (batch_size,)`` float32 sampler, usable wherever a
-      ``flow.TIMESTEP_SAMPLERS`` entry is.
-    """
-    levels = jnp.asarray(sigmas, jnp.float32)[:-1]
-
-    def sampler(key, batch_size: int) -> jax.Array:
-        return jax.random.choice(key, levels, (batch_size,))
-
-    return sampler
-
-
-def make_renoised_batch(key, x0, cond, advantage, *, sigma_sampler) -> dict:
-    """Draws fresh noise and σ for clean rollout samples (NFT, AWM and RAM batch layout).
-
-    Args:
-      key: typed PRNG key.
-      x0: (B, H, W, C) clean samples in [-1, 1] drawn from the sampling policy.
-      cond: (B,) int32 labels used to draw them.
-      advantage: (B,) float32 advantages (e.g. from ``advantages.group_advantages``).
-      sigma_sampler: ``(key, B) -> (B,)`` in [0, 1], e.g. ``flow.TIMESTEP_SAMPLERS[name]`` (with
-        its options bound) or :func:`schedule_sigma_sampler`.
-
-    Returns:
-      ``{"x0", "noise", "sigma", "cond", "advantage"}``.
-    """
-    k_noise, k_sigma = jax.random.split(key)
-    noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
-    sigma = sigma_sampler(k_sigma, x0.shape[0]).astype(jnp.float32)
-    return {"x0": x0, "noise": noise, "sigma": sigma, "cond": cond,
-            "advantage": jnp.asarray(advantage, jnp.float32)}
-
-
-# ----------------------------------------------------------------------------------------------
-# Old-policy (EMA) schedule.
-# ----------------------------------------------------------------------------------------------
-
-# The reference's ``decay_type`` presets as (flat, rate, max_decay); AWM's "linear" KL-EMA
-# schedule (``min(0.3, 0.001·step)``) is (0, 0.001, 0.3).
-OLD_POLICY_DECAY_PRESETS: dict[str, tuple[int, float, float]] = {
-    "copy": (0, 0.0, 0.0),        # NFT decay_type 0: θ_old = θ after every epoch
-    "nft": (0, 0.001, 0.5),       # NFT decay_type 1 (its default)
-    "nft_slow": (75, 0.0075, 0.999),  # NFT decay_type 2 (its OCR config)
-    "awm": (0, 0.001, 0.3),       # AWM kl_ema_decay_type "linear", kl_ema_decay 0.3
-}
-
-
-def old_policy_decay(step, *, flat: int = 0, rate: float = 0.001, max_decay: float = 0.5):
-    """EMA decay of the old policy: 0 before ``flat`` steps, then ``min((step - flat)·rate, max)``.
-
-    Args:
-      step: number of optimiser steps taken so far (int or int array; jit-friendly).
-      flat, rate, max_decay: schedule; the defaults are DiffusionNFT's ``decay_type = 1``.
-
-    Returns:
-      float32 decay in [0, max_decay].
-    """
-    step = jnp.asarray(step, jnp.float32)
-    decay = jnp.minimum((step - flat) * rate, max_decay)
-    return jnp.where(step < flat, 0.0, decay).astype(jnp.float32)
-
-
-def update_old_params(old_params, new_params, step, *, flat: int = 0, rate: float = 0.001,
-                      max_decay: float = 0.5):
-    """``θ_old ← decay·θ_old + (1 - decay)·θ`` with ``decay = old_policy_decay(step, ...)``.
-
-    The reference applies it once per rollout epoch, after that epoch's optimiser steps. Leaves
-    keep their dtypes. Pure: returns the new pytree.
-    """
-    decay = old_policy_decay(step, flat=flat, rate=rate, max_decay=max_decay)
-    return jax.tree.map(
-        lambda o, n: (decay * o + (1.0 - decay) * n).astype(o.dtype), old_params, new_params)
+METHOD = Method(name="nft", config_cls=NFTConfig, make_objective=make_objective,
+                training_batch=renoised_rollout_batch, rows=renoised_rows)

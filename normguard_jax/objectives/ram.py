@@ -40,7 +40,7 @@ Choices made here (the formula above leaves them open):
   The regression averages that noise away and keeps only ``m·Cov(A, u | x)``, which is small,
   so ``configs/rl_ram.py`` uses m = 4 (measured there); tune it as ``1/λ``.
 * Errors are per-pixel means (not sums), batch mean on top; σ comes from the caller
-  (``nft.make_renoised_batch``).
+  (``flow.renoised_batch``).
 
 The reference velocity is always computed, so the points carry ``v_ref`` and NormGuard reuses it.
 """
@@ -54,8 +54,8 @@ import jax
 import jax.numpy as jnp
 
 from normguard_jax import flow
-from normguard_jax.objectives.base import (Aux, Context, VelocityPoints, check_field,
-                                           pixel_mean)
+from normguard_jax.objectives.base import (Aux, Context, Method, VelocityPoints, check_field,
+                                           pixel_mean, renoised_rollout_batch, renoised_rows)
 
 
 
@@ -99,7 +99,7 @@ def ram_target(v_ref, v_old, x0, noise, advantage, scale: float) -> jax.Array:
 def make_objective(cfg: RAMConfig):
     """Returns the RAM objective ``(params, batch, ctx) -> (loss, Aux)``.
 
-    Batch (one row per (rollout sample, noise draw); ``nft.make_renoised_batch`` builds it):
+    Batch (one row per (rollout sample, noise draw); ``flow.renoised_batch`` builds it):
       ``x0`` (B, H, W, C) clean samples drawn from the current model; ``noise`` (B, H, W, C)
       fresh standard normal; ``sigma`` (B,) in (0, 1]; ``cond`` (B,) int32;
       ``advantage`` (B,) float32.
@@ -139,3 +139,7 @@ def make_objective(cfg: RAMConfig):
         return loss, Aux(metrics=metrics, points=points)
 
     return objective
+
+
+METHOD = Method(name="ram", config_cls=RAMConfig, make_objective=make_objective,
+                training_batch=renoised_rollout_batch, rows=renoised_rows)
