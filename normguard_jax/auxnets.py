@@ -40,7 +40,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
@@ -355,8 +354,7 @@ def load_or_train(net: str, dataset: str, *, aux_dir: str, data_dir: str | None,
                     f"requested {preset!r} spec {spec.to_json()}; use another aux_dir or delete it")
             graphdef, abstract = _build(netdef, spec, meta["image_shape"], meta["num_classes"],
                                         abstract=True)
-            with ocp.StandardCheckpointer() as checkpointer:
-                params = checkpointer.restore(params_path, checkpointing.abstract_like(abstract))
+            params = checkpointing.load_tree(params_path, abstract)
             logging.info("Loaded %s for %s from %s: %s", net, dataset, directory,
                          {k: v for k, v in meta.items() if k.startswith("heldout")})
         else:
@@ -369,9 +367,7 @@ def load_or_train(net: str, dataset: str, *, aux_dir: str, data_dir: str | None,
                     "image_shape": list(train_split.image_shape),
                     "num_classes": int(train_split.num_classes), **record}
             meta = json.loads(json.dumps(meta, sort_keys=True))  # exactly what a reload gives
-            with ocp.StandardCheckpointer() as checkpointer:
-                checkpointer.save(params_path, params)
-                checkpointer.wait_until_finished()
+            checkpointing.save_tree(params_path, params)
             tmp = meta_path + ".tmp"
             with open(tmp, "w", encoding="utf-8") as f:
                 json.dump(meta, f, indent=1, sort_keys=True)

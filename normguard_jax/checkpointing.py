@@ -1,4 +1,7 @@
-"""Orbax checkpoints of a whole run: one pytree of arrays plus a JSON record.
+"""Every checkpoint access of the library: Orbax checkpoints of a run, and plain parameter trees.
+
+A run's checkpoints live in ``<workdir>/checkpoints`` (:func:`directory`); nothing else in the
+repository spells that folder name.
 
 A checkpoint at step ``s`` holds ``state`` (any pytree of jax Arrays: params, EMA/old params,
 optimizer state, step, RNG key data, tracker state) and ``meta`` (JSON: the config, the data
@@ -16,6 +19,35 @@ from typing import Any, Optional
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+
+
+FOLDER = "checkpoints"  # a run's checkpoint folder inside its workdir.
+
+
+def directory(workdir: str) -> str:
+    """The checkpoint folder of a run's ``workdir``."""
+    return os.path.join(workdir, FOLDER)
+
+
+def has_checkpoints(workdir: str) -> bool:
+    """Whether ``workdir`` has a checkpoint folder (it may still hold no finished step)."""
+    return os.path.isdir(directory(workdir))
+
+
+def steps(workdir: str) -> list[int]:
+    """The finished checkpoint steps of ``workdir``, oldest first ([] without any)."""
+    if not has_checkpoints(workdir):
+        return []
+    manager = ocp.CheckpointManager(os.path.abspath(directory(workdir)))
+    try:
+        return sorted(manager.all_steps())
+    finally:
+        manager.close()
+
+
+def open_manager(workdir: str, **options) -> ocp.CheckpointManager:
+    """:func:`make_manager` over the checkpoint folder of ``workdir`` (same options)."""
+    return make_manager(directory(workdir), **options)
 
 
 def make_manager(directory: str, *, max_to_keep: int = 3, save_interval_steps: int = 1,
@@ -125,15 +157,50 @@ def restore_state(directory: str, step: int, template: Any) -> Any:
         manager.close()
 
 
-def read_meta(directory: str, step: Optional[int] = None) -> tuple[int, dict]:
-    """Reads only the JSON record of a checkpoint (newest when ``step`` is None).
+def read_meta(workdir: str, step: Optional[int] = None) -> tuple[int, dict]:
+    """``(step, meta)``: only the JSON record of a run's checkpoint, newest unless ``step``.
 
     Useful to learn a checkpoint's config (image shape, architecture) before building models.
+
+    Raises:
+      FileNotFoundError: ``workdir`` holds no checkpoint.
     """
-    manager = ocp.CheckpointManager(os.path.abspath(directory))
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"No checkpoint found in {directory}")
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-    manager.close()
+    manager = ocp.CheckpointManager(os.path.abspath(directory(workdir)))
+    try:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"No checkpoint found in {directory(workdir)}")
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    finally:
+        manager.close()
     return step, meta
+
+
+def restore_run(workdir: str, step: Optional[int], template_fn) -> tuple[int, Any, dict]:
+    """``(step, state, meta)`` of a run's checkpoint, the state in the layout of a template.
+
+    Args:
+      workdir: the run directory.
+      step: the checkpoint to read, or None for the newest one.
+      template_fn: ``meta -> template`` (the template depends on the record: the config and
+        image shape say which model to build).
+
+    Raises:
+      FileNotFoundError: ``workdir`` holds no checkpoint.
+    """
+    step, meta = read_meta(workdir, step)
+    state = restore_state(directory(workdir), step, template_fn(meta))
+    return step, state, meta
+
+
+def save_tree(path: str, tree: Any) -> None:
+    """Writes a plain pytree of arrays (e.g. an auxiliary net's parameters) to ``path``."""
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(os.path.abspath(path), tree)
+        checkpointer.wait_until_finished()
+
+
+def load_tree(path: str, template: Any) -> Any:
+    """Reads a pytree written by :func:`save_tree` into the layout of ``template``."""
+    with ocp.StandardCheckpointer() as checkpointer:
+        return checkpointer.restore(os.path.abspath(path), abstract_like(template))

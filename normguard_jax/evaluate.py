@@ -22,7 +22,7 @@ import numpy as np
 from absl import logging
 
 from normguard_jax import (auxnets, config_checks, data, diagnostics, evaluation,
-                           generate, pretrain, reporting, rewards, rl, sampling)
+                           generate, generators, reporting, rewards, sampling)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -52,7 +52,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                             f"than config.sample.per_class={config.sample.per_class} gives")
 
 
-def generate_set(pre: pretrain.Pretrained, labels: np.ndarray, sample: ml_collections.ConfigDict,
+def generate_set(pre: generators.Pretrained, labels: np.ndarray, sample: ml_collections.ConfigDict,
                  seed: int, renormalize_to=None) -> np.ndarray:
     """Samples one image per label in batches of ``sample.batch_size``.
 
@@ -129,19 +129,7 @@ def _markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def load_generator(checkpoint: str, *, use_ema: bool, step: int | None
-                   ) -> tuple[pretrain.Pretrained, pretrain.Pretrained | None]:
-    """``(generator, reference)`` of a pretraining or RL workdir.
-
-    A pretraining workdir gives its (EMA or raw) parameters and no reference; an RL workdir
-    gives the policy θ (``use_ema`` does not apply) and its frozen base θ_ref.
-    """
-    if rl.is_rl_workdir(checkpoint, step):
-        return rl.load_policy(checkpoint, step=step)
-    return pretrain.load_pretrained(checkpoint, use_ema=use_ema, step=step), None
-
-
-def norm_ratio_summary(pre: pretrain.Pretrained, ref: pretrain.Pretrained | None,
+def norm_ratio_summary(pre: generators.Pretrained, ref: generators.Pretrained | None,
                        labels: np.ndarray, sample: ml_collections.ConfigDict, seed: int) -> dict:
     """Mean ρ = ‖v_θ‖/‖v_ref‖ over samples, per ODE step and overall (1 without a reference).
 
@@ -165,7 +153,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     validate(config)
     step = None if config.checkpoint_step == -1 else config.checkpoint_step
     t0 = time.time()
-    pre, ref = load_generator(config.checkpoint, use_ema=config.use_ema, step=step)
+    pre, ref = generators.load_generator(config.checkpoint, use_ema=config.use_ema, step=step)
     base_config = (ref or pre).config
     dataset = base_config.data.name
     data_dir = config.data_dir or base_config.data.data_dir or None

@@ -12,19 +12,16 @@ from __future__ import annotations
 
 import functools
 import os
-import time
-from typing import Callable, Iterable, NamedTuple
+from typing import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 from absl import logging
-from flax import nnx
 
 from normguard_jax import (checkpointing, config_checks, data, distributed, flow, generate,
-                           models, nonfinite, optim, reporting, sharding)
-from normguard_jax.interrupts import StopFlag
+                           generators, loop, models, nonfinite, optim, reporting, sharding)
 from normguard_jax.objectives.base import Context
 from normguard_jax.objectives.flow_matching import flow_matching_loss, make_flow_matching_batch
 from normguard_jax.train_state import TrainState
@@ -67,21 +64,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.mesh.data != -1:
         c.integer(config, "mesh.data", 1)
     distributed.validate(config)
-
-
-def build_generator(config: ml_collections.ConfigDict, image_shape, num_classes: int, *,
-                    abstract: bool = False):
-    """``(graphdef, params, velocity)`` of the configured generator, initialised from the seed.
-
-    With ``abstract``, params are ``jax.ShapeDtypeStruct`` leaves (a template to restore into).
-    """
-    model = models.init_module(lambda: models.build_generator(
-        config.model.arch, image_shape=tuple(image_shape), num_classes=num_classes,
-        rngs=nnx.Rngs(config.seed), dtype=jnp.dtype(config.model.dtype),
-        remat=config.model.remat, **models.SIZES[config.model.arch][config.model.size]),
-        abstract=abstract)
-    graphdef, params = models.split_generator(model)
-    return graphdef, params, models.make_velocity_fn(graphdef)
 
 
 def sigma_sampler(config: ml_collections.ConfigDict):
@@ -185,14 +167,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, hooks: Iterable[Hook
     sharding.check_batch_divisible(config.train.batch_size, mesh, "config.train.batch_size")
     split = data.load_split(config.data.name, config.data.split, config.data.data_dir or None)
     null_class = split.num_classes
-    manager = checkpointing.make_manager(os.path.join(workdir, "checkpoints"),
-                                         max_to_keep=config.train.keep_checkpoints,
+    manager = checkpointing.open_manager(workdir, max_to_keep=config.train.keep_checkpoints,
                                          save_interval_steps=config.train.checkpoint_every)
     latest = checkpointing.read_latest_meta(manager)
     if latest is not None:
         _check_resume_compatible(latest[1], config, split, workdir)
 
-    graphdef, params, velocity = build_generator(config, split.image_shape, split.num_classes)
+    graphdef, params, velocity = generators.build_generator(config, split.image_shape,
+                                                            split.num_classes)
     summary = models.parameter_summary(params)
     logging.info("Generator %s/%s on %s %s:\n%s", config.model.arch, config.model.size,
                  config.data.name, split.image_shape, summary)
@@ -203,12 +185,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, hooks: Iterable[Hook
                            repl)
 
     restored = checkpointing.restore_latest(manager, state)
-    skips = nonfinite.SkipCounter(config.train.max_nonfinite, "step",
-                                  f"The last good checkpoint is in {manager.directory}.")
+    skipped_before = 0
     if restored is not None:
         _, state, meta = restored
         _check_resume_compatible(meta, config, split, workdir)
-        skips.total = int(meta.get("skipped_updates", 0))  # absent in older checkpoints
+        skipped_before = int(meta.get("skipped_updates", 0))  # absent in older checkpoints
         logging.info("Resumed from step %d in %s", int(state.step), workdir)
     start = int(state.step)
 
@@ -225,14 +206,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, hooks: Iterable[Hook
         with open(os.path.join(workdir, "parameters.txt"), "w", encoding="utf-8") as f:
             f.write(summary + "\n")
         writer.write_hparams(_flat_hparams(config))
-    from clu import periodic_actions  # noqa: PLC0415  (imports TensorFlow: see reporting)
-    progress = periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
-                                               every_steps=config.train.log_every)
     grid_labels = jnp.asarray(generate.class_grid_labels(split.num_classes,
                                                          config.sample.per_class))
     grid_key = jax.random.fold_in(jax.random.key(config.seed), 2**31 - 1)  # fixed across runs
 
-    def write_samples(step: int):
+    def write_samples(state: TrainState, step: int):
         images = generate.generate_images(
             velocity, state.ema_params, grid_labels, grid_key, image_shape=split.image_shape,
             num_steps=config.sample.num_steps, shift=config.sample.shift,
@@ -240,55 +218,21 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, hooks: Iterable[Hook
         reporting.write_grid(writer, workdir, step, "samples_ema", images,
                              config.sample.per_class)
 
-    saved = {"step": start if restored is not None else None}
-
-    def checkpoint(step: int, force: bool):
-        if saved["step"] == step:
-            return
-        if checkpointing.save(manager, step, state, _meta(config, split, step, skips.total),
-                              force=force):
-            saved["step"] = step
-
     p_index, p_count = jax.process_index(), jax.process_count()
-    t0 = time.time()
-    step = start
-    with StopFlag() as stop:
-        try:
-            for step in range(start, total):
-                local = data.local_batch(split, step, config.train.batch_size, config.seed,
-                                         p_index, p_count)
-                batch = sharding.global_batch(local, mesh)
-                state, metrics = step_fn(state, batch)
-                done = step + 1
-                progress(done)
-                # One scalar read per step; replicated, so every process takes the same branch.
-                skipped = int(jax.device_get(metrics["skipped"]))
-                if done % config.train.log_every == 0 or done == total or skipped:
-                    scalars = dict(jax.device_get(metrics), skipped_total=skips.total + skipped)
-                    writer.write_scalars(done, scalars)
-                skips.record(done, skipped)
-                for hook in hooks:
-                    hook(done, state, metrics)
-                checkpoint(done, force=False)
-                if done % config.train.sample_every == 0 and done != total:
-                    write_samples(done)
-                if distributed.any_process(stop.requested):
-                    logging.warning("SIGTERM: checkpointing step %d and stopping.", done)
-                    checkpoint(done, force=True)
-                    break
-            else:
-                checkpoint(total, force=True)
-                write_samples(total)
-        except KeyboardInterrupt:
-            logging.warning("Interrupted: checkpointing step %d.", int(state.step))
-            checkpoint(int(state.step), force=True)
-            raise
-        finally:
-            manager.wait_until_finished()
-            writer.flush()
-    logging.info("Trained steps %d..%d in %.1f s", start, int(state.step), time.time() - t0)
-    manager.close()
-    return state
+
+    def unit(state: TrainState, step: int):
+        local = data.local_batch(split, step, config.train.batch_size, config.seed,
+                                 p_index, p_count)
+        state, metrics = step_fn(state, sharding.global_batch(local, mesh))
+        return state, metrics, metrics["skipped"]
+
+    schedule_ = loop.Schedule(total=total, log_every=config.train.log_every,
+                              sample_every=config.train.sample_every,
+                              max_nonfinite=config.train.max_nonfinite, unit_name="step")
+    return loop.run(state, unit, schedule=schedule_, manager=manager, writer=writer,
+                    meta=lambda step, skipped: _meta(config, split, step, skipped),
+                    write_samples=write_samples, skipped_before=skipped_before,
+                    saved_step=start if restored is not None else None, hooks=hooks)
 
 
 def _flat_hparams(config: ml_collections.ConfigDict) -> dict:
@@ -303,43 +247,3 @@ def _flat_hparams(config: ml_collections.ConfigDict) -> dict:
                 flat[key] = v
     walk("", config)
     return flat
-
-
-class Pretrained(NamedTuple):
-    """A generator restored from a pretraining workdir.
-
-    Attributes:
-      velocity: pure ``velocity(params, x, sigma, cond) -> v``.
-      params: the restored parameters (the EMA by default).
-      config: the pretraining config the checkpoint was written with.
-      image_shape: (H, W, C).
-      num_classes: number of real classes (the null class is ``num_classes``).
-      step: the checkpoint's step.
-    """
-
-    velocity: Callable
-    params: object
-    config: ml_collections.ConfigDict
-    image_shape: tuple
-    num_classes: int
-    step: int
-
-
-def load_pretrained(workdir: str, *, use_ema: bool = True, step: int | None = None) -> Pretrained:
-    """Restores the generator of a pretraining run (newest checkpoint unless ``step`` is given).
-
-    Raises:
-      FileNotFoundError: no checkpoint in ``<workdir>/checkpoints``.
-    """
-    directory = os.path.join(workdir, "checkpoints")
-    step, meta = checkpointing.read_meta(directory, step)
-    config = ml_collections.ConfigDict(meta["config"])
-    _, params, velocity = build_generator(config, meta["image_shape"], meta["num_classes"],
-                                          abstract=True)
-    optimizer, _ = optim.build_optimizer(config.optim, config.train.steps)
-    template = jax.eval_shape(lambda p: TrainState.create(p, optimizer, jax.random.key(0)),
-                              params)
-    state = checkpointing.restore_state(directory, step, template)
-    return Pretrained(velocity=velocity, params=state.ema_params if use_ema else state.params,
-                      config=config, image_shape=tuple(meta["image_shape"]),
-                      num_classes=int(meta["num_classes"]), step=int(step))

@@ -22,8 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import time
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,9 +31,8 @@ import optax
 from absl import logging
 
 from normguard_jax import (advantages, auxnets, checkpointing, config_checks, distributed, flow,
-                           generate, nonfinite, normguard, optim, pretrain, reporting, rewards,
-                           sampling, sharding)
-from normguard_jax.interrupts import StopFlag
+                           generate, generators, loop, nonfinite, normguard, optim, reporting,
+                           rewards, sampling, sharding)
 from normguard_jax.objectives import METHODS
 from normguard_jax.objectives.base import BatchSpec, Context, Rollout
 from normguard_jax.rl_state import (OLD_POLICY_DECAY_PRESETS, RLState, initial_state,
@@ -147,44 +145,6 @@ def build_optimizer(config: ml_collections.ConfigDict):
                                  config.train.iterations * updates_per_iteration(config))
 
 
-def is_rl_workdir(workdir: str, step: int | None = None) -> bool:
-    """Whether ``workdir``'s checkpoint (newest, or ``step``) was written by :func:`run`."""
-    _, meta = checkpointing.read_meta(os.path.join(workdir, "checkpoints"), step)
-    return "base_workdir" in meta
-
-
-def load_policy(workdir: str, *, step: int | None = None,
-                base: pretrain.Pretrained | None = None
-                ) -> tuple[pretrain.Pretrained, pretrain.Pretrained]:
-    """Restores the policy θ of an RL run and its frozen base θ_ref.
-
-    Returns ``(policy, base)``: two :class:`pretrain.Pretrained` sharing the base's velocity
-    function, image shape and classes; ``policy.params`` is θ at the checkpoint (newest unless
-    ``step`` is given), ``policy.step`` its iteration, ``policy.config`` the RL config.
-    ``base``: the run's base as returned by an earlier call on the same workdir; it is used
-    instead of reading the base again, so policies of several checkpoints share one velocity
-    function (and jitted programs that take it as a static argument compile once).
-
-    Raises:
-      FileNotFoundError: no checkpoint in ``<workdir>/checkpoints``.
-      ValueError: ``base`` is not the base step this checkpoint was trained from.
-    """
-    directory = os.path.join(workdir, "checkpoints")
-    step, meta = checkpointing.read_meta(directory, step)
-    config = ml_collections.ConfigDict(meta["config"])
-    if base is None:
-        base = pretrain.load_pretrained(meta["base_workdir"], use_ema=config.base.use_ema,
-                                        step=meta["base_step"])
-    elif base.step != meta["base_step"]:
-        raise ValueError(f"{workdir} step {step} was trained from base step {meta['base_step']}, "
-                         f"not {base.step}")
-    optimizer, _ = build_optimizer(config)
-    template = initial_state(base.params, optimizer, config.seed)
-    state = checkpointing.restore_state(directory, step, template)
-    policy = base._replace(params=state.params, config=config, step=int(step))
-    return policy, base
-
-
 # ----------------------------------------------------------------------------------------------
 # Pure pieces.
 # ----------------------------------------------------------------------------------------------
@@ -252,8 +212,113 @@ def sigma_sampler_for(config: ml_collections.ConfigDict, sigmas):
     return flow.TIMESTEP_SAMPLERS[name]
 
 
+class Programs(NamedTuple):
+    """The compiled pieces of one RL iteration (built once per run by :func:`build_programs`).
+
+    Attributes:
+      rollout: ``(params, labels, key) -> (Rollout, reward components)``.
+      batch: ``(rollout, key) -> dict`` of training rows.
+      update: ``(params, opt_state, old_params, ref_params, minibatch, rewards_ok) ->
+        (params, opt_state, metrics)``, see :func:`update`.
+      old_update: ``(old_params, params, updates) -> old_params``, the θ_old EMA.
+      place: puts a host or device batch on the mesh's data sharding.
+    """
+
+    rollout: Callable
+    batch: Callable
+    update: Callable
+    old_update: Callable
+    place: Callable
+
+
+def train_iteration(state: RLState, ref_params, *, programs: Programs, num_classes: int,
+                    prompts: int, group_size: int, inner_epochs: int, rows: int,
+                    minibatch_size: int, schedule) -> tuple[RLState, dict, jax.Array]:
+    """One RL iteration: prompts → rollout → training batch → epochs of updates → θ_old update.
+
+    A deterministic function of ``state`` (its key and iteration fix the prompts, the rollout
+    noise, the re-noising and the minibatch order): a resumed run repeats an uninterrupted one.
+
+    Args:
+      state: the run's :class:`RLState` before the iteration.
+      ref_params: the frozen reference θ_ref.
+      programs: the compiled pieces (:class:`Programs`).
+      num_classes: prompts are drawn uniformly from ``[0, num_classes)``.
+      prompts, group_size: G and K; the rollout has N = G·K samples.
+      inner_epochs: passes over the training rows.
+      rows: training rows of the iteration (``Method.rows``).
+      minibatch_size: rows per optimizer step (divides ``rows``).
+      schedule: the learning-rate schedule (logged).
+
+    Returns:
+      ``(state, metrics, skipped)``: the state after the iteration (``iteration`` + 1,
+      ``updates`` + the optimizer steps taken), scalar metrics (``train/<objective metric>``
+      means over the iteration's updates, ``reward/mean``, ``reward/std``,
+      ``reward/<component>``, ``lr``) and the number of updates skipped for non-finite values.
+    """
+    key_it = jax.random.fold_in(state.key(), state.iteration)
+    labels = jnp.repeat(jax.random.randint(jax.random.fold_in(key_it, 0), (prompts,), 0,
+                                           num_classes), group_size).astype(jnp.int32)
+    ro, components = programs.rollout(state.params, programs.place(labels),
+                                      jax.random.fold_in(key_it, 1))
+    rewards_ok = nonfinite.all_finite(ro.rewards)
+    batch = programs.batch(ro, jax.random.fold_in(key_it, 2))
+    params, opt_state = state.params, state.opt_state
+    step_metrics = []
+    for epoch in range(inner_epochs):
+        perm = jax.random.permutation(jax.random.fold_in(key_it, 3 + epoch), rows)
+        for j in range(rows // minibatch_size):
+            idx = perm[j * minibatch_size:(j + 1) * minibatch_size]
+            minibatch = programs.place(jax.tree.map(lambda a, idx=idx: a[idx], batch))
+            params, opt_state, m = programs.update(params, opt_state, state.old_params,
+                                                   ref_params, minibatch, rewards_ok)
+            step_metrics.append(m)
+    updates = state.updates + len(step_metrics)
+    state = state.replace(iteration=state.iteration + 1, updates=updates, params=params,
+                          opt_state=opt_state,
+                          old_params=programs.old_update(state.old_params, params, updates))
+    stacked = {name: jnp.stack([m[name] for m in step_metrics]) for name in step_metrics[0]}
+    metrics = {f"train/{name}": jnp.mean(v) for name, v in stacked.items()}
+    metrics.update({"reward/mean": jnp.mean(ro.rewards), "reward/std": jnp.std(ro.rewards),
+                    "lr": schedule(state.updates - 1)})
+    metrics.update({f"reward/{n}": jnp.mean(v) for n, v in components.items()})
+    return state, metrics, jnp.sum(stacked["skipped"])
+
+
+def build_programs(config: ml_collections.ConfigDict, base: generators.Pretrained, mesh,
+                   reward_fn, optimizer) -> Programs:
+    """Jits the rollout, batch, update and θ_old programs of the configured run on ``mesh``."""
+    method = METHODS[config.method]
+    objective = normguard.with_normguard(
+        method.make_objective(objective_config(config, base.num_classes)),
+        normguard.NormGuardConfig(**config.normguard))
+    repl, data_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    sigmas = jnp.asarray(flow.inference_sigmas(config.rollout.num_steps, config.rollout.shift))
+    window = trained_steps(config)
+    noise_level = None if config.rollout.noise_level < 0 else config.rollout.noise_level
+    rollout_fn = jax.jit(functools.partial(
+        rollout, velocity=base.velocity, image_shape=base.image_shape, sigmas=sigmas,
+        method=config.rollout.sampler, noise_level=noise_level,
+        sde_window=(window[0], window[-1] + 1), guidance_scale=config.rollout.guidance_scale,
+        null_class=base.num_classes, reward_fn=reward_fn, group_size=config.rollout.group_size,
+        adv_clip=config.advantages.clip, global_std=config.advantages.global_std,
+        keep_trajectory=method.needs_trajectory),
+        in_shardings=(repl, data_sh, repl))
+    batch_fn = jax.jit(functools.partial(
+        method.training_batch, spec=batch_spec(config, sigma_sampler_for(config, sigmas))))
+    update_fn = jax.jit(functools.partial(update, objective=objective, optimizer=optimizer,
+                                          velocity=base.velocity),
+                        in_shardings=(repl, repl, repl, repl, data_sh, repl),
+                        out_shardings=(repl, repl, repl), donate_argnums=(0, 1))
+    decay = dict(zip(("flat", "rate", "max_decay"),
+                     OLD_POLICY_DECAY_PRESETS[config.train.old_policy]))
+    old_update_fn = jax.jit(functools.partial(update_old_params, **decay))
+    return Programs(rollout=rollout_fn, batch=batch_fn, update=update_fn,
+                    old_update=old_update_fn, place=lambda tree: jax.device_put(tree, data_sh))
+
+
 # ----------------------------------------------------------------------------------------------
-# The loop.
+# The run.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -278,7 +343,7 @@ def _check_resume_compatible(manager, config: ml_collections.ConfigDict, workdir
         raise config_checks.ConfigError(
             f"config.method={config.method!r} differs from the checkpoint in {workdir} "
             f"({meta['config']['method']!r}); use a new workdir")
-    _, base_meta = checkpointing.read_meta(os.path.join(config.base.workdir, "checkpoints"))
+    _, base_meta = checkpointing.read_meta(config.base.workdir)
     if "image_shape" in meta and tuple(meta["image_shape"]) != tuple(base_meta["image_shape"]):
         raise config_checks.ConfigError(
             f"image shape {tuple(base_meta['image_shape'])} of the base model in "
@@ -293,150 +358,64 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, hooks: Iterable[Hook
     Writes into ``workdir``: ``checkpoints/``, TensorBoard events, ``metrics.jsonl`` and
     ``samples/*.png`` (fixed-seed ODE samples of θ); logs and images on process 0 only.
 
-    Faults: SIGTERM (on any process) checkpoints the last iteration and returns. An update
-    whose loss or gradient is non-finite, and every update of an iteration whose rewards are
-    non-finite, is skipped with θ and the optimizer untouched and counted (``train/skipped``,
-    ``skipped_total``); ``config.train.max_nonfinite`` such iterations in a row stop the run
-    with :class:`nonfinite.NonFiniteError` naming them. Config errors, an unwritable workdir
-    and a checkpoint of another method or image shape fail before any model is loaded.
+    Faults (see :mod:`normguard_jax.loop`): SIGTERM (on any process) and Ctrl-C checkpoint the
+    last iteration (Ctrl-C then re-raises). An update whose loss or gradient is non-finite, and
+    every update of an iteration whose rewards are non-finite, is skipped with θ and the
+    optimizer untouched and counted (``train/skipped``, ``skipped_total``);
+    ``config.train.max_nonfinite`` such iterations in a row stop the run with
+    :class:`nonfinite.NonFiniteError` naming them. Config errors, an unwritable workdir and a
+    checkpoint of another method or image shape fail before any model is loaded.
     """
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     validate(config, mesh.devices.size)
     config_checks.writable_directory(workdir)
-    manager = checkpointing.make_manager(os.path.join(workdir, "checkpoints"),
-                                         max_to_keep=config.train.keep_checkpoints,
+    manager = checkpointing.open_manager(workdir, max_to_keep=config.train.keep_checkpoints,
                                          save_interval_steps=config.train.checkpoint_every)
     _check_resume_compatible(manager, config, workdir)
-    base = pretrain.load_pretrained(config.base.workdir, use_ema=config.base.use_ema)
-    null_class = base.num_classes
-    reward_ctx = _reward_context(config, base)
-    reward_fn = rewards.build_combined(dict(config.rewards), reward_ctx)
-    method = METHODS[config.method]
-    guard = normguard.NormGuardConfig(**config.normguard)
-    objective = normguard.with_normguard(
-        method.make_objective(objective_config(config, null_class)), guard)
-
-    iterations = config.train.iterations
-    rows = rows_per_iteration(config)
-    steps_per_iter = updates_per_iteration(config)
+    base = generators.load_pretrained(config.base.workdir, use_ema=config.base.use_ema)
+    reward_fn = rewards.build_combined(dict(config.rewards), _reward_context(config, base))
     optimizer, schedule = build_optimizer(config)
-    repl, data_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    programs = build_programs(config, base, mesh, reward_fn, optimizer)
+    repl = sharding.replicated(mesh)
     ref_params = jax.device_put(base.params, repl)
     state = jax.device_put(initial_state(base.params, optimizer, config.seed), repl)
 
     restored = checkpointing.restore_latest(manager, state)
-    skips = nonfinite.SkipCounter(config.train.max_nonfinite, "iteration",
-                                  f"The last good checkpoint is in {manager.directory}.")
+    skipped_before = 0
     if restored is not None:
         _, state, restored_meta = restored
-        skips.total = int(restored_meta.get("skipped_updates", 0))  # absent in older checkpoints
+        skipped_before = int(restored_meta.get("skipped_updates", 0))  # absent in older ones
         logging.info("Resumed RL from iteration %d in %s", int(state.iteration), workdir)
     start = int(state.iteration)
 
-    sigmas = jnp.asarray(flow.inference_sigmas(config.rollout.num_steps, config.rollout.shift))
-    window = trained_steps(config)
-    noise_level = None if config.rollout.noise_level < 0 else config.rollout.noise_level
-    rollout_fn = jax.jit(functools.partial(
-        rollout, velocity=base.velocity, image_shape=base.image_shape, sigmas=sigmas,
-        method=config.rollout.sampler, noise_level=noise_level,
-        sde_window=(window[0], window[-1] + 1), guidance_scale=config.rollout.guidance_scale,
-        null_class=null_class, reward_fn=reward_fn, group_size=config.rollout.group_size,
-        adv_clip=config.advantages.clip, global_std=config.advantages.global_std,
-        keep_trajectory=method.needs_trajectory),
-        in_shardings=(repl, data_sh, repl))
-    sampler = sigma_sampler_for(config, sigmas)
-    batch_fn = jax.jit(functools.partial(method.training_batch,
-                                         spec=batch_spec(config, sampler)))
-    update_fn = jax.jit(functools.partial(update, objective=objective, optimizer=optimizer,
-                                          velocity=base.velocity),
-                        in_shardings=(repl, repl, repl, repl, data_sh, repl),
-                        out_shardings=(repl, repl, repl), donate_argnums=(0, 1))
-    decay = dict(zip(("flat", "rate", "max_decay"),
-                     OLD_POLICY_DECAY_PRESETS[config.train.old_policy]))
-    old_update_fn = jax.jit(functools.partial(update_old_params, **decay))
-
     writer = reporting.make_writer(workdir)
-    from clu import periodic_actions  # noqa: PLC0415  (imports TensorFlow: see reporting)
-    progress = periodic_actions.ReportProgress(num_train_steps=iterations, writer=writer,
-                                               every_steps=config.train.log_every)
     grid_labels = jnp.asarray(generate.class_grid_labels(base.num_classes,
                                                          config.sample.per_class))
     grid_key = jax.random.fold_in(jax.random.key(config.seed), 2**31 - 1)
 
-    def write_samples(it: int):
+    def write_samples(state: RLState, it: int):
         images = generate.generate_images(
             base.velocity, state.params, grid_labels, grid_key, image_shape=base.image_shape,
             num_steps=config.sample.num_steps, shift=config.sample.shift,
-            guidance_scale=config.sample.guidance_scale, null_class=null_class)
+            guidance_scale=config.sample.guidance_scale, null_class=base.num_classes)
         reporting.write_grid(writer, workdir, it, "samples", images, config.sample.per_class)
 
-    def meta(it):
+    def meta(it: int, skipped_total: int) -> dict:
         return {"config": config.to_dict(), "iteration": int(it),
                 "base_workdir": os.path.abspath(config.base.workdir), "base_step": base.step,
-                "image_shape": list(base.image_shape), "skipped_updates": skips.total}
+                "image_shape": list(base.image_shape), "skipped_updates": skipped_total}
 
-    if start == 0:
-        write_samples(0)
-    g, k = config.rollout.prompts_per_iter, config.rollout.group_size
-    mb = config.train.minibatch_size
-    t0 = time.time()
-    with StopFlag() as stop:
-        try:
-            for it in range(start, iterations):
-                key_it = jax.random.fold_in(state.key(), it)
-                prompts = jax.random.randint(jax.random.fold_in(key_it, 0), (g,), 0,
-                                             base.num_classes)
-                labels = jax.device_put(jnp.repeat(prompts, k).astype(jnp.int32), data_sh)
-                ro, components = rollout_fn(state.params, labels, jax.random.fold_in(key_it, 1))
-                rewards_ok = nonfinite.all_finite(ro.rewards)
-                batch = batch_fn(ro, jax.random.fold_in(key_it, 2))
-                params, opt_state = state.params, state.opt_state
-                step_metrics = []
-                for epoch in range(config.train.inner_epochs):
-                    perm = jax.random.permutation(jax.random.fold_in(key_it, 3 + epoch), rows)
-                    for j in range(rows // mb):
-                        idx = perm[j * mb:(j + 1) * mb]
-                        minibatch = jax.device_put(
-                            jax.tree.map(lambda a, idx=idx: a[idx], batch), data_sh)
-                        params, opt_state, m = update_fn(params, opt_state, state.old_params,
-                                                         ref_params, minibatch, rewards_ok)
-                        step_metrics.append(m)
-                updates = state.updates + steps_per_iter
-                state = state.replace(
-                    iteration=state.iteration + 1, updates=updates, params=params,
-                    opt_state=opt_state,
-                    old_params=old_update_fn(state.old_params, params, updates))
-                done = it + 1
-                progress(done)
-                metrics = {f"train/{name}": jnp.mean(jnp.stack([m[name] for m in step_metrics]))
-                           for name in step_metrics[0]}
-                # One read per iteration (replicated: every process takes the same branch).
-                skipped = int(round(float(metrics["train/skipped"]) * len(step_metrics)))
-                metrics.update({"reward/mean": jnp.mean(ro.rewards),
-                                "reward/std": jnp.std(ro.rewards),
-                                "lr": schedule(state.updates - 1)})
-                metrics.update({f"reward/{n}": jnp.mean(v) for n, v in components.items()})
-                if done % config.train.log_every == 0 or done == iterations or skipped:
-                    scalars = dict(jax.device_get(metrics), skipped_total=skips.total + skipped)
-                    writer.write_scalars(done, scalars)
-                skips.record(done, skipped)
-                for hook in hooks:
-                    hook(done, state, metrics)
-                checkpointing.save(manager, done, state, meta(done))
-                if done % config.train.sample_every == 0 and done != iterations:
-                    write_samples(done)
-                if distributed.any_process(stop.requested):
-                    logging.warning("SIGTERM: checkpointing iteration %d and stopping.", done)
-                    if manager.latest_step() != done:
-                        checkpointing.save(manager, done, state, meta(done), force=True)
-                    break
-            else:
-                if manager.latest_step() != iterations:
-                    checkpointing.save(manager, iterations, state, meta(iterations), force=True)
-                write_samples(iterations)
-        finally:
-            manager.wait_until_finished()
-            writer.flush()
-    logging.info("RL iterations %d..%d in %.1f s", start, int(state.iteration), time.time() - t0)
-    manager.close()
-    return state
+    def unit(state: RLState, index: int):
+        del index  # the state's own iteration counter positions the run
+        return train_iteration(
+            state, ref_params, programs=programs, num_classes=base.num_classes,
+            prompts=config.rollout.prompts_per_iter, group_size=config.rollout.group_size,
+            inner_epochs=config.train.inner_epochs, rows=rows_per_iteration(config),
+            minibatch_size=config.train.minibatch_size, schedule=schedule)
+    schedule_ = loop.Schedule(total=config.train.iterations, log_every=config.train.log_every,
+                              sample_every=config.train.sample_every,
+                              max_nonfinite=config.train.max_nonfinite, unit_name="iteration",
+                              samples_at_start=True)
+    return loop.run(state, unit, schedule=schedule_, manager=manager, writer=writer, meta=meta,
+                    write_samples=write_samples, skipped_before=skipped_before,
+                    saved_step=start if restored is not None else None, hooks=hooks)

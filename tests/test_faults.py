@@ -20,9 +20,8 @@ import numpy as np
 import optax
 import pytest
 
-from normguard_jax import (checkpointing, config_checks, data, nonfinite, normguard, pretrain,
-                           reporting, rewards, rl, sharding)
-from normguard_jax.train_state import TrainState
+from normguard_jax import (checkpointing, config_checks, data, generators, nonfinite, normguard,
+                           pretrain, reporting, rewards, rl, sharding)
 
 from conftest import REPO, load_config_file
 from test_objectives import P_OLD, P_REF, P_THETA, build, jx, toy_velocity
@@ -163,7 +162,7 @@ def _unwritable(tmp_path):
 
 
 def test_pretrain_rejects_an_unwritable_workdir(data_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(pretrain, "build_generator", _unreachable)
+    monkeypatch.setattr(generators, "build_generator", _unreachable)
     with pytest.raises(config_checks.ConfigError, match="--workdir=.* is not a writable"):
         pretrain.run(tiny_config(data_dir), _unwritable(tmp_path))
     if os.geteuid() != 0:                # permissions do not bind root
@@ -174,7 +173,7 @@ def test_pretrain_rejects_an_unwritable_workdir(data_dir, tmp_path, monkeypatch)
 
 
 def test_rl_rejects_an_unwritable_workdir(tmp_path, monkeypatch):
-    monkeypatch.setattr(pretrain, "load_pretrained", _unreachable)
+    monkeypatch.setattr(generators, "load_pretrained", _unreachable)
     config = load_config_file("rl_nft.py")
     config.rollout.update(prompts_per_iter=8, group_size=4)
     config.train.minibatch_size = 16
@@ -183,7 +182,7 @@ def test_rl_rejects_an_unwritable_workdir(tmp_path, monkeypatch):
 
 
 def test_rl_rejects_negative_reward_weights(tmp_path, monkeypatch):
-    monkeypatch.setattr(pretrain, "load_pretrained", _unreachable)
+    monkeypatch.setattr(generators, "load_pretrained", _unreachable)
     config = load_config_file("rl_nft.py")
     config.rollout.update(prompts_per_iter=8, group_size=4)
     config.train.minibatch_size = 16
@@ -215,7 +214,7 @@ def test_pretrain_resume_against_another_dataset_fails_before_building(
     meta = {"config": old, "step": 1,
             "image_shape": change.get("image_shape", [8, 8, 1]), "num_classes": 10}
     _fake_checkpoint(str(tmp_path / "w" / "checkpoints"), meta)
-    monkeypatch.setattr(pretrain, "build_generator", _unreachable)
+    monkeypatch.setattr(generators, "build_generator", _unreachable)
     with pytest.raises(config_checks.ConfigError, match=message):
         pretrain.run(config, str(tmp_path / "w"))
 
@@ -230,7 +229,7 @@ def test_rl_resume_against_a_base_of_another_image_shape_fails_before_loading(
     _fake_checkpoint(str(tmp_path / "rl" / "checkpoints"),
                      {"config": config.to_dict(), "iteration": 1,
                       "image_shape": [32, 32, 1]})
-    monkeypatch.setattr(pretrain, "load_pretrained", _unreachable)
+    monkeypatch.setattr(generators, "load_pretrained", _unreachable)
     with pytest.raises(config_checks.ConfigError,
                        match=r"image shape \(8, 8, 1\) of the base model .* differs from the "
                              r"checkpoint's \(32, 32, 1\)"):
@@ -275,7 +274,7 @@ def test_pretrain_run_skips_nan_steps_then_stops_and_keeps_a_good_checkpoint(
     assert [s for s in sorted(rows) if rows[s]["skipped"] == 1.0] == [3, 4, 6, 7, 8]
     assert rows[8]["skipped_total"] == 5 and rows[5]["skipped"] == 0.0
     # The newest checkpoint (step 6, written before the stop) holds the last good parameters.
-    restored = pretrain.load_pretrained(workdir, use_ema=False)
+    restored = generators.load_pretrained(workdir, use_ema=False)
     assert restored.step == 6
     _assert_trees_equal(restored.params, params[5])
     assert all(np.isfinite(x).all() for x in _leaves(restored.params))
@@ -329,7 +328,7 @@ def test_rl_run_skips_iterations_with_nan_rewards_then_stops(base_workdir, tmp_p
     _assert_trees_equal(params[4], params[3])
     rows = {r["step"]: r for r in reporting.read_jsonl(os.path.join(workdir, "metrics.jsonl"))}
     assert [rows[i]["train/skipped"] for i in (1, 2, 3, 4, 5)] == [0.0, 1.0, 0.0, 1.0, 1.0]
-    policy, _ = rl.load_policy(workdir)                 # newest checkpoint: iteration 4
+    policy, _ = generators.load_policy(workdir)                 # newest checkpoint: iteration 4
     assert policy.step == 4
     _assert_trees_equal(policy.params, params[3])
 
@@ -403,7 +402,7 @@ def test_sigterm_checkpoints_the_step_reached_and_exits_zero(data_dir, tmp_path)
     assert elapsed < 20, f"took {elapsed:.1f} s to stop"   # loose: the CPU is shared
     reached = int(re.search(r"SIGTERM: checkpointing step (\d+)", stderr).group(1))
     assert _checkpoint_steps(workdir)[-1] == reached
-    assert pretrain.load_pretrained(workdir).step == reached
+    assert generators.load_pretrained(workdir).step == reached
 
 
 @pytest.mark.slow
@@ -439,6 +438,6 @@ def test_sigkill_at_a_random_moment_then_resume_is_bit_identical(data_dir, tmp_p
                          keep_checkpoints=100)
     full = pretrain.run(config, str(tmp_path / "full"))
     for use_ema in (False, True):
-        got = pretrain.load_pretrained(workdir, use_ema=use_ema)
+        got = generators.load_pretrained(workdir, use_ema=use_ema)
         assert got.step == steps
         _assert_trees_equal(got.params, full.ema_params if use_ema else full.params)

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from normguard_jax import config_checks, data, distributed, pretrain, reporting
+from normguard_jax import config_checks, data, distributed, generators, pretrain, reporting
 
 from conftest import REPO, load_config_file
 from test_pretrain import tiny_config
@@ -96,8 +96,8 @@ def test_two_processes_of_four_devices_match_one_process_of_eight(data_dir, tmp_
     assert len(glob.glob(os.path.join(workdir, "events.out.tfevents.*"))) == 1
     assert len(glob.glob(os.path.join(workdir, "samples", "*.png"))) == 1
     for use_ema in (False, True):
-        a = pretrain.load_pretrained(workdir, use_ema=use_ema)
-        b = pretrain.load_pretrained(single, use_ema=use_ema)
+        a = generators.load_pretrained(workdir, use_ema=use_ema)
+        b = generators.load_pretrained(single, use_ema=use_ema)
         assert a.step == b.step == steps
         for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
             np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-5)

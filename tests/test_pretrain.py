@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from normguard_jax import config_checks, data, optim, pretrain, sharding
+from normguard_jax import config_checks, data, generators, optim, pretrain, sharding
 from normguard_jax.train_state import TrainState
 
 from conftest import load_config_file
@@ -28,7 +28,7 @@ def tiny_config(data_dir, arch="dit", **train):
 
 def _step_setup(config, mesh):
     split = data.load_split(config.data.name, "train", config.data.data_dir)
-    _, params, velocity = pretrain.build_generator(config, split.image_shape, split.num_classes)
+    _, params, velocity = generators.build_generator(config, split.image_shape, split.num_classes)
     optimizer, schedule = optim.build_optimizer(config.optim, config.train.steps)
     state = TrainState.create(params, optimizer, jax.random.key(config.seed))
     repl = sharding.replicated(mesh)

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from normguard_jax import config_checks, diagnostics, evaluate, quickstart, rl
+from normguard_jax import config_checks, diagnostics, evaluate, generators, quickstart, rl
 
 from conftest import REPO, load_config_file
 
@@ -53,8 +53,8 @@ def test_quickstart_runs_both_arms_and_reports_their_norm_ratio(data_dir, tmp_pa
     assert text.count("\n| ") == 4  # header + 3 rows
 
     # The arms differ only in λ, and the guarded one recorded it.
-    guarded, _ = rl.load_policy(os.path.join(workdir, "rl_normguard"))
-    unguarded, base = rl.load_policy(os.path.join(workdir, "rl_unguarded"))
+    guarded, _ = generators.load_policy(os.path.join(workdir, "rl_normguard"))
+    unguarded, base = generators.load_policy(os.path.join(workdir, "rl_unguarded"))
     assert guarded.config.normguard.weight == config.guard_weight
     assert unguarded.config.normguard.weight == 0.0
     assert guarded.step == unguarded.step == config.rl.train.iterations
@@ -74,10 +74,10 @@ def test_quickstart_runs_both_arms_and_reports_their_norm_ratio(data_dir, tmp_pa
         float(np.mean(ratios)), rel=1e-5)
 
     # evaluate loads an RL workdir as (θ at the asked step, θ_ref), a pretraining one as (θ, None).
-    policy, ref = evaluate.load_generator(os.path.join(workdir, "rl_unguarded"), use_ema=True,
+    policy, ref = generators.load_generator(os.path.join(workdir, "rl_unguarded"), use_ema=True,
                                           step=1)
     assert policy.step == 1 and ref.step == config.pretrain.train.steps
-    generator, none = evaluate.load_generator(os.path.join(workdir, "base"), use_ema=True,
+    generator, none = generators.load_generator(os.path.join(workdir, "base"), use_ema=True,
                                               step=None)
     assert none is None
     for a, b in zip(leaves(generator.params), leaves(base.params)):
@@ -91,18 +91,18 @@ def test_quickstart_runs_both_arms_and_reports_their_norm_ratio(data_dir, tmp_pa
     over = norm_analyses.ratio_over_training(run, unguarded, base, newest, *args)
     assert sorted(over) == [1, 2]
     for step, mean in over.items():
-        fresh, fresh_base = rl.load_policy(run, step=step)
+        fresh, fresh_base = generators.load_policy(run, step=step)
         assert mean == pytest.approx(
             float(norm_analyses.ratio_profile(fresh, fresh_base, *args).mean()), rel=1e-6)
     assert over[1] != over[2]
     # Restoring on a given base shares its velocity function and gives the same θ.
-    older, same_base = rl.load_policy(run, step=1, base=base)
-    fresh, _ = rl.load_policy(run, step=1)
+    older, same_base = generators.load_policy(run, step=1, base=base)
+    fresh, _ = generators.load_policy(run, step=1)
     assert same_base is base and older.velocity is base.velocity
     for a, b in zip(leaves(older.params), leaves(fresh.params)):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="trained from base step"):
-        rl.load_policy(run, step=1, base=base._replace(step=base.step + 1))
+        generators.load_policy(run, step=1, base=base._replace(step=base.step + 1))
 
     # A second call reuses every stage and reports the same numbers.
     again = quickstart.run(config, workdir)

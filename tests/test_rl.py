@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from normguard_jax import config_checks, pretrain, rl
+from normguard_jax import config_checks, generators, pretrain, rl
 
 from conftest import load_config_file
 
@@ -52,7 +52,7 @@ def test_every_method_trains_with_normguard(method, base_workdir, tmp_path):
         assert np.isfinite(m[name]), name
     np.testing.assert_allclose(m["reward/mean"],
                                m["reward/contrast"] + 0.5 * m["reward/stroke_weight"], rtol=1e-5)
-    base = pretrain.load_pretrained(base_workdir)
+    base = generators.load_pretrained(base_workdir)
     moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
                 for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(base.params)))
     assert moved > 0, "the policy did not change"

@@ -1,0 +1,134 @@
+"""Building a generator from a config, and loading one from a workdir: the one place for both.
+
+A generator is a pure ``velocity(params, x, sigma, cond) -> v`` plus a parameter pytree. A
+pretraining workdir gives the base model (its EMA parameters by default); an RL workdir gives
+the policy θ at a checkpoint together with its frozen base θ_ref. Both come back as
+:class:`Pretrained` records that share the base's velocity function, so jitted programs that take
+it as a static argument compile once for all checkpoints of a run.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from normguard_jax import checkpointing, models, optim
+from normguard_jax.rl_state import initial_state
+from normguard_jax.train_state import TrainState
+
+
+def build_generator(config: ml_collections.ConfigDict, image_shape, num_classes: int, *,
+                    abstract: bool = False):
+    """``(graphdef, params, velocity)`` of the configured generator, initialised from the seed.
+
+    Args:
+      config: a pretraining config (fields ``model.*`` and ``seed``).
+      image_shape: (H, W, C).
+      num_classes: real classes; the null (unconditional) label is ``num_classes``.
+      abstract: params are ``jax.ShapeDtypeStruct`` leaves (a template to restore into).
+    """
+    model = models.init_module(lambda: models.build_generator(
+        config.model.arch, image_shape=tuple(image_shape), num_classes=num_classes,
+        rngs=nnx.Rngs(config.seed), dtype=jnp.dtype(config.model.dtype),
+        remat=config.model.remat, **models.SIZES[config.model.arch][config.model.size]),
+        abstract=abstract)
+    graphdef, params = models.split_generator(model)
+    return graphdef, params, models.make_velocity_fn(graphdef)
+
+
+class Pretrained(NamedTuple):
+    """A generator restored from a workdir.
+
+    Attributes:
+      velocity: pure ``velocity(params, x, sigma, cond) -> v``.
+      params: the restored parameters (a pretraining run's EMA by default; an RL run's θ).
+      config: the config the checkpoint was written with (pretraining or RL).
+      image_shape: (H, W, C).
+      num_classes: number of real classes (the null class is ``num_classes``).
+      step: the checkpoint's step (pretraining) or iteration (RL).
+    """
+
+    velocity: Callable
+    params: object
+    config: ml_collections.ConfigDict
+    image_shape: tuple
+    num_classes: int
+    step: int
+
+
+def is_rl_workdir(workdir: str, step: int | None = None) -> bool:
+    """Whether ``workdir``'s checkpoint (newest, or ``step``) was written by an RL run."""
+    _, meta = checkpointing.read_meta(workdir, step)
+    return "base_workdir" in meta
+
+
+def load_pretrained(workdir: str, *, use_ema: bool = True, step: int | None = None) -> Pretrained:
+    """Restores the generator of a pretraining run (newest checkpoint unless ``step`` is given).
+
+    Raises:
+      FileNotFoundError: no checkpoint in the workdir.
+    """
+    velocity = []
+
+    def template(meta):
+        config = ml_collections.ConfigDict(meta["config"])
+        _, params, fn = build_generator(config, meta["image_shape"], meta["num_classes"],
+                                        abstract=True)
+        velocity.append(fn)
+        optimizer, _ = optim.build_optimizer(config.optim, config.train.steps)
+        return jax.eval_shape(lambda p: TrainState.create(p, optimizer, jax.random.key(0)),
+                              params)
+
+    step, state, meta = checkpointing.restore_run(workdir, step, template)
+    return Pretrained(velocity=velocity[0],
+                      params=state.ema_params if use_ema else state.params,
+                      config=ml_collections.ConfigDict(meta["config"]),
+                      image_shape=tuple(meta["image_shape"]),
+                      num_classes=int(meta["num_classes"]), step=int(step))
+
+
+def load_policy(workdir: str, *, step: int | None = None, base: Pretrained | None = None
+                ) -> tuple[Pretrained, Pretrained]:
+    """Restores the policy θ of an RL run and its frozen base θ_ref.
+
+    Returns ``(policy, base)``: two :class:`Pretrained` sharing the base's velocity function,
+    image shape and classes; ``policy.params`` is θ at the checkpoint (newest unless ``step`` is
+    given), ``policy.step`` its iteration, ``policy.config`` the RL config. ``base``: the run's
+    base as returned by an earlier call on the same workdir; it is used instead of reading the
+    base again, so policies of several checkpoints share one velocity function (and jitted
+    programs that take it as a static argument compile once).
+
+    Raises:
+      FileNotFoundError: no checkpoint in the workdir.
+      ValueError: ``base`` is not the base step this checkpoint was trained from.
+    """
+    step, meta = checkpointing.read_meta(workdir, step)
+    config = ml_collections.ConfigDict(meta["config"])
+    if base is None:
+        base = load_pretrained(meta["base_workdir"], use_ema=config.base.use_ema,
+                               step=meta["base_step"])
+    elif base.step != meta["base_step"]:
+        raise ValueError(f"{workdir} step {step} was trained from base step {meta['base_step']}, "
+                         f"not {base.step}")
+    # The optimizer state's structure does not depend on the schedule's length.
+    optimizer, _ = optim.build_optimizer(config.optim, 1)
+    template = initial_state(base.params, optimizer, config.seed)
+    state = checkpointing.restore_state(checkpointing.directory(workdir), step, template)
+    policy = base._replace(params=state.params, config=config, step=int(step))
+    return policy, base
+
+
+def load_generator(workdir: str, *, use_ema: bool = True, step: int | None = None
+                   ) -> tuple[Pretrained, Pretrained | None]:
+    """``(generator, reference)`` of a pretraining or an RL workdir.
+
+    A pretraining workdir gives its (EMA or raw) parameters and no reference; an RL workdir
+    gives the policy θ (``use_ema`` does not apply) and its frozen base θ_ref.
+    """
+    if is_rl_workdir(workdir, step):
+        return load_policy(workdir, step=step)
+    return load_pretrained(workdir, use_ema=use_ema, step=step), None
