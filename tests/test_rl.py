@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from normguard_jax import config_checks, generators, pretrain, rl
+from normguard_jax.objectives import METHODS
 
 from conftest import load_config_file
 
@@ -29,17 +30,17 @@ def tiny_rl_config(method, base_workdir, tmp_path, **normguard):
     config.aux_dir = str(tmp_path / "aux")
     config.rewards = {"contrast": 1.0, "stroke_weight": 0.5}   # no learned net: fast tests
     config.rollout.update(prompts_per_iter=8, group_size=4, num_steps=3)
-    if method == "grpo":
+    if METHODS[method].needs_trajectory:
         config.rollout.sde_window_end = 2
-    config.train.update(iterations=2, minibatch_size=8 if method == "dpo" else 16, log_every=1,
-                        sample_every=1000, checkpoint_every=1)
+    config.train.update(iterations=2, log_every=1, sample_every=1000, checkpoint_every=1)
+    config.train.minibatch_size = min(16, rl.rows_per_iteration(config))
     config.sample.update(num_steps=2, per_class=1)
     config.normguard.update(normguard)
     return config
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["grpo", "nft", "awm", "dpo", "ram"])
+@pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_trains_with_normguard(method, base_workdir, tmp_path):
     config = tiny_rl_config(method, base_workdir, tmp_path, weight=0.5)
     config.optim.lr = 1e-3
