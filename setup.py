@@ -37,7 +37,7 @@ setuptools.setup(
     description="RL post-training of flow-matching image generators with the NormGuard penalty.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=setuptools.find_packages(include=["normguard_jax", "normguard_jax.*"]),
+    packages=setuptools.find_packages(include=["normguard_jax", "normguard_jax.*", "configs", "configs.*", "experiments", "experiments.*"]),
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require={

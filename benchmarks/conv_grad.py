@@ -1,7 +1,7 @@
 """Kernel gradient of a 3×3 convolution: XLA:CPU's own against models/conv.py's per-tap products.
 
 Usage (from the repository root):
-  .venv/bin/python benchmarks/conv_grad.py [--rounds 20]
+  .venv/bin/python -m benchmarks.conv_grad [--rounds 20]
 
 For the channel counts and resolutions of the small UNet (batch 128, stride 1, SAME padding),
 prints the median time of: the forward convolution, the input gradient, XLA's kernel-gradient
@@ -14,16 +14,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import numpy as np
+from jax import lax
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from jax import lax  # noqa: E402
-
-from normguard_jax.models import conv  # noqa: E402
+from normguard_jax.models import conv
 
 LAYOUT = ("NHWC", "HWIO", "NHWC")
 PADS = ((1, 1), (1, 1))

@@ -2,8 +2,8 @@
 
 One command (from the repository root, with the ``bench`` extra installed)::
 
-    python benchmarks/run.py                      # UNet of configs/quickstart.py
-    python benchmarks/run.py --models unet,dit    # also the DiT of configs/pretrain_mnist_dit.py
+    python -m benchmarks.run                      # UNet of configs/quickstart.py
+    python -m benchmarks.run --models unet,dit    # also the DiT of configs/pretrain_mnist_dit.py
 
 What it does. The command starts two child processes, one after the other, and prints the
 ratios each measured:
@@ -505,7 +505,6 @@ def child(args) -> None:
 
     jax.config.update("jax_compilation_cache_dir", args.cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    sys.path.insert(0, REPO)
     full = args.mode == "tuned"
     results = {"mode": args.mode, "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
                "models": {}}
@@ -658,7 +657,7 @@ def main() -> None:
                 env["GLIBC_TUNABLES"] = MALLOC_TUNING
             env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
             out = os.path.join(tmp, f"{mode}.json")
-            subprocess.run([sys.executable, os.path.abspath(__file__), "--mode", mode,
+            subprocess.run([sys.executable, "-m", "benchmarks.run", "--mode", mode,
                             "--out", out, "--cache-dir", os.path.join(tmp, "xla_cache"),
                             "--models", args.models, "--rounds", str(args.rounds)],
                            env=env, check=True, cwd=REPO)

@@ -1,7 +1,7 @@
 """XLA:CPU library options (YNNPACK, XNNPACK) on the benchmark's sampler and train step.
 
 Usage (from the repository root):
-  .venv/bin/python benchmarks/xla_cpu_options.py [--model unet|dit] [--what sample|train]
+  .venv/bin/python -m benchmarks.xla_cpu_options [--model unet|dit] [--what sample|train]
 
 Compiles the same program once per option set (``Lowered.compile(compiler_options=...)``, so
 every variant lives in one process) and times the variants interleaved, as benchmarks/run.py
@@ -12,13 +12,9 @@ absolute pixel of the sample (a variant that changed the numerics shows a differ
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from benchmarks import run as bench_run  # noqa: E402
+from benchmarks import run as bench_run
 
 FUSION = "LIBRARY_FUSION_TYPE_"
 ALL_TYPES = ",".join(FUSION + t for t in ("INDIVIDUAL_CONVOLUTION", "INDIVIDUAL_DOT",

@@ -12,14 +12,10 @@ shapes). Few-step inference overrides ``sample.num_steps``; the early-stopping c
 overrides ``checkpoint_step``.
 """
 
-import os
-import sys
-
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import evaluate as evaluate_config  # noqa: E402  (configs/ is not a package)
-import rl_table  # noqa: E402
+from configs import evaluate as evaluate_config
+from configs import rl_table
 
 PER_CLASS = {"digits": 30, "shapes": 20}  # 10 digit classes, 16 shape classes.
 

@@ -19,11 +19,7 @@ CPU, 37.7 min) the same run reached 61.5 % ± 1.7 %.
 See experiments/results/pretrain.md for the loss, wall time and sample grid this produced.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import pretrain_common  # noqa: E402  (configs/ is not a package; its shared base sits beside it)
+from configs import pretrain_common
 
 
 def get_config():

@@ -2,7 +2,8 @@
 
 Run (from the repository root; this is the README's main command):
   python -m normguard_jax.main --config=configs/quickstart.py --workdir=workdir/quickstart
-Another method: --config=configs/quickstart.py:awm (any of grpo | nft | awm | dpo | ram).
+Another method: --config=configs/quickstart.py:awm (any name of normguard_jax.objectives.METHODS;
+configs/rl_<method>.py holds its settings).
 Writes <workdir>/quickstart.md and quickstart.json (the table is also printed); every stage
 is cached in <workdir> and in aux_dir, so a second call reuses it.
 
@@ -14,33 +15,23 @@ CFG, so the classifier reward has room to rise); RL runs 24 iterations of 8 prom
 samples, 10-step ODE rollouts without CFG; evaluation uses 30 samples per class.
 """
 
-import os
-import sys
+import importlib
 
 import ml_collections
 
+from configs import evaluate as evaluate_config
+from configs import pretrain_common
 from normguard_jax import rewards
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import evaluate as evaluate_config  # noqa: E402  (configs/ is not a package; siblings are imported)
-import pretrain_common  # noqa: E402
-import rl_awm  # noqa: E402
-import rl_dpo  # noqa: E402
-import rl_grpo  # noqa: E402
-import rl_nft  # noqa: E402
-import rl_ram  # noqa: E402
-
-METHOD_CONFIGS = {"grpo": rl_grpo, "nft": rl_nft, "awm": rl_awm, "dpo": rl_dpo, "ram": rl_ram}
+from normguard_jax.objectives import METHODS
 
 
 def get_config(arg: str = "nft"):
     """``arg`` is ``<method>`` or ``<method>,<reward set>`` (a key of rewards.DEFAULT_WEIGHTS)."""
     method, _, reward_set = arg.partition(",")
-    if method not in METHOD_CONFIGS:
-        raise ValueError(f"quickstart method must be one of {sorted(METHOD_CONFIGS)}, "
-                         f"got {method!r}")
+    if method not in METHODS:
+        raise ValueError(f"quickstart method must be one of {sorted(METHODS)}, got {method!r}")
     c = ml_collections.ConfigDict()
-    c.job = "quickstart"        # main.py dispatches to normguard_jax.quickstart.run.
+    c.job = "quickstart"        # main.py dispatches to experiments.quickstart.run.
     c.aux_dir = "workdir/aux_nets"  # reward + metric nets, trained on first use and shared.
     c.guard_weight = 0.1        # λ of the guarded arm (the unguarded arm uses 0).
     c.arms = "unguarded,normguard"  # which RL arms to run (a comma-separated subset).
@@ -57,7 +48,7 @@ def get_config(arg: str = "nft"):
     c.pretrain.train.checkpoint_every = 200
 
     # RL arms: <workdir>/rl_unguarded and <workdir>/rl_normguard (base.workdir is set by the job).
-    c.rl = METHOD_CONFIGS[method].get_config()
+    c.rl = importlib.import_module(f"configs.rl_{method}").get_config()
     reward_set = reward_set or "digits_logprob"
     if reward_set not in rewards.DEFAULT_WEIGHTS:
         raise ValueError(f"reward set must be one of {sorted(rewards.DEFAULT_WEIGHTS)}, "

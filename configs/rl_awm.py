@@ -5,11 +5,7 @@ Run (from the repository root, after pretraining the base model):
 With NormGuard: add --config.normguard.weight=0.1 (and a different --workdir).
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import rl_common  # noqa: E402  (configs/ is not a package; its shared base sits beside it)
+from configs import rl_common
 
 
 def get_config():

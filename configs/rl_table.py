@@ -5,7 +5,8 @@ Run one cell (from the repository root; the sweep runs every cell this way):
       --workdir=workdir/sweeps/main_table/rl-digits_logprob-nft-plain
 With NormGuard: add --config.normguard.weight=0.1 (and another workdir).
 
-The argument is ``<method>,<setting>``: method nft | awm | dpo | grpo | ram (rl_<method>.py), setting
+The argument is ``<method>,<setting>``: method a name of normguard_jax.objectives.METHODS
+(settings of configs/rl_<method>.py), setting
 a key of ``SETTINGS`` (a base model and a reward set). Every setting pairs an alignment reward
 that saturates with a proxy that is cheap to over-optimise, on each base:
 
@@ -23,19 +24,12 @@ Checkpoints every ``CHECKPOINT_EVERY`` iterations are all kept: the early-stoppi
 evaluates the intermediate ones.
 """
 
-import os
-import sys
+import importlib
 
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import rl_awm  # noqa: E402  (configs/ is not a package; siblings are imported)
-import rl_dpo  # noqa: E402
-import rl_grpo  # noqa: E402
-import rl_nft  # noqa: E402
-import rl_ram  # noqa: E402
+from normguard_jax.objectives import METHODS
 
-METHOD_CONFIGS = {"nft": rl_nft, "awm": rl_awm, "dpo": rl_dpo, "grpo": rl_grpo, "ram": rl_ram}
 # Base models: name -> pretraining workdir (made by experiments/main_table.py when missing,
 # from configs/table_base.py).
 BASES = {"digits": "workdir/quickstart/base", "shapes": "workdir/table_base_shapes_dit"}
@@ -53,8 +47,8 @@ CHECKPOINT_EVERY = 4   # checkpoints at 4, 8, 12: all kept.
 def parse(arg: str) -> tuple[str, str]:
     """``"<method>,<setting>"`` -> (method, setting), checked."""
     method, _, setting = arg.partition(",")
-    if method not in METHOD_CONFIGS:
-        raise ValueError(f"method must be one of {sorted(METHOD_CONFIGS)}, got {method!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
     if setting not in SETTINGS:
         raise ValueError(f"setting must be one of {sorted(SETTINGS)}, got {setting!r}")
     return method, setting
@@ -63,7 +57,7 @@ def parse(arg: str) -> tuple[str, str]:
 def get_config(arg: str = "nft,digits_logprob"):
     method, setting = parse(arg)
     base, weights = SETTINGS[setting]
-    c = METHOD_CONFIGS[method].get_config()
+    c = importlib.import_module(f"configs.rl_{method}").get_config()
     c.base.workdir = BASES[base]
     c.rewards = ml_collections.ConfigDict(weights)
     c.train.iterations = ITERATIONS

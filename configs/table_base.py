@@ -15,12 +15,7 @@ against the DiT's 53.1 % by the exact rule, experiments/results/pretrain.md) it 
 3-hour budget. The workdirs are those of configs/rl_table.py's ``BASES``.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import pretrain_shapes_dit  # noqa: E402  (configs/ is not a package)
-import quickstart  # noqa: E402
+from configs import pretrain_shapes_dit, quickstart
 
 BASE_CONFIGS = {"digits": lambda: quickstart.get_config("nft").pretrain,
                 "shapes": pretrain_shapes_dit.get_config}

@@ -12,7 +12,7 @@ contrast reward, the main table's hardest reward hack with ρ > 1; seeds and ear
 
 Stages:
 - ``base``: pretrains the quickstart's digits base (configs/table_base.py:digits) if missing;
-- ``sweep``: ``python -m normguard_jax.sweep --config=configs/sweeps/guard_ablation.py`` (the
+- ``sweep``: ``python -m experiments.sweep --config=configs/sweeps/guard_ablation.py`` (the
   cells and the reasons for their settings are in that file's docstring);
 - ``analyse``: reads every finished evaluation and training log and writes
   ``experiments/results/guard_ablation.md``, ``.json``, ``guard_ablation_training.png`` and
@@ -38,17 +38,18 @@ import os
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "experiments"))
-sys.path.insert(0, os.path.join(REPO, "configs", "sweeps"))
+import matplotlib
 
-import main_table as mt  # noqa: E402  (reads evaluations, sweeps, bases: shared helpers)
-import guard_ablation as ablation  # noqa: E402  (configs/sweeps/guard_ablation.py)
-
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib import pyplot as plt  # noqa: E402  (main_table selected the Agg backend)
 
-RESULTS = mt.RESULTS
+from configs import rl_table  # noqa: E402
+from configs.sweeps import guard_ablation as ablation  # noqa: E402
+from experiments import sweep, table_sweeps, tables  # noqa: E402
+
+REPO = table_sweeps.REPO
+RESULTS = table_sweeps.RESULTS
 # The study analysed (configs/sweeps/guard_ablation.py:STUDIES); ``--study`` selects another.
 ST = ablation.study()
 REWARD_NAMES = {"digits_logprob": "log p(class)", "digits_contrast": "contrast"}
@@ -87,7 +88,7 @@ SENSITIVITY_REWARDS = "classifier_logprob,contrast"
 
 def evaluation(name: str) -> dict | None:
     """Summary (reward, quality, ρ) of the finished evaluation cell ``name``, or None."""
-    return mt.summarise(mt.load_eval(ST.workroot, name), ST.setting)
+    return table_sweeps.summarise(table_sweeps.load_eval(ST.workroot, name), ST.setting)
 
 
 def training_log(rl_cell: str) -> dict[str, np.ndarray]:
@@ -142,13 +143,6 @@ def collect() -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def mean_se(values) -> tuple[float, float]:
-    """Mean and standard error (sample std / √n; 0 for n = 1) of a list of numbers."""
-    v = np.asarray(values, dtype=float)
-    se = float(np.std(v, ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
-    return float(np.mean(v)), se
-
-
 def seeds_done(data: dict) -> list[int]:
     """Seeds whose unguarded and guarded evaluations both finished."""
     return [s for s in ablation.SEEDS
@@ -159,7 +153,7 @@ def seed_table(data: dict) -> tuple[list[str], dict]:
     """Per-seed rows, means ± s.e., and the paired difference guarded − unguarded."""
     seeds = seeds_done(data)
     head = ["model", *[metric_label(k, label) for k, label, _ in METRICS], "hinge active"]
-    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    lines = tables.header(head, left=1)
     if data["base"]:
         lines.append("| base | " + " | ".join(spec.format(data["base"][k])
                                              for k, _, spec in METRICS) + " | |")
@@ -168,13 +162,13 @@ def seed_table(data: dict) -> tuple[list[str], dict]:
             r = data["final"][f"{arm}-s{s}"]
             lines.append(f"| {label}, seed {s} | " + " | ".join(
                 spec.format(r[k]) for k, _, spec in METRICS)
-                + f" | {mt.fmt(r['hinge_active'], '{:.2f}')} |")
+                + f" | {tables.fmt(r['hinge_active'], '{:.2f}')} |")
     stats = {}
     if seeds:
         for arm, label in (("plain", "unguarded"), ("guard", "guarded")):
             cells = []
             for k, _, spec in METRICS:
-                m, se = mean_se([data["final"][f"{arm}-s{s}"][k] for s in seeds])
+                m, se = tables.mean_se([data["final"][f"{arm}-s{s}"][k] for s in seeds])
                 stats[f"{arm}/{k}"] = (m, se)
                 cells.append(f"{spec.format(m)} ± {spec.format(se)}")
             plural = "s" if len(seeds) > 1 else ""
@@ -182,10 +176,8 @@ def seed_table(data: dict) -> tuple[list[str], dict]:
                          + " | ".join(cells) + " | |")
         cells = []
         for k, _, spec in METRICS:
-            d = [data["final"][f"guard-s{s}"][k] - data["final"][f"plain-s{s}"][k]
-                 for s in seeds]
-            m, se = mean_se(d)
-            t = m / se if se > 0 else float("nan")
+            m, se, t = tables.paired_difference([data["final"][f"guard-s{s}"][k] for s in seeds],
+                                                [data["final"][f"plain-s{s}"][k] for s in seeds])
             stats[f"diff/{k}"] = (m, se, t)
             cells.append(f"{'+' if m >= 0 else ''}{spec.format(m)} ± {spec.format(se)}"
                          + (f" (t={t:.1f})" if se > 0 else ""))
@@ -206,8 +198,8 @@ def earlystop_table(data: dict) -> tuple[list[str], list[dict]]:
             (k, data["early"].get(f"plain-s{s}-it{k}")) for k in ST.early_steps]
         path.append((ST.iterations, data["final"][f"plain-s{s}"]))
         path = [(k, r) for k, r in path if r is not None]
-        k, m = min(path, key=lambda kr: abs(kr[1]["reward"] - g["reward"]))
-        interp = mt.interpolate_at_reward(path, g["reward"], "fd")
+        k, m = tables.closest_on_path(path, g["reward"])
+        interp = tables.interpolate_at_reward(path, g["reward"], "fd")
         records.append({"seed": s, "matched_iteration": k, "fd_guard": g["fd"],
                         "fd_matched": m["fd"], "fd_interpolated": interp,
                         "path": [(i, r["reward"], r["fd"], r["recall"]) for i, r in path]})
@@ -215,7 +207,7 @@ def earlystop_table(data: dict) -> tuple[list[str], list[dict]]:
             f"| {s} | {g['reward']:.2f}, {g['fd']:.2f}, {g['recall']:.3f} | "
             + "; ".join(f"{i} ({r['reward']:.2f}, {r['fd']:.2f}, {r['recall']:.2f})"
                         for i, r in path)
-            + f" | it {k} | {mt.fmt(interp, '{:.2f}')} | {g['fd'] - m['fd']:+.2f} |")
+            + f" | it {k} | {tables.fmt(interp, '{:.2f}')} | {g['fd'] - m['fd']:+.2f} |")
     return lines, records
 
 
@@ -224,7 +216,7 @@ def ablation_table(data: dict) -> list[str]:
     head = ["arm (seed 0)", "NormGuard",
             *[metric_label(k, label) for k, label, _ in METRICS], "hinge active",
             "training ρ, last iteration"]
-    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    lines = tables.header(head, left=2)
     arms = {**ablation.REPEATED, **ST.ablation}
     for arm, overrides in arms.items():
         r = data["final"].get(f"{arm}-s0")
@@ -234,8 +226,8 @@ def ablation_table(data: dict) -> list[str]:
             continue
         lines.append(f"| {arm} | {what} | " + " | ".join(
             spec.format(r[k]) for k, _, spec in METRICS)
-            + f" | {mt.fmt(r['hinge_active'], '{:.2f}')} | "
-            f"{mt.fmt(r['train_ratio_last'], '{:.3f}')} |")
+            + f" | {tables.fmt(r['hinge_active'], '{:.2f}')} | "
+            f"{tables.fmt(r['train_ratio_last'], '{:.3f}')} |")
     return lines
 
 
@@ -332,7 +324,7 @@ def analyse() -> None:
     os.makedirs(RESULTS, exist_ok=True)
     plot_training(data, os.path.join(RESULTS, out_name("_training.png")))
     plot_tradeoff(data, os.path.join(RESULTS, out_name("_tradeoff.png")))
-    rl = mt.rl_table.get_config(f"{ST.method},{ST.setting}")
+    rl = rl_table.get_config(f"{ST.method},{ST.setting}")
     study_flag = "" if ST.name == ablation.DEFAULT_STUDY else f" --study {ST.name}"
     if ST.method == "ram":
         method = (f"RAM (correction scale m = {rl.objective.scale:g}, lr {rl.optim.lr:g})")
@@ -347,7 +339,7 @@ def analyse() -> None:
         f"analysis; `--stages analyse{study_flag}` rewrites this file from the finished cells).",
         "",
         f"Setting: {method} on the "
-        f"quickstart's digits base (`{mt.rl_table.BASES['digits']}`), reward {reward_name()}, "
+        f"quickstart's digits base (`{rl_table.BASES['digits']}`), reward {reward_name()}, "
         f"{ST.iterations} iterations of {rl.rollout.prompts_per_iter} prompts × "
         f"{rl.rollout.group_size} samples, 10-step ODE rollouts, no CFG. Evaluation: "
         f"configs/eval_table.py:{ST.setting} (300 samples at fixed seeds, 20-step ODE; FD, "
@@ -418,9 +410,9 @@ def main():
     os.chdir(REPO)
     for stage in stages:
         if stage == "base":
-            mt.make_bases(["digits"])
+            table_sweeps.make_bases(["digits"])
         elif stage == "sweep":
-            mt.run_sweep(sweep_config, hosts)
+            table_sweeps.run_sweep(sweep_config, hosts)
         elif stage == "analyse":
             analyse()
         elif stage == "norms":

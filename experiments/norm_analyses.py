@@ -33,15 +33,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 
+from experiments import tables  # noqa: E402
 from normguard_jax import (auxnets, checkpointing, compile_cache, config_files,  # noqa: E402
                            diagnostics, evaluate, generate, rewards, rl)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def ratio_profile(policy, base, labels, seed, num_steps, shift, guidance):
@@ -170,11 +170,11 @@ def main():
     write(args, record)
 
 
-def _or_dash(result, name, fmt):
+def _or_dash(result, name, spec):
     """A reward or quality value of an evaluation result, formatted; — when there is none."""
-    if result is None:
-        return "—"
-    return format(result[name] if name in result else result["quality"][name], fmt)
+    value = None if result is None else (
+        result[name] if name in result else result["quality"][name])
+    return tables.fmt(value, spec, missing="—")
 
 
 def write(args, record):
@@ -239,9 +239,9 @@ def write(args, record):
             f"| `{run}` | {r['method']} | {r['normguard_weight']:g} | "
             f"{np.mean(r['ratio_per_step']):.3f} | {r['ratio_per_step'][0]:.3f} / "
             f"{r['ratio_per_step'][-1]:.3f} | {plain['combined_reward']:.3f} | "
-            f"{_or_dash(renorm, 'combined_reward', '.3f')} | {plain['quality']['fd']:.2f} | "
-            f"{_or_dash(renorm, 'fd', '.2f')} | {plain['quality']['recall']:.3f} | "
-            f"{_or_dash(renorm, 'recall', '.3f')} |")
+            f"{_or_dash(renorm, 'combined_reward', '{:.3f}')} | {plain['quality']['fd']:.2f} | "
+            f"{_or_dash(renorm, 'fd', '{:.2f}')} | {plain['quality']['recall']:.3f} | "
+            f"{_or_dash(renorm, 'recall', '{:.3f}')} |")
     lines += ["", "![ρ](" + os.path.basename(out) + "_ratio.png)", ""]
     if with_sens:
         lines += ["Adjoint sensitivity (t-statistic per ODE step; base dashed, policy solid):", "",

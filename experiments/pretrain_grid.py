@@ -17,6 +17,7 @@ the class of 50 samples per class).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -114,9 +115,8 @@ def _rows(path):
 
 
 def _config(cell: str):
-    """The cell's ``get_config()`` (configs/ is not a package, so load the file by path)."""
-    from normguard_jax import config_files  # noqa: PLC0415
-    return config_files.load(os.path.join(REPO, "configs", f"pretrain_{cell}.py"))
+    """The cell's ``get_config()`` (configs/pretrain_<cell>.py)."""
+    return importlib.import_module(f"configs.pretrain_{cell}").get_config()
 
 
 def cell_accuracy(workdir: str, per_class: int) -> dict:

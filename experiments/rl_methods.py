@@ -23,9 +23,10 @@ import subprocess
 import sys
 import time
 
+from normguard_jax.objectives import METHODS  # the method names (configs/rl_<method>.py)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "experiments", "results")
-METHODS = ("grpo", "nft", "awm", "dpo", "ram")
 
 
 def run_method(method: str, args) -> tuple[dict, float]:
@@ -56,8 +57,10 @@ def run_method(method: str, args) -> tuple[dict, float]:
 def evaluate_at(method: str, arm: str, step: int, result: dict, args) -> dict:
     """Evaluates one arm's checkpoint at RL iteration ``step`` exactly as the quickstart
     evaluates its final one (same samples, seeds and metrics); reused when already done."""
-    from normguard_jax import evaluate, quickstart  # noqa: PLC0415  (after argument checks)
-    import ml_collections  # noqa: PLC0415
+    import ml_collections  # noqa: PLC0415  (after the argument checks)
+
+    from experiments import quickstart  # noqa: PLC0415
+    from normguard_jax import evaluate  # noqa: PLC0415
 
     checkpoint = os.path.join(args.workroot, method, f"rl_{arm}")
     config = quickstart.evaluate_config(ml_collections.ConfigDict(result["config"]), checkpoint)
@@ -94,8 +97,7 @@ def main():
     if not os.path.isdir(os.path.join(REPO, args.base, "checkpoints")):
         parser.error(f"no base model in {args.base}: run the quickstart (README command 1) first")
 
-    sys.path.insert(0, REPO)
-    from normguard_jax import quickstart  # noqa: E402  (after the argument checks)
+    from experiments import quickstart  # noqa: PLC0415  (after the argument checks)
 
     rows, record = {}, {}
     for method in methods:

@@ -45,16 +45,11 @@ import subprocess
 import sys
 import time
 
+from configs import rl_table
+from configs.sweeps import table_norms
+from experiments import sweep
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "configs", "sweeps"))
-
-import table_norms  # noqa: E402  (configs/sweeps/ is not a package)
-
-sys.path.insert(0, os.path.join(REPO, "configs"))
-import rl_table  # noqa: E402  (neither is configs/)
-
-from normguard_jax import sweep  # noqa: E402
-
 PY = sys.executable
 # The main table runs in two stages, its digits half first (as main_table.py's default order
 # does), so that an interrupted run leaves the norm analyses done; the validity check needs
@@ -62,7 +57,7 @@ PY = sys.executable
 STAGES = {
     "main_table_digits": [PY, "experiments/main_table.py", "--stages",
                           "bases:digits,main:*digits*,lambda,earlystop,fewstep,analyse"],
-    "norm_runs": [PY, "-m", "normguard_jax.sweep", "--config=configs/sweeps/table_norms.py"],
+    "norm_runs": [PY, "-m", "experiments.sweep", "--config=configs/sweeps/table_norms.py"],
     "norm_analyses": [PY, "experiments/norm_analyses.py", "--runs", ",".join(table_norms.run_dirs()),
                       "--out", "experiments/results/norm_table"],
     "main_table_shapes": [PY, "experiments/main_table.py", "--stages", "bases:shapes,main,analyse"],

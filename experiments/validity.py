@@ -13,6 +13,8 @@ monotonicity summary go to ``experiments/results/validity.md`` (the exact comman
 Run (from the repository root):
   python experiments/validity.py --datasets=digits_mnist,shapes --aux_dir=workdir/aux_nets \
       [--base=workdir/pretrain_mnist_dit --base=workdir/pretrain_shapes_dit]
+(or ``python -m experiments.validity`` with the same flags). The statistics (standard errors,
+the ladder check) are in experiments/validity_checks.py.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
+from experiments import tables, validity_checks
 from normguard_jax import (auxnets, checkpointing, data, degradations, evaluate, evaluation,
                            pretrain, reporting, rewards)
 
@@ -56,7 +59,7 @@ def _rows_for_dataset(dataset: str, data_dir) -> tuple[list[dict], dict]:
     nets = auxnets.AuxNetCache(dataset, aux_dir=_AUX_DIR.value, data_dir=data_dir,
                                preset=_PRESET.value)
     test = data.load_split(dataset, "test", data_dir)
-    ref_idx, cand_idx = evaluation.interleaved_halves(test.labels)
+    ref_idx, cand_idx = validity_checks.interleaved_halves(test.labels)
     qnets = evaluation.quality_nets(nets)
     reference = evaluation.make_reference(test.images[ref_idx], test.labels[ref_idx], qnets)
     images = data.to_model_range(test.images[cand_idx])
@@ -88,8 +91,8 @@ def _rows_for_dataset(dataset: str, data_dir) -> tuple[list[dict], dict]:
 
     rows = []
     for family, strength, x in sets:
-        q, se = evaluation.quality_metrics_and_errors(x, labels, reference, qnets,
-                                                      repeats=_REPEATS.value, seed=_SEED.value)
+        q, se = validity_checks.quality_metrics_and_errors(
+            x, labels, reference, qnets, repeats=_REPEATS.value, seed=_SEED.value)
         r = {k: float(v.mean()) for k, v in rewards.score_images(reward_fns, x, labels).items()}
         rows.append({"family": family, "strength": strength, **q, **r,
                      "se": se})
@@ -101,7 +104,7 @@ def _rows_for_dataset(dataset: str, data_dir) -> tuple[list[dict], dict]:
 
 
 def checks(rows: list[dict], metrics) -> dict[str, dict[str, dict]]:
-    """family -> metric -> ``evaluation.ladder_check`` of [real, strength 1, ..., strength 4]
+    """family -> metric -> ``validity_checks.ladder_check`` of [real, strength 1, ..., strength 4]
     (diversity_ratio, two-sided, is checked as higher-is-better on the ``diversity`` family
     only)."""
     real = rows[0]
@@ -113,7 +116,7 @@ def checks(rows: list[dict], metrics) -> dict[str, dict[str, dict]]:
             sign = evaluation.DIRECTION.get(metric)
             if sign is None and not (metric == "diversity_ratio" and family == "diversity"):
                 continue
-            out[family][metric] = evaluation.ladder_check(
+            out[family][metric] = validity_checks.ladder_check(
                 [r[metric] for r in seq], [r["se"][metric] for r in seq], sign or +1, _Z.value)
     return out
 
@@ -130,11 +133,11 @@ def _cell(check: dict | None, blind: bool) -> str:
 
 
 def _check_table(result: dict, metrics) -> list[str]:
-    lines = ["| family | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+    lines = tables.header(["family", *metrics], left=len(metrics) + 1)
     for family, per in result.items():
-        cells = [_cell(per.get(m), family in evaluation.BLIND_BY_CONSTRUCTION.get(m, ()))
+        cells = [_cell(per.get(m), family in validity_checks.BLIND_BY_CONSTRUCTION.get(m, ()))
                  for m in metrics]
-        lines.append(f"| {family} | " + " | ".join(cells) + " |")
+        lines.append(tables.row([family, *cells]))
     return lines
 
 
@@ -145,7 +148,7 @@ def _between(rows: list[dict]) -> list[str]:
     if not bases:
         return []
     real, degraded = rows[0], [r for r in rows if r["family"] in degradations.VALIDITY_LADDERS]
-    lines = ["| base | " + " | ".join(QUALITY) + " |", "|---|" + "---|" * len(QUALITY)]
+    lines = tables.header(["base", *QUALITY], left=len(QUALITY) + 1)
     for b in bases:
         cells = []
         for m in QUALITY:
@@ -153,7 +156,7 @@ def _between(rows: list[dict]) -> list[str]:
             worst = min(sign * r[m] for r in degraded)
             cells.append("✓" if sign * real[m] > sign * b[m] > worst else
                          ("= real" if b[m] == real[m] else "✗"))
-        lines.append(f"| {b['family'].split(' (')[0]} | " + " | ".join(cells) + " |")
+        lines.append(tables.row([b["family"].split(" (")[0], *cells]))
     return lines
 
 
@@ -166,13 +169,13 @@ def _fmt(value: float, error: float | None) -> str:
 def _table(rows: list[dict], reward_names: list[str]) -> list[str]:
     cols = list(QUALITY) + list(DIAGNOSTICS) + reward_names
     arrows = {m: {1: "↑", -1: "↓"}.get(evaluation.DIRECTION.get(m), "") for m in cols}
-    lines = ["| set | strength | " + " | ".join(f"{c} {arrows[c]}".strip() for c in cols) + " |",
-             "|---|---:|" + "---:|" * len(cols)]
+    lines = tables.header(["set", "strength", *(f"{c} {arrows[c]}".strip() for c in cols)],
+                          left=1)
     for r in rows:
         strength = "" if r["family"] not in degradations.VALIDITY_LADDERS else f"{r['strength']:g}"
-        lines.append(f"| {r['family']} | {strength} | "
-                     + " | ".join(_fmt(r[c], r["se"].get(c) if c in QUALITY else None)
-                                  for c in cols) + " |")
+        lines.append(tables.row([r["family"], strength,
+                                 *(_fmt(r[c], r["se"].get(c) if c in QUALITY else None)
+                                   for c in cols)]))
     return lines
 
 
@@ -216,7 +219,7 @@ def main(argv):
         "degradation is worse than real beyond the tolerance; (✓): passes, the strongest is "
         "worse but within the tolerance; ~: passes but flat (the strongest is not worse: the "
         "metric does not see this family at this set size); `blind`: blind by construction "
-        "(`evaluation.BLIND_BY_CONSTRUCTION`: the per-image detector cannot see set "
+        "(`validity_checks.BLIND_BY_CONSTRUCTION`: the per-image detector cannot see set "
         "diversity, range statistics cannot see blur or repetition), not counted as a "
         "failure (a ✗ after it means it even improved). Lost diversity must worsen FD and "
         "recall; realism is blind to it.",
@@ -242,7 +245,7 @@ def main(argv):
         diagnostic = checks(rows, DIAGNOSTICS)
         failed = sorted({f"{m} ({fam})" for fam, per in quality.items() for m, c in per.items()
                          if not c["passed"]
-                         and fam not in evaluation.BLIND_BY_CONSTRUCTION.get(m, ())})
+                         and fam not in validity_checks.BLIND_BY_CONSTRUCTION.get(m, ())})
         results[dataset] = {"rows": rows, "quality_checks": quality,
                             "diagnostic_checks": diagnostic, "failed": failed, **info}
         lines += [f"## {dataset}", "",
@@ -259,7 +262,7 @@ def main(argv):
                   "**Failing:** " + ", ".join(failed), ""]
         near = sorted(((c["closest"], m, fam) for fam, per in quality.items()
                        for m, c in per.items()
-                       if fam not in evaluation.BLIND_BY_CONSTRUCTION.get(m, ())
+                       if fam not in validity_checks.BLIND_BY_CONSTRUCTION.get(m, ())
                        and c["closest"] > 0.5), reverse=True)
         lines += ["Closest calls (largest improvement along a ladder / its tolerance, above "
                   "0.5): " + (", ".join(f"{m} under {fam} {r:.2f}" for r, m, fam in near)

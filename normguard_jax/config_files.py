@@ -1,8 +1,10 @@
 """Loading ``get_config()`` files outside the command line.
 
-``configs/`` is not a package: its files import their siblings by path, and the command line
-loads them through ml_collections' config flag. Scripts and tests that need the same config
-object call :func:`load` with the same ``path[:arg]`` spelling as ``--config``.
+The command line loads a config file by path through ml_collections' config flag
+(``--config=configs/<name>.py[:<arg>]``); scripts and tests that need the same config object call
+:func:`load` with the same ``path[:arg]`` spelling. ``configs/`` is also a package (its files
+import their siblings as ``from configs import rl_common``), but a file loaded by path is a
+fresh module, as the config flag makes it.
 """
 
 from __future__ import annotations

@@ -69,7 +69,8 @@ JOBS = {
     "pretrain": "normguard_jax.pretrain",
     "evaluate": "normguard_jax.evaluate",
     "rl": "normguard_jax.rl",
-    "quickstart": "normguard_jax.quickstart",
+    # Experiment jobs (chains of the jobs above) live in experiments/, outside the library.
+    "quickstart": "experiments.quickstart",
 }
 
 

@@ -19,11 +19,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from benchmarks import run as bench_run  # imports torch lazily
 from normguard_jax import flow, generate, main, models
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-from benchmarks import run as bench_run  # noqa: E402  (imports torch lazily)
 
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
 if HAVE_TORCH:

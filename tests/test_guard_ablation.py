@@ -1,26 +1,13 @@
 """experiments/guard_ablation.py: statistics and matching on synthetic finished cells."""
 
 import dataclasses
-import importlib.util
 import json
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import REPO
-
-sys.path.insert(0, str(REPO / "experiments"))
-sys.path.insert(0, str(REPO / "configs" / "sweeps"))
-
-import guard_ablation as ablation_config  # noqa: E402  (configs/sweeps/guard_ablation.py)
-
-# experiments/guard_ablation.py shares its module name with the sweep config: load it by path.
-
-_spec = importlib.util.spec_from_file_location(
-    "guard_ablation_experiment", REPO / "experiments" / "guard_ablation.py")
-experiment = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(experiment)
+from configs.sweeps import guard_ablation as ablation_config
+from experiments import guard_ablation as experiment
 
 
 def _write_eval(root, name, logp, fd, recall=0.5, rho=1.0):

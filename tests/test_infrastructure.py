@@ -78,7 +78,8 @@ def test_jsonl_writer_has_every_method_of_clus_writer_interface(tmp_path):
 def test_jobs_that_write_no_metrics_start_without_tensorflow():
     """clu's metric writers import TensorFlow (~10 s); evaluation and the analyses need none."""
     code = ("import sys; import normguard_jax.main; "
-            "from normguard_jax import evaluate, rl, pretrain, diagnostics, sweep; "
+            "from normguard_jax import evaluate, rl, pretrain, diagnostics; "
+            "from experiments import sweep; "
             "print(sorted(m for m in ('tensorflow', 'clu.metric_writers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=str(REPO))

@@ -1,16 +1,15 @@
-"""experiments/main_table.py: wall time and missing-cell lines from synthetic finished cells."""
+"""experiments/main_table.py and its claim modules: wall time, missing-cell lines, the
+early-stopping verdicts and the sample grids, from synthetic finished cells."""
 
-import importlib.util
 import json
 
 import numpy as np
 from PIL import Image
 
-from conftest import REPO
-
-_spec = importlib.util.spec_from_file_location("main_table", REPO / "experiments" / "main_table.py")
-main_table = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(main_table)
+from configs import rl_table
+from configs.sweeps import table_earlystop, table_lambda
+from configs.sweeps import table_main as main_sweep
+from experiments import early_stopping, main_table, sample_grids, table_sweeps
 
 
 def _done(root, name, seconds):
@@ -20,13 +19,13 @@ def _done(root, name, seconds):
 
 
 def test_wall_time_counts_table_cells_not_the_norm_runs(tmp_path, monkeypatch):
-    monkeypatch.setattr(main_table, "REPO", str(tmp_path))
-    table = tmp_path / main_table.main_sweep.WORKROOT
+    monkeypatch.setattr(table_sweeps, "REPO", str(tmp_path))
+    table = tmp_path / main_sweep.WORKROOT
     _done(table, "rl-digits_logprob-nft-plain", 120)
     _done(table, "eval-digits_logprob-nft-plain", 60)
     _done(table, "rl-digits_logprob-grpo-plain", 600)        # a run_all norm cell: not the table's
     (table / "rl-digits_logprob-awm-plain").mkdir()           # unfinished
-    _done(tmp_path / main_table.table_lambda.WORKROOT, "rl-digits_contrast-nft-lam1", 90)
+    _done(tmp_path / table_lambda.WORKROOT, "rl-digits_contrast-nft-lam1", 90)
     line = main_table.wall_time_md()
     assert "table 2 cells, 3 min" in line and "λ 1 cells, 2 min" in line
     assert "early stopping 0 cells, 0 min" in line
@@ -43,10 +42,10 @@ def _summary(reward, fd):
 
 
 def test_earlystop_verdicts_use_the_checkpoint_then_the_interpolated_path(monkeypatch):
-    monkeypatch.setattr(main_table.rl_table, "SETTINGS", {"s": None})
-    monkeypatch.setattr(main_table.main_sweep, "METHODS", ("a", "b", "c"))
-    monkeypatch.setattr(main_table.table_earlystop, "STEPS", (4, 8))
-    last = main_table.rl_table.ITERATIONS
+    monkeypatch.setattr(rl_table, "SETTINGS", {"s": None})
+    monkeypatch.setattr(main_sweep, "METHODS", ("a", "b", "c"))
+    monkeypatch.setattr(table_earlystop, "STEPS", (4, 8))
+    last = rl_table.ITERATIONS
     data = {"base": {"s": _summary(0.5, 2.0)},
             "main": {"s-a-plain": _summary(0.77, 51.0), "s-a-guard": _summary(0.745, 47.0),
                      "s-b-plain": _summary(0.77, 51.0), "s-b-guard": _summary(0.745, 30.0),
@@ -57,7 +56,7 @@ def test_earlystop_verdicts_use_the_checkpoint_then_the_interpolated_path(monkey
                           "s-b-plain-it8": _summary(0.7, 26.0),
                           "s-c-plain-it4": _summary(0.6, 8.0),
                           "s-c-plain-it8": _summary(0.705, 31.0)}}
-    _, records = main_table.earlystop_md(data)
+    _, records = early_stopping.earlystop_md(data)
     by = {r["method"]: r for r in records}
     # a: nearest checkpoint is the last (0.77, FD 51 vs guarded 47: not explained), but the path
     # between iterations 8 and 12 crosses 0.745 at FD 26 + 0.045/0.07·25 ≈ 42.1, more than the
@@ -73,13 +72,13 @@ def test_earlystop_verdicts_use_the_checkpoint_then_the_interpolated_path(monkey
 
 
 def test_samples_put_the_largest_judged_real_change_side_by_side(tmp_path, monkeypatch):
-    monkeypatch.setattr(main_table, "REPO", str(tmp_path))
-    monkeypatch.setattr(main_table, "RESULTS", str(tmp_path / "results"))
+    monkeypatch.setattr(table_sweeps, "REPO", str(tmp_path))
+    monkeypatch.setattr(table_sweeps, "RESULTS", str(tmp_path / "results"))
     (tmp_path / "results").mkdir()
-    monkeypatch.setattr(main_table.rl_table, "SETTINGS", {"s": None})
-    monkeypatch.setattr(main_table.main_sweep, "METHODS", ("a", "b", "c"))
-    monkeypatch.setattr(main_table, "SAMPLE_PAIRS", 1)
-    root = tmp_path / main_table.main_sweep.WORKROOT
+    monkeypatch.setattr(rl_table, "SETTINGS", {"s": None})
+    monkeypatch.setattr(main_sweep, "METHODS", ("a", "b", "c"))
+    monkeypatch.setattr(sample_grids, "SAMPLE_PAIRS", 1)
+    root = tmp_path / main_sweep.WORKROOT
     left = np.zeros((5, 4, 3), np.uint8)
     right = np.full((7, 3, 3), 100, np.uint8)
     for method in ("a", "b"):
@@ -90,7 +89,7 @@ def test_samples_put_the_largest_judged_real_change_side_by_side(tmp_path, monke
     data = {"main": {"s-a-plain": row(0.5), "s-a-guard": row(0.45),
                      "s-b-plain": row(0.8), "s-b-guard": row(0.1),    # the largest change
                      "s-c-plain": row(0.0), "s-c-guard": None}}
-    lines = main_table.samples_md(data)
+    lines = sample_grids.samples_md(data)
     assert "![s b](main_table_samples_s_b.png)" in lines
     assert not (tmp_path / "results" / "main_table_samples_s_a.png").exists()
     out = np.asarray(Image.open(tmp_path / "results" / "main_table_samples_s_b.png"))

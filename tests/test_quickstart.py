@@ -1,7 +1,6 @@
 """The quickstart job end to end on tiny sizes, and evaluation of RL checkpoints."""
 
 import argparse
-import importlib.util
 import json
 import os
 
@@ -9,14 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from normguard_jax import config_checks, diagnostics, evaluate, generators, quickstart, rl
+from experiments import norm_analyses, quickstart
+from normguard_jax import config_checks, diagnostics, generators
 
-from conftest import REPO, load_config_file
-
-_spec = importlib.util.spec_from_file_location("norm_analyses",
-                                               REPO / "experiments" / "norm_analyses.py")
-norm_analyses = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(norm_analyses)
+from conftest import load_config_file
 
 
 def tiny_quickstart_config(data_dir, aux_dir):

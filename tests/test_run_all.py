@@ -1,16 +1,12 @@
 """experiments/run_all.py: stage selection, timing of every attempt, skipping finished stages."""
 
-import importlib.util
 import json
 import sys
 
 import pytest
 
-from conftest import REPO
-
-_spec = importlib.util.spec_from_file_location("run_all", REPO / "experiments" / "run_all.py")
-run_all = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(run_all)
+from experiments import run_all
+from normguard_jax.objectives import METHODS
 
 
 @pytest.fixture()
@@ -36,11 +32,11 @@ def test_parse_stages_orders_and_rejects():
         run_all.parse_stages("main_table_digits,mian_table")
 
 
-def test_norm_analyses_reads_all_five_methods_both_arms():
+def test_norm_analyses_reads_every_method_both_arms():
     runs = run_all.STAGES["norm_analyses"][run_all.STAGES["norm_analyses"].index("--runs") + 1]
     names = [r.rsplit("/", 1)[1] for r in runs.split(",")]
-    assert len(names) == 10 and len(set(names)) == 10
-    for method in ("nft", "awm", "dpo", "grpo", "ram"):
+    assert len(names) == 2 * len(METHODS) and len(set(names)) == len(names)
+    for method in METHODS:
         assert {f"rl-digits_logprob-{method}-plain",
                 f"rl-digits_logprob-{method}-guard"} <= set(names)
 
@@ -79,9 +75,8 @@ def test_sigterm_is_passed_on_and_the_attempt_recorded(tmp_path, monkeypatch):
              "time.sleep(60)\n")
     script = tmp_path / "driver.py"
     script.write_text(
-        "import importlib.util, sys\n"
-        f"spec = importlib.util.spec_from_file_location('run_all', {str(REPO / 'experiments' / 'run_all.py')!r})\n"
-        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+        "import sys\n"
+        "from experiments import run_all as m\n"
         f"m.STAGES = {{'slow': [sys.executable, '-c', {stage!r}]}}\n"
         "m.CORE = ('slow',)\n"
         f"m.TIMINGS = {str(tmp_path / 'timings.json')!r}\n"

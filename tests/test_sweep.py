@@ -13,7 +13,9 @@ import textwrap
 
 import pytest
 
-from normguard_jax import sweep
+from configs.sweeps import table_norms
+from experiments import sweep
+from normguard_jax.objectives import METHODS
 
 JOB_CONFIG = textwrap.dedent('''
     import ml_collections
@@ -219,7 +221,7 @@ def test_cli_runs_one_hosts_share(tmp_path, files):
     sweep_file = tmp_path / "my_sweep.py"
     sweep_file.write_text(textwrap.dedent(f'''
         import sys
-        from normguard_jax import sweep
+        from experiments import sweep
 
         def get_config():
             c = sweep.base_config()
@@ -229,7 +231,7 @@ def test_cli_runs_one_hosts_share(tmp_path, files):
                                   program=[sys.executable, {str(fake)!r}])]
             return c
     '''))
-    cmd = [sys.executable, "-m", "normguard_jax.sweep", f"--config={sweep_file}",
+    cmd = [sys.executable, "-m", "experiments.sweep", f"--config={sweep_file}",
            "--config.num_hosts=2", "--config.host_index=1"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -290,18 +292,16 @@ def test_shipped_table_sweeps_name_real_fields(spec, monkeypatch):
 
 
 def test_norm_analyses_runs_are_cells_of_the_table_sweeps(monkeypatch):
-    """The ten runs experiments/run_all.py hands to norm_analyses.py are RL cells of
-    table_main.py or table_norms.py (so the sweeps make every one of them)."""
+    """The runs experiments/run_all.py hands to norm_analyses.py (every method, both arms) are
+    RL cells of table_main.py or table_norms.py (so the sweeps make every one of them)."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     monkeypatch.chdir(repo)
     rl_dirs = set()
     for s in ("table_main.py", "table_norms.py"):
         rl_dirs |= {c.workdir for c in sweep.expand(sweep.load_job_config(
             os.path.join("configs", "sweeps", s))) if c.name.startswith("rl-")}
-    sys.path.insert(0, os.path.join(repo, "configs", "sweeps"))
-    import table_norms  # noqa: PLC0415
     runs = table_norms.run_dirs()
-    assert len(runs) == 10 and set(runs) <= rl_dirs
+    assert len(runs) == 2 * len(METHODS) and set(runs) <= rl_dirs
 
 
 def test_guard_ablation_unknown_study_is_named():

@@ -2,7 +2,7 @@
 
 Run (from the repository root; experiments/guard_ablation.py runs this after making the base
 model if it is missing, then writes the tables and plots):
-  python -m normguard_jax.sweep --config=configs/sweeps/guard_ablation.py[:<study>]
+  python -m experiments.sweep --config=configs/sweeps/guard_ablation.py[:<study>]
 On N hosts sharing the file system: add --config.num_hosts=N --config.host_index=<i> on each.
 
 Studies (``STUDIES``; the config argument picks one, default ``ram_logprob``):
@@ -37,13 +37,9 @@ excess shrinks instead of pushing with constant force.
 """
 
 import dataclasses
-import os
-import sys
 
-from normguard_jax import sweep
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import rl_table  # noqa: E402  (configs/ is not a package)
+from configs import rl_table
+from experiments import sweep
 
 SEEDS = (0, 1, 2)
 GUARD_WEIGHT = 0.1

@@ -1,7 +1,7 @@
 """Early-stopping control: the intermediate checkpoints of the main table's unguarded runs.
 
 Run (from the repository root, after configs/sweeps/table_main.py):
-  python -m normguard_jax.sweep --config=configs/sweeps/table_earlystop.py
+  python -m experiments.sweep --config=configs/sweeps/table_earlystop.py
 RL cells keep a checkpoint every rl_table.CHECKPOINT_EVERY iterations; this evaluates the
 unguarded (``plain``) runs at each of them before the last (the last is the main table's).
 experiments/main_table.py then matches every guarded run with the unguarded checkpoint whose
@@ -9,15 +9,9 @@ reward is closest to its own, and compares their quality. Cells
 ``eval-<setting>-<method>-plain-it<k>`` in ``WORKROOT``.
 """
 
-import os
-import sys
-
-from normguard_jax import sweep
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import table_main  # noqa: E402  (configs/ is not a package)
-import rl_table  # noqa: E402
+from configs import rl_table
+from configs.sweeps import table_main
+from experiments import sweep
 
 WORKROOT = "workdir/sweeps/table_earlystop"
 STEPS = tuple(range(rl_table.CHECKPOINT_EVERY, rl_table.ITERATIONS, rl_table.CHECKPOINT_EVERY))

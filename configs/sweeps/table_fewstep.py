@@ -1,19 +1,14 @@
 """Few-step inference: the main table's checkpoints evaluated with 2, 4, 8, 16 and 40 ODE steps.
 
 Run (from the repository root, after configs/sweeps/table_main.py):
-  python -m normguard_jax.sweep --config=configs/sweeps/table_fewstep.py
+  python -m experiments.sweep --config=configs/sweeps/table_fewstep.py
 The 20-step evaluations are the main table's own. Cells ``eval-<setting>-<method>-<arm>-n<N>``
 (and ``eval-base-<base>-n<N>``) in ``WORKROOT``, each grouped with its RL run. ``SETTINGS``
 limits the cells to the settings that fit the budget.
 """
 
-import os
-import sys
-
-from normguard_jax import sweep
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import table_main  # noqa: E402  (configs/ is not a package)
+from configs.sweeps import table_main
+from experiments import sweep
 
 WORKROOT = "workdir/sweeps/table_fewstep"
 STEPS = (2, 4, 8, 16, 40)

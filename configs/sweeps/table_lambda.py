@@ -1,22 +1,16 @@
 """λ sweep of NormGuard on one setting of the main table (λ = 0 and 0.1 are its two arms).
 
 Run (from the repository root, after configs/sweeps/table_main.py):
-  python -m normguard_jax.sweep --config=configs/sweeps/table_lambda.py:<setting>,<method>
+  python -m experiments.sweep --config=configs/sweeps/table_lambda.py:<setting>,<method>
 e.g. ``:digits_contrast,dpo``. experiments/main_table.py picks the setting and method whose
 unguarded run has the highest ρ in the main table (the hinge only acts where ‖v_θ‖ > ‖v_ref‖)
 and says so in its results. Cells ``rl-<setting>-<method>-lam<λ>`` and their evaluations, in
 ``WORKROOT``.
 """
 
-import os
-import sys
-
-from normguard_jax import sweep
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import table_main  # noqa: E402  (configs/ is not a package)
-import rl_table  # noqa: E402
+from configs import rl_table
+from configs.sweeps import table_main
+from experiments import sweep
 
 WORKROOT = "workdir/sweeps/table_lambda"
 WEIGHTS = (0.03, 0.3, 1.0)   # with the main table's 0 and 0.1: 0, 0.03, 0.1, 0.3, 1.

@@ -2,7 +2,7 @@
 
 Run (from the repository root; experiments/main_table.py runs this and the other table sweeps,
 after making the base models if they are missing):
-  python -m normguard_jax.sweep --config=configs/sweeps/table_main.py
+  python -m experiments.sweep --config=configs/sweeps/table_main.py
 On N hosts sharing the file system: add --config.num_hosts=N --config.host_index=<i> on each.
 
 Cells (workdirs under ``WORKROOT``):
@@ -15,13 +15,8 @@ Cells (workdirs under ``WORKROOT``):
   last checkpoint (same group, so the same host runs it after its RL cell).
 """
 
-import os
-import sys
-
-from normguard_jax import sweep
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import rl_table  # noqa: E402  (configs/ is not a package)
+from configs import rl_table
+from experiments import sweep
 
 WORKROOT = "workdir/sweeps/main_table"
 GUARD_WEIGHT = 0.1

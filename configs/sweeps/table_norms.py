@@ -1,7 +1,7 @@
 """GRPO and RAM cells beside the main table's NFT/AWM/DPO ones, for the norm analyses.
 
 Run (from the repository root; experiments/run_all.py runs it after the main table):
-  python -m normguard_jax.sweep --config=configs/sweeps/table_norms.py
+  python -m experiments.sweep --config=configs/sweeps/table_norms.py
 
 The main table trains NFT, AWM and DPO; the norm-inflation analysis asks for every method.
 These cells train GRPO and RAM on the same setting (``SETTING``), at the same size and in the
@@ -11,13 +11,8 @@ NormGuard, from one place. No evaluation cells: norm_analyses.py evaluates each 
 (plainly and renormalised).
 """
 
-import os
-import sys
-
-from normguard_jax import sweep
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import table_main  # noqa: E402  (configs/ is not a package)
+from configs.sweeps import table_main
+from experiments import sweep
 
 SETTING = "digits_logprob"
 METHODS = ("grpo", "ram")

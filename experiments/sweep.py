@@ -1,9 +1,9 @@
 """Sweep runner: a grid of ml_collections config overrides, one job process per cell.
 
 Run (from the repository root):
-  python -m normguard_jax.sweep --config=configs/sweeps/<name>.py
+  python -m experiments.sweep --config=configs/sweeps/<name>.py
 On several hosts sharing the file system, run the same command on every host with its share:
-  python -m normguard_jax.sweep --config=configs/sweeps/<name>.py \
+  python -m experiments.sweep --config=configs/sweeps/<name>.py \
       --config.num_hosts=4 --config.host_index=<0..3>
 or set ``SWEEP_NUM_HOSTS`` / ``SWEEP_HOST_INDEX`` in each host's environment (the config fields
 win when set). ``--config.dry_run=True`` prints the cells and their commands without running.
@@ -481,7 +481,7 @@ def run(config: ml_collections.ConfigDict, *,
 
 
 def cli() -> None:
-    """CLI: ``python -m normguard_jax.sweep --config=configs/sweeps/<name>.py [--config.X=..]``.
+    """CLI: ``python -m experiments.sweep --config=configs/sweeps/<name>.py [--config.X=..]``.
 
     Exits with a message naming the cells that failed or were stopped (status 1), else 0.
     """

@@ -1,6 +1,10 @@
 """The ``quickstart`` job: base model → RL with and without NormGuard → one comparison table.
 
-``run(config, workdir)`` chains the other jobs, each in its own sub-directory of ``workdir``:
+Run (from the repository root; README command 1, config in configs/quickstart.py):
+  python -m normguard_jax.main --config=configs/quickstart.py --workdir=workdir/quickstart
+An experiment, not library code: normguard_jax.main maps ``job = "quickstart"`` to this module.
+
+``run(config, workdir)`` chains the library's jobs, each in its own sub-directory of ``workdir``:
 
 1. ``base/`` (or ``config.base_workdir`` when set): pretrains the base generator
    (``config.pretrain``), or reuses it when finished;
@@ -25,6 +29,7 @@ import jax
 import ml_collections
 from absl import logging
 
+from experiments import tables
 from normguard_jax import checkpointing, config_checks, evaluate, pretrain, rl, sharding
 
 RUNS = ("unguarded", "normguard")  # the arms: λ = 0 and λ = config.guard_weight.
@@ -95,11 +100,10 @@ def arms(config: ml_collections.ConfigDict) -> tuple[str, ...]:
 
 
 def _finished(workdir: str, steps: int) -> bool:
-    directory = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(directory):
+    if not checkpointing.has_checkpoints(workdir):
         return False
     try:
-        step, _ = checkpointing.read_meta(directory)
+        step, _ = checkpointing.read_meta(workdir)
     except FileNotFoundError:
         return False
     return step >= steps
@@ -109,7 +113,7 @@ def _evaluate_cached(config: ml_collections.ConfigDict, checkpoint: str, out: st
     """Evaluates ``checkpoint`` into ``out`` unless an identical evaluation is already there."""
     eval_config = evaluate_config(config, checkpoint)
     path = os.path.join(out, "evaluation.json")
-    step, _ = checkpointing.read_meta(os.path.join(checkpoint, "checkpoints"))
+    step, _ = checkpointing.read_meta(checkpoint)
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             previous = json.load(f)
@@ -129,12 +133,10 @@ def _lookup(result: dict, path: tuple[str, ...]):
 
 def table(results: dict[str, dict]) -> str:
     """Markdown table, one row per evaluated model (``results``: name -> evaluation.json)."""
-    lines = ["| model | " + " | ".join(label for label, _, _ in COLUMNS) + " |",
-             "|---|" + "---:|" * len(COLUMNS)]
+    lines = tables.header(["model", *(label for label, _, _ in COLUMNS)], left=1)
     for name, result in results.items():
-        values = [(_lookup(result, path), fmt) for _, path, fmt in COLUMNS]
-        cells = ["–" if v is None else fmt.format(v) for v, fmt in values]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(tables.row([name, *(tables.fmt(_lookup(result, path), spec)
+                                         for _, path, spec in COLUMNS)]))
     return "\n".join(lines)
 
 
