@@ -1,7 +1,8 @@
 """Experiments: one script per claim of experiments/README.md, the sweep runner, the quickstart
 job and the table and statistics helpers they share. Results go to experiments/results/.
 
-Not part of the library: normguard_jax never imports this package. Run a script from the
+Not part of the library: no normguard_jax module imports this package (normguard_jax.main only
+names experiments.quickstart as the module of the ``quickstart`` job). Run a script from the
 repository root as ``python experiments/<name>.py`` or ``python -m experiments.<name>``.
 
 Commands:
