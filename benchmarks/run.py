@@ -24,7 +24,7 @@ Sections (per model):
   every MFU below is measured against.
 * ``sample``: 10-step Euler sampling (``flow.inference_sigmas(10, 3)``) of 64 images with
   classifier-free guidance 1.5 (one model call on 128 rows per step): JAX ``lax.scan`` inside
-  ``jax.jit`` (``generate.generate_images``) vs PyTorch eager vs ``torch.compile`` of the model.
+  ``jax.jit`` (``sampling.generate_images``) vs PyTorch eager vs ``torch.compile`` of the model.
 * ``train``: one flow-matching regression step (fixed batch of x0, noise, σ, labels; global
   norm clip 1 + AdamW, the library's optimizer chain) at the pretraining batch size: JAX one
   step per jit call, JAX ``STEPS_PER_CALL`` steps per call (unrolled ``lax.scan``), JAX with
@@ -224,10 +224,10 @@ class Bench:
         jax = self.jax
         import jax.numpy as jnp  # noqa: PLC0415
 
-        from normguard_jax import generate  # noqa: PLC0415
+        from normguard_jax import sampling  # noqa: PLC0415
 
         def sample_fn(params, labels, key):
-            return generate.generate_images(
+            return sampling.generate_images(
                 self.velocity, params, labels, key, image_shape=IMAGE_SHAPE,
                 num_steps=SAMPLE_STEPS, shift=SHIFT, guidance_scale=GUIDANCE,
                 null_class=NUM_CLASSES)
@@ -238,7 +238,7 @@ class Bench:
     def sample(self, peak_gflops: float) -> dict:
         jax, torch, tt = self.jax, self.torch, self.tt
 
-        from normguard_jax import flow, generate  # noqa: PLC0415
+        from normguard_jax import flow, sampling  # noqa: PLC0415
 
         sample_fn, labels, key = self.sample_program()
         t0 = time.perf_counter()
@@ -254,7 +254,7 @@ class Bench:
         twin = self.twin().eval()
         twin_c = torch.compile(self.twin().eval())
         x0 = torch.from_numpy(
-            __import__("numpy").array(generate.initial_noise(
+            __import__("numpy").array(sampling.initial_noise(
                 jax.random.fold_in(key, 0), SAMPLE_BATCH, IMAGE_SHAPE))).permute(0, 3, 1, 2)
         x0 = x0.contiguous()
         lt = torch.from_numpy(__import__("numpy").array(labels)).long()

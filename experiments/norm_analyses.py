@@ -37,9 +37,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 
+import configs  # noqa: E402
 from experiments import tables  # noqa: E402
-from normguard_jax import (auxnets, checkpointing, compile_cache, config_files,  # noqa: E402
-                           diagnostics, evaluate, generate, rewards, rl)
+from normguard_jax import (auxnets, checkpointing, compile_cache,  # noqa: E402
+                           diagnostics, evaluate, generators, rewards, sampling)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -57,13 +58,13 @@ def ratio_over_training(workdir, policy, base, newest_profile, labels, seed, num
     """Trajectory-mean ρ at every saved checkpoint: {step: mean ρ}. The newest checkpoint
     (``policy``) has it as the mean of ``newest_profile``; the others are restored on ``base``,
     so they share its velocity function and the ratio program compiles once."""
-    steps = checkpointing.make_manager(os.path.join(workdir, "checkpoints")).all_steps()
+    steps = checkpointing.steps(workdir)
     out = {}
     for step in sorted(steps):
         if int(step) == policy.step:
             out[int(step)] = float(newest_profile.mean())
             continue
-        older, _ = rl.load_policy(workdir, step=step, base=base)
+        older, _ = generators.load_policy(workdir, step=step, base=base)
         out[int(step)] = float(ratio_profile(older, base, labels, seed, num_steps, shift,
                                              guidance).mean())
     return out
@@ -83,7 +84,7 @@ def evaluate_variants(workdir, out_dir, per_class, num_steps, guidance, run_conf
     results = {}
     variants = (("plain", False), ("renormalised", True)) if renormalise else (("plain", False),)
     for name, renorm in variants:
-        c = config_files.load(os.path.join(REPO, "configs", "evaluate.py"))
+        c = configs.load(os.path.join(REPO, "configs", "evaluate.py"))
         c.checkpoint = workdir
         c.aux.dir = run_config.aux_dir
         c.rewards = ml_collections.ConfigDict(run_config.rewards.to_dict())
@@ -114,18 +115,18 @@ def main():
         parser.error(f"unknown rewards {unknown}; choose from {sorted(rewards.REWARDS)}")
     runs = [r for r in args.runs.split(",") if r]
     for r in runs:
-        if not os.path.isdir(os.path.join(r, "checkpoints")):
-            parser.error(f"{r} has no checkpoints/")
-        if not rl.is_rl_workdir(r):
+        if not checkpointing.steps(r):
+            parser.error(f"{r} has no checkpoint")
+        if not generators.is_rl_workdir(r):
             parser.error(f"{r} is not an RL workdir")
 
     record = {}
     base_sensitivity = {}  # runs that share a base model and reward share its sensitivity
     for run in runs:
-        policy, base = rl.load_policy(run)
+        policy, base = generators.load_policy(run)
         cfg = policy.config
         guidance = float(cfg.sample.guidance_scale)
-        labels = generate.class_grid_labels(base.num_classes, args.per_class)
+        labels = sampling.class_grid_labels(base.num_classes, args.per_class)
         print(f"[{run}] ρ_k profile", flush=True)
         profile = ratio_profile(policy, base, labels, args.seed, args.num_steps,
                                 cfg.sample.shift, guidance)

@@ -86,9 +86,9 @@ def sample_accuracy(workdir: str, *, per_class: int = 50, num_steps: int = 20,
     """
     import ml_collections  # noqa: PLC0415  (heavy imports only when scoring)
 
-    from normguard_jax import auxnets, evaluate, pretrain, rewards  # noqa: PLC0415
+    from normguard_jax import auxnets, evaluate, generators, rewards  # noqa: PLC0415
 
-    pre = pretrain.load_pretrained(workdir)
+    pre = generators.load_pretrained(workdir)
     dataset = pre.config.data.name
     cfg = pre.config.sample.guidance_scale if guidance_scale is None else guidance_scale
     labels = np.repeat(np.arange(pre.num_classes, dtype=np.int32), per_class)
@@ -126,8 +126,8 @@ def cell_accuracy(workdir: str, per_class: int) -> dict:
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             cached = json.load(f)
-        newest = max(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))
-                     if d.isdigit())
+        from normguard_jax import checkpointing  # noqa: PLC0415
+        newest = max(checkpointing.steps(workdir))
         if cached["step"] == newest and cached["n"] % per_class == 0 and (
                 cached["n"] // len(cached["per_class"]) == per_class):
             return cached

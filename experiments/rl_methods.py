@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 
+from normguard_jax import checkpointing
 from normguard_jax.objectives import METHODS  # the method names (configs/rl_<method>.py)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,7 +95,7 @@ def main():
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
-    if not os.path.isdir(os.path.join(REPO, args.base, "checkpoints")):
+    if not checkpointing.steps(os.path.join(REPO, args.base)):
         parser.error(f"no base model in {args.base}: run the quickstart (README command 1) first")
 
     from experiments import quickstart  # noqa: PLC0415  (after the argument checks)

@@ -53,7 +53,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import ml_collections
 
-from normguard_jax import config_files
+import configs
 
 DONE_MARKER = "sweep_done.json"   # written into a cell's workdir after it succeeded.
 LOG_FILE = "sweep.log"            # the cell process's stdout and stderr (appended).
@@ -245,7 +245,7 @@ def hosts(config: ml_collections.ConfigDict, environ: Mapping[str, str] = os.env
 def load_job_config(spec: str) -> ml_collections.ConfigDict:
     """Loads ``path[:arg]`` as ml_collections' config flag does: ``get_config(arg)``."""
     try:
-        return config_files.load(spec)
+        return configs.load(spec)
     except FileNotFoundError as e:
         raise SweepError(str(e)) from None
 

@@ -6,7 +6,7 @@ candidate set is then degraded at four increasing strengths per family (Gaussian
 contrast inflation, residual background noise) or made less diverse (each class's images
 replaced by fewer and fewer distinct ones, repeated), and optionally replaced by samples of
 pretrained base models (``--base``, one pretraining workdir per flag; datasets are matched
-automatically). Each set gets every quality metric of ``normguard_jax.evaluation`` plus a few
+automatically). Each set gets every quality metric of ``normguard_jax.quality`` plus a few
 rewards, so the table also shows which rewards a degradation would *raise*. The table and a
 monotonicity summary go to ``experiments/results/validity.md`` (the exact command on top).
 
@@ -30,8 +30,8 @@ import numpy as np
 from absl import app, flags
 
 from experiments import tables, validity_checks
-from normguard_jax import (auxnets, checkpointing, data, degradations, evaluate, evaluation,
-                           pretrain, reporting, rewards)
+from normguard_jax import (auxnets, checkpointing, data, degradations, evaluate, generators,
+                           quality, reporting, rewards)
 
 _DATASETS = flags.DEFINE_list("datasets", ["digits_mnist", "shapes"], "Datasets to check.")
 _AUX_DIR = flags.DEFINE_string("aux_dir", "workdir/aux_nets", "Cache of the reward/metric nets.")
@@ -49,8 +49,8 @@ _FROM_JSON = flags.DEFINE_string(
     "from_json", "", "Re-grade and re-render the rows of an earlier run's JSON (no sampling or "
     "training); the checks and the split into quality metrics and diagnostics are redone.")
 
-QUALITY = evaluation.QUALITY_METRICS
-DIAGNOSTICS = evaluation.DIAGNOSTICS
+QUALITY = quality.QUALITY_METRICS
+DIAGNOSTICS = quality.DIAGNOSTICS
 REWARD_COLUMNS = ("classifier_logprob", "classifier_correct", "contrast", "compressibility",
                   "saturation", "shapes_rule")
 
@@ -60,8 +60,8 @@ def _rows_for_dataset(dataset: str, data_dir) -> tuple[list[dict], dict]:
                                preset=_PRESET.value)
     test = data.load_split(dataset, "test", data_dir)
     ref_idx, cand_idx = validity_checks.interleaved_halves(test.labels)
-    qnets = evaluation.quality_nets(nets)
-    reference = evaluation.make_reference(test.images[ref_idx], test.labels[ref_idx], qnets)
+    qnets = quality.quality_nets(nets)
+    reference = quality.make_reference(test.images[ref_idx], test.labels[ref_idx], qnets)
     images = data.to_model_range(test.images[cand_idx])
     labels = test.labels[cand_idx].astype("int32")
     ctx = rewards.RewardContext(dataset, tuple(test.image_shape), test.num_classes, nets)
@@ -71,10 +71,10 @@ def _rows_for_dataset(dataset: str, data_dir) -> tuple[list[dict], dict]:
     sets = [("real (held-out)", 0.0, images)]
     sets += degradations.validity_sets(images, labels, _SEED.value)
     for base in _BASE.value:
-        _, meta = checkpointing.read_meta(os.path.join(base, "checkpoints"))
+        _, meta = checkpointing.read_meta(base)
         if meta["config"]["data"]["name"] != dataset:
             continue
-        pre = pretrain.load_pretrained(base)
+        pre = generators.load_pretrained(base)
         sample_cfg = ml_collections.ConfigDict(dict(
             method="ode", num_steps=_STEPS.value, shift=3.0, guidance_scale=_CFG.value,
             noise_level=-1.0, batch_size=125))
@@ -113,7 +113,7 @@ def checks(rows: list[dict], metrics) -> dict[str, dict[str, dict]]:
         seq = [real] + [r for r in rows if r["family"] == family]
         out[family] = {}
         for metric in metrics:
-            sign = evaluation.DIRECTION.get(metric)
+            sign = quality.DIRECTION.get(metric)
             if sign is None and not (metric == "diversity_ratio" and family == "diversity"):
                 continue
             out[family][metric] = validity_checks.ladder_check(
@@ -152,7 +152,7 @@ def _between(rows: list[dict]) -> list[str]:
     for b in bases:
         cells = []
         for m in QUALITY:
-            sign = evaluation.DIRECTION[m]
+            sign = quality.DIRECTION[m]
             worst = min(sign * r[m] for r in degraded)
             cells.append("✓" if sign * real[m] > sign * b[m] > worst else
                          ("= real" if b[m] == real[m] else "✗"))
@@ -168,7 +168,7 @@ def _fmt(value: float, error: float | None) -> str:
 
 def _table(rows: list[dict], reward_names: list[str]) -> list[str]:
     cols = list(QUALITY) + list(DIAGNOSTICS) + reward_names
-    arrows = {m: {1: "↑", -1: "↓"}.get(evaluation.DIRECTION.get(m), "") for m in cols}
+    arrows = {m: {1: "↑", -1: "↓"}.get(quality.DIRECTION.get(m), "") for m in cols}
     lines = tables.header(["set", "strength", *(f"{c} {arrows[c]}".strip() for c in cols)],
                           left=1)
     for r in rows:
@@ -198,7 +198,7 @@ def main(argv):
         "same labels. ↑/↓: direction of better. Metric nets: autoencoder features (FD, "
         "recall and precision with k = 3, density and coverage with k = 5) and the patch "
         "detector (realism); rewards use the separate classifier. See "
-        "`normguard_jax/evaluation.py` for what each metric captures and misses.",
+        "`normguard_jax/quality.py` for what each metric captures and misses.",
         "",
         f"**Quality metrics** (validated): {', '.join(f'`{m}`' for m in QUALITY)}; the value "
         "is followed by its standard error at this set size, reference held fixed (binomial "

@@ -1,7 +1,7 @@
 """The statistics of the validity study (experiments/validity.py): do the quality metrics rank
 degraded sets below real ones, beyond sampling noise?
 
-Sampling noise. ``quality_metrics_and_errors`` returns ``normguard_jax.evaluation``'s metrics
+Sampling noise. ``quality_metrics_and_errors`` returns ``normguard_jax.quality``'s metrics
 and a standard error per metric, at the set's size, with the reference held fixed: binomial for
 ``realism`` (over distinct images, with the Laplace estimate (k + 1) / (n + 2) so that 0 and 1
 keep a non-zero error); the standard error of the mean of per-image values for the detector and
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from normguard_jax import evaluation
+from normguard_jax import quality
 
 # Degradation families (degradations.VALIDITY_LADDERS) a metric cannot see by construction:
 # the per-image detector cannot see set diversity; a blur is a convex combination of pixels and
@@ -48,12 +48,12 @@ def random_half(labels, rng: np.random.Generator) -> np.ndarray:
     return np.sort(np.concatenate(parts))
 
 
-def quality_metrics_and_errors(images, labels, reference: evaluation.Reference,
-                               nets: evaluation.QualityNets,
-                               tol: float = evaluation.DEFAULT_RANGE_TOLERANCE, *,
+def quality_metrics_and_errors(images, labels, reference: quality.Reference,
+                               nets: quality.QualityNets,
+                               tol: float = quality.DEFAULT_RANGE_TOLERANCE, *,
                                repeats: int = 20, seed: int = 0
                                ) -> tuple[dict[str, float], dict[str, float]]:
-    """``evaluation.quality_metrics`` and the standard error of each value at this set size.
+    """``quality.quality_metrics`` and the standard error of each value at this set size.
 
     The errors (method in the module docstring) describe the draw of the sample set with the
     reference held fixed: binomial for ``realism``, standard error of the mean for the other
@@ -62,7 +62,7 @@ def quality_metrics_and_errors(images, labels, reference: evaluation.Reference,
     (``random_half``, seeded by ``seed``) for the set statistics.
 
     Args:
-      images, labels, reference, nets, tol: as in ``evaluation.quality_metrics``.
+      images, labels, reference, nets, tol: as in ``quality.quality_metrics``.
       repeats: number of halves (0: no errors, an empty dict is returned; else >= 2).
       seed: seed of the halves.
 
@@ -72,7 +72,7 @@ def quality_metrics_and_errors(images, labels, reference: evaluation.Reference,
     """
     images = np.asarray(images, np.float32)
     labels = np.asarray(labels)
-    metrics, features, per_image = evaluation.measure(images, labels, reference, nets, tol)
+    metrics, features, per_image = quality.measure(images, labels, reference, nets, tol)
     if repeats == 0:
         return metrics, {}
     if repeats < 2:
@@ -87,11 +87,11 @@ def quality_metrics_and_errors(images, labels, reference: evaluation.Reference,
         v = per_image[name][distinct]
         errors[name] = float(np.std(v, ddof=1) / np.sqrt(n)) if n > 1 else float("inf")
     rng = np.random.default_rng(seed)
-    halves = [evaluation.set_statistics(features[i], images[i], labels[i], reference)
+    halves = [quality.set_statistics(features[i], images[i], labels[i], reference)
               for i in (random_half(labels, rng) for _ in range(repeats))]
     for name in ("fd", "recall", "precision", "density", "coverage", "diversity_ratio"):
         errors[name] = float(np.std([h[name] for h in halves], ddof=1))
-    return metrics, {name: errors[name] for name in evaluation.METRIC_ORDER if name in errors}
+    return metrics, {name: errors[name] for name in quality.METRIC_ORDER if name in errors}
 
 
 def ladder_check(values, errors, sign: int, z: float = 2.0, floor: float = 1e-6

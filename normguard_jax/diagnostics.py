@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from normguard_jax import flow, generate, normguard, sampling
+from normguard_jax import flow, normguard, sampling
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -38,7 +38,7 @@ def velocity_norm_ratios(velocity, params, ref_params, labels, key, *, image_sha
       ref_params: reference parameters θ_ref (evaluated on θ's states).
       labels: (B,) int32 class labels.
       key: typed key; the initial noise is ``fold_in(key, 0)`` as in
-        :func:`generate.generate_images`, so the states are those of the sample grids.
+        :func:`sampling.generate_images`, so the states are those of the sample grids.
       image_shape: (H, W, C).
       num_steps: ODE steps on ``flow.inference_sigmas(num_steps, shift)``.
       shift: schedule time shift.
@@ -49,8 +49,8 @@ def velocity_norm_ratios(velocity, params, ref_params, labels, key, *, image_sha
       (num_steps, B) float32 ratios; step k is the velocity at σ_k (k = 0 is pure noise).
     """
     sigmas = jnp.asarray(flow.inference_sigmas(num_steps, shift))
-    x = generate.initial_noise(jax.random.fold_in(key, 0), labels.shape[0], image_shape)
-    guided = functools.partial(generate.conditional_velocity_fn, velocity, cond=labels,
+    x = sampling.initial_noise(jax.random.fold_in(key, 0), labels.shape[0], image_shape)
+    guided = functools.partial(sampling.conditional_velocity_fn, velocity, cond=labels,
                                guidance_scale=guidance_scale, null_class=null_class)
     traj = sampling.sample(guided(params), x, sigmas, jax.random.fold_in(key, 1), method="ode",
                            return_velocities=True)
@@ -95,7 +95,7 @@ def adjoint_sensitivity(velocity, params, labels, key, *, reward_fn, image_shape
                         null_class: int) -> jax.Array:
     """g_k = dR/dε_k at ε = 0: first-order effect on the reward of scaling step k's velocity.
 
-    Sampling is the deterministic Euler ODE of :func:`generate.generate_images` (same initial
+    Sampling is the deterministic Euler ODE of :func:`sampling.generate_images` (same initial
     noise ``fold_in(key, 0)``) with ``v_k → (1 + ε_k)·v_k``; the derivative is taken by reverse
     mode through the whole sampler. Samples are independent, so the gradient of the batch sum
     gives every sample's own derivative.
@@ -113,8 +113,8 @@ def adjoint_sensitivity(velocity, params, labels, key, *, reward_fn, image_shape
       step k would raise sample b's reward.
     """
     sigmas = jnp.asarray(flow.inference_sigmas(num_steps, shift))
-    x = generate.initial_noise(jax.random.fold_in(key, 0), labels.shape[0], image_shape)
-    vfn = generate.conditional_velocity_fn(velocity, params, labels,
+    x = sampling.initial_noise(jax.random.fold_in(key, 0), labels.shape[0], image_shape)
+    vfn = sampling.conditional_velocity_fn(velocity, params, labels,
                                            guidance_scale=guidance_scale, null_class=null_class)
 
     def total_reward(eps):

@@ -2,9 +2,9 @@
 
 ``run(config, workdir)`` samples ``per_class`` images of every class at fixed seeds, scores them
 with every reward defined for the dataset (``rewards.REWARDS``) and the configured combined
-reward, computes the quality metrics of ``evaluation`` against the held-out split, does the same
-for an equally sized, class-balanced set of real training images (the noise floor of every
-number at this set size), and writes ``evaluation.json``, ``evaluation.md`` and
+reward, computes the quality metrics of :mod:`normguard_jax.quality` against the held-out
+split, does the same for an equally sized, class-balanced set of real training images (the
+noise floor of every number at this set size), and writes ``evaluation.json``, ``evaluation.md`` and
 ``samples_eval.png`` into the workdir. Everything is a function of the config and the
 checkpoint, so a second run writes identical numbers.
 """
@@ -21,8 +21,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from normguard_jax import (auxnets, config_checks, data, diagnostics, evaluation,
-                           generate, generators, reporting, rewards, sampling)
+from normguard_jax import (auxnets, config_checks, data, diagnostics, generators, quality,
+                           reporting, rewards, sampling)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -69,7 +69,7 @@ def generate_set(pre: generators.Pretrained, labels: np.ndarray, sample: ml_coll
     for i, start in enumerate(range(0, len(labels), bs)):
         chunk = labels[start:start + bs]
         padded = np.concatenate([chunk, np.repeat(chunk[-1:], bs - len(chunk))])
-        images = generate.generate_images(
+        images = sampling.generate_images(
             pre.velocity, pre.params, jnp.asarray(padded), jax.random.fold_in(
                 jax.random.key(seed), i),
             image_shape=tuple(pre.image_shape), num_steps=sample.num_steps, shift=sample.shift,
@@ -90,10 +90,10 @@ def score_set(images, labels, reward_fns, combined, reference, nets, config) -> 
     """Means of every reward, of the combined reward, and all quality metrics of one set."""
     per_image = rewards.score_images(reward_fns, images, labels, config.metrics.batch_size)
     total = sum(w * per_image[name] for name, w in combined.weights)
-    quality = evaluation.quality_metrics(images, labels, reference, nets,
-                                         tol=config.metrics.range_tolerance)
+    metrics = quality.quality_metrics(images, labels, reference, nets,
+                                      tol=config.metrics.range_tolerance)
     return {"rewards": {k: float(np.mean(v)) for k, v in per_image.items()},
-            "combined_reward": float(np.mean(total)), "quality": quality}
+            "combined_reward": float(np.mean(total)), "quality": metrics}
 
 
 def _markdown(result: dict) -> str:
@@ -118,7 +118,7 @@ def _markdown(result: dict) -> str:
         lines.append(f"| reward `{name}` | {gen['rewards'][name]:.4f} | "
                      f"{real['rewards'][name]:.4f} |")
     for name in gen["quality"]:
-        arrow = {1: " (↑)", -1: " (↓)"}.get(evaluation.DIRECTION.get(name), "")
+        arrow = {1: " (↑)", -1: " (↓)"}.get(quality.DIRECTION.get(name), "")
         lines.append(f"| metric `{name}`{arrow} | {gen['quality'][name]:.4f} | "
                      f"{real['quality'][name]:.4f} |")
     lines.append("")
@@ -166,12 +166,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     reward_fns = {name: rewards.build_reward(name, ctx) for name in rewards.applicable(ctx)}
     combined = rewards.build_combined(weights, ctx)
-    qnets = evaluation.quality_nets(nets, config.metrics.batch_size)
+    qnets = quality.quality_nets(nets, config.metrics.batch_size)
     ref_split = data.load_split(dataset, config.reference_split, data_dir)
-    reference = evaluation.make_reference(ref_split.images, ref_split.labels, qnets,
+    reference = quality.make_reference(ref_split.images, ref_split.labels, qnets,
                                           k=config.metrics.knn_k)
 
-    labels = generate.class_grid_labels(pre.num_classes, config.sample.per_class)
+    labels = sampling.class_grid_labels(pre.num_classes, config.sample.per_class)
     if config.sample.renormalize and ref is None:
         raise config_checks.ConfigError(
             "config.sample.renormalize needs an RL checkpoint (its base is the reference), got "

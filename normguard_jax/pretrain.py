@@ -20,8 +20,8 @@ import ml_collections
 import optax
 from absl import logging
 
-from normguard_jax import (checkpointing, config_checks, data, distributed, flow, generate,
-                           generators, loop, models, nonfinite, optim, reporting, sharding)
+from normguard_jax import (checkpointing, config_checks, data, distributed, flow, generators, loop,
+                           models, nonfinite, optim, reporting, sampling, sharding)
 from normguard_jax.objectives.base import Context
 from normguard_jax.objectives.flow_matching import flow_matching_loss, make_flow_matching_batch
 from normguard_jax.train_state import TrainState
@@ -206,12 +206,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, hooks: Iterable[Hook
         with open(os.path.join(workdir, "parameters.txt"), "w", encoding="utf-8") as f:
             f.write(summary + "\n")
         writer.write_hparams(_flat_hparams(config))
-    grid_labels = jnp.asarray(generate.class_grid_labels(split.num_classes,
+    grid_labels = jnp.asarray(sampling.class_grid_labels(split.num_classes,
                                                          config.sample.per_class))
     grid_key = jax.random.fold_in(jax.random.key(config.seed), 2**31 - 1)  # fixed across runs
 
     def write_samples(state: TrainState, step: int):
-        images = generate.generate_images(
+        images = sampling.generate_images(
             velocity, state.ema_params, grid_labels, grid_key, image_shape=split.image_shape,
             num_steps=config.sample.num_steps, shift=config.sample.shift,
             guidance_scale=config.sample.guidance_scale, null_class=null_class)

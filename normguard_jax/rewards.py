@@ -2,7 +2,7 @@
 
 Conventions: images (B, H, W, C) float32 NHWC, data range [-1, 1]; every reward first clips
 to [-1, 1] (it scores the image as it would be displayed or saved; how far a sample leaves the
-range is a saturation diagnostic, ``evaluation.overshoot``). cond (B,) int32 labels in
+range is a saturation diagnostic, ``quality.overshoot``). cond (B,) int32 labels in
 [0, num_classes) (the null class is not a valid request). Output (B,) float32, higher is
 better.
 
@@ -30,7 +30,7 @@ Families:
   alignment term with a proxy that keeps rising, so RL has headroom.
 
 The classifier is the only network any reward uses; the quality metrics
-(``normguard_jax.evaluation``) use other networks.
+(``normguard_jax.quality``) use other networks.
 """
 
 from __future__ import annotations

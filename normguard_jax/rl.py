@@ -31,8 +31,8 @@ import optax
 from absl import logging
 
 from normguard_jax import (advantages, auxnets, checkpointing, config_checks, distributed, flow,
-                           generate, generators, loop, nonfinite, normguard, optim, reporting,
-                           rewards, sampling, sharding)
+                           generators, loop, nonfinite, normguard, optim, reporting, rewards,
+                           sampling, sharding)
 from normguard_jax.objectives import METHODS
 from normguard_jax.objectives.base import BatchSpec, Context, Rollout
 from normguard_jax.rl_state import (OLD_POLICY_DECAY_PRESETS, RLState, initial_state,
@@ -168,8 +168,8 @@ def rollout(params, labels, key, *, velocity, image_shape, sigmas, method, noise
     Returns:
       ``(rollout, components)`` with per-sample reward components.
     """
-    x = generate.initial_noise(jax.random.fold_in(key, 0), labels.shape[0], image_shape)
-    vfn = generate.conditional_velocity_fn(velocity, params, labels,
+    x = sampling.initial_noise(jax.random.fold_in(key, 0), labels.shape[0], image_shape)
+    vfn = sampling.conditional_velocity_fn(velocity, params, labels,
                                            guidance_scale=guidance_scale, null_class=null_class)
     traj = sampling.sample(vfn, x, sigmas, jax.random.fold_in(key, 1), method=method,
                            noise_level=noise_level, sde_window=sde_window)
@@ -389,12 +389,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, hooks: Iterable[Hook
     start = int(state.iteration)
 
     writer = reporting.make_writer(workdir)
-    grid_labels = jnp.asarray(generate.class_grid_labels(base.num_classes,
+    grid_labels = jnp.asarray(sampling.class_grid_labels(base.num_classes,
                                                          config.sample.per_class))
     grid_key = jax.random.fold_in(jax.random.key(config.seed), 2**31 - 1)
 
     def write_samples(state: RLState, it: int):
-        images = generate.generate_images(
+        images = sampling.generate_images(
             base.velocity, state.params, grid_labels, grid_key, image_shape=base.image_shape,
             num_steps=config.sample.num_steps, shift=config.sample.shift,
             guidance_scale=config.sample.guidance_scale, null_class=base.num_classes)

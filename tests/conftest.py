@@ -24,8 +24,8 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 
 def load_config_file(name: str, *args):
     """``configs/<name>``'s ``get_config(*args)``, as ``--config=configs/<name>[:arg]`` gives it."""
-    from normguard_jax import config_files  # noqa: PLC0415  (after the XLA flags above)
-    return config_files.load(str(REPO / "configs" / name) + "".join(f":{a}" for a in args))
+    import configs  # noqa: PLC0415  (after the XLA flags above)
+    return configs.load(str(REPO / "configs" / name) + "".join(f":{a}" for a in args))
 
 
 @pytest.fixture(scope="session")

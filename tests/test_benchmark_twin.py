@@ -20,7 +20,7 @@ import pytest
 from flax import nnx
 
 from benchmarks import run as bench_run  # imports torch lazily
-from normguard_jax import flow, generate, main, models
+from normguard_jax import flow, main, models, sampling
 
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
 if HAVE_TORCH:
@@ -100,10 +100,10 @@ def test_ten_step_guided_sample_matches_jax(name):
     velocity, params, twin = _models(name)
     labels = jnp.array([0, 1, 2, 3], jnp.int32)
     key = jax.random.key(3)
-    x_jax = np.asarray(generate.generate_images(
+    x_jax = np.asarray(sampling.generate_images(
         velocity, params, labels, key, image_shape=IMAGE_SHAPE, num_steps=10, shift=3.0,
         guidance_scale=1.5, null_class=NUM_CLASSES))
-    noise = generate.initial_noise(jax.random.fold_in(key, 0), 4, IMAGE_SHAPE)
+    noise = sampling.initial_noise(jax.random.fold_in(key, 0), 4, IMAGE_SHAPE)
     with torch.no_grad():
         x_torch = _nhwc(torch_twin.euler_sample(
             twin, _nchw(noise), torch.from_numpy(np.array(labels)).long(),

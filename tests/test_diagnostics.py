@@ -101,12 +101,12 @@ def test_adjoint_sensitivity_matches_finite_differences_and_the_plain_sampler():
     kw = dict(image_shape=SHAPE, num_steps=steps, shift=3.0, guidance_scale=w, null_class=NULL)
     g = np.asarray(diagnostics.adjoint_sensitivity(tanh_velocity, params, labels, key,
                                                    reward_fn=square_reward, **kw))
-    from normguard_jax import generate
-    vfn = generate.conditional_velocity_fn(tanh_velocity, params, labels, guidance_scale=w,
+    from normguard_jax import sampling
+    vfn = sampling.conditional_velocity_fn(tanh_velocity, params, labels, guidance_scale=w,
                                            null_class=NULL)
     sigmas = jnp.asarray(flow.inference_sigmas(steps, 3.0))
-    x = generate.initial_noise(jax.random.fold_in(key, 0), 2, SHAPE)
-    plain = generate.generate_images(tanh_velocity, params, labels, key, num_steps=steps,
+    x = sampling.initial_noise(jax.random.fold_in(key, 0), 2, SHAPE)
+    plain = sampling.generate_images(tanh_velocity, params, labels, key, num_steps=steps,
                                      shift=3.0, guidance_scale=w, null_class=NULL,
                                      image_shape=SHAPE)
     zero = diagnostics.scaled_velocity_sample(vfn, x, sigmas, jnp.zeros((steps, 2)))
@@ -134,14 +134,14 @@ def test_sensitivity_summary_by_hand():
 
 def test_renormalised_generation_of_a_rescaled_model_equals_the_reference():
     # θ's velocity is 3× the reference's, same direction: rescaling to ‖v_ref‖ recovers θ_ref.
-    from normguard_jax import generate
+    from normguard_jax import sampling
     ref = {"a": jnp.float32(-0.6), "b": jnp.float32(0.2)}
     theta = jax.tree.map(lambda p: 3.0 * p, ref)
     labels = jnp.array([0, 1, 2, 0], jnp.int32)
     kw = dict(image_shape=SHAPE, num_steps=5, shift=3.0, guidance_scale=2.0, null_class=NULL)
-    want = generate.generate_images(linear_velocity, ref, labels, jax.random.key(1), **kw)
-    got = generate.generate_images(linear_velocity, theta, labels, jax.random.key(1),
+    want = sampling.generate_images(linear_velocity, ref, labels, jax.random.key(1), **kw)
+    got = sampling.generate_images(linear_velocity, theta, labels, jax.random.key(1),
                                    renormalize_to=ref, **kw)
-    plain = generate.generate_images(linear_velocity, theta, labels, jax.random.key(1), **kw)
+    plain = sampling.generate_images(linear_velocity, theta, labels, jax.random.key(1), **kw)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
     assert not np.allclose(np.asarray(plain), np.asarray(want), atol=1e-3)

@@ -10,7 +10,7 @@ import pytest
 import scipy.linalg
 from sklearn.neighbors import NearestNeighbors
 
-from normguard_jax import config_checks, degradations, evaluate, evaluation, pretrain
+from normguard_jax import config_checks, degradations, evaluate, quality, pretrain
 
 from conftest import load_config_file
 
@@ -30,7 +30,7 @@ def test_frechet_distance_of_diagonal_gaussians_is_closed_form():
     mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
     var1, var2 = rng.uniform(0.1, 3, 5), rng.uniform(0.1, 3, 5)
     expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(var1) - np.sqrt(var2)) ** 2)
-    got = evaluation.frechet_distance(mu1, np.diag(var1), mu2, np.diag(var2))
+    got = quality.frechet_distance(mu1, np.diag(var1), mu2, np.diag(var2))
     np.testing.assert_allclose(got, expected, rtol=1e-10)
 
 
@@ -41,19 +41,19 @@ def test_frechet_distance_matches_scipy_sqrtm_for_full_covariances():
         mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
         root = scipy.linalg.sqrtm(c1 @ c2).real
         expected = np.sum((mu1 - mu2) ** 2) + np.trace(c1) + np.trace(c2) - 2 * np.trace(root)
-        np.testing.assert_allclose(evaluation.frechet_distance(mu1, c1, mu2, c2), expected,
+        np.testing.assert_allclose(quality.frechet_distance(mu1, c1, mu2, c2), expected,
                                    rtol=1e-7, atol=1e-9)
         # Symmetric in its two arguments.
-        np.testing.assert_allclose(evaluation.frechet_distance(mu2, c2, mu1, c1), expected,
+        np.testing.assert_allclose(quality.frechet_distance(mu2, c2, mu1, c1), expected,
                                    rtol=1e-7, atol=1e-9)
 
 
 def test_frechet_distance_is_zero_for_identical_sets_and_positive_otherwise():
     f = np.random.default_rng(2).normal(size=(300, 8))
-    stats = evaluation.feature_statistics(f)
-    assert evaluation.frechet_distance(*stats, *stats) == pytest.approx(0.0, abs=1e-9)
-    shifted = evaluation.feature_statistics(f + 0.5)
-    np.testing.assert_allclose(evaluation.frechet_distance(*stats, *shifted), 8 * 0.25, rtol=1e-6)
+    stats = quality.feature_statistics(f)
+    assert quality.frechet_distance(*stats, *stats) == pytest.approx(0.0, abs=1e-9)
+    shifted = quality.feature_statistics(f + 0.5)
+    np.testing.assert_allclose(quality.frechet_distance(*stats, *shifted), 8 * 0.25, rtol=1e-6)
 
 
 def test_frechet_distance_from_samples_converges_to_the_gaussian_value():
@@ -62,9 +62,9 @@ def test_frechet_distance_from_samples_converges_to_the_gaussian_value():
     mu2 = np.array([1.0, 0.0, -1.0])
     x = rng.multivariate_normal(np.zeros(3), c1, size=40_000)
     y = rng.multivariate_normal(mu2, c2, size=40_000)
-    from_samples = evaluation.frechet_distance(*evaluation.feature_statistics(x),
-                                               *evaluation.feature_statistics(y))
-    exact = evaluation.frechet_distance(np.zeros(3), c1, mu2, c2)
+    from_samples = quality.frechet_distance(*quality.feature_statistics(x),
+                                               *quality.feature_statistics(y))
+    exact = quality.frechet_distance(np.zeros(3), c1, mu2, c2)
     np.testing.assert_allclose(from_samples, exact, rtol=0.05)
 
 
@@ -75,7 +75,7 @@ def test_frechet_distance_from_samples_converges_to_the_gaussian_value():
 
 def test_knn_radii_agree_with_sklearn():
     f = np.random.default_rng(4).normal(size=(200, 5))
-    ours = evaluation.knn_radii(f, k=3)
+    ours = quality.knn_radii(f, k=3)
     dist, _ = NearestNeighbors(n_neighbors=4).fit(f).kneighbors(f)   # column 0 is the point
     np.testing.assert_allclose(ours, dist[:, 3], rtol=1e-6)
 
@@ -88,22 +88,22 @@ def test_precision_recall_on_toy_point_clouds():
     # Same distribution, fresh draw: both close to 1.
     fresh = np.concatenate([rng.normal(size=(200, 2)) * 0.3,
                             rng.normal(size=(200, 2)) * 0.3 + np.array([10.0, 0.0])])
-    p, r = evaluation.precision_recall(real, fresh, k=3)
+    p, r = quality.precision_recall(real, fresh, k=3)
     assert p > 0.9 and r > 0.9
     # Identical sets: exactly 1 and 1.
-    assert evaluation.precision_recall(real, real, k=3) == (1.0, 1.0)
+    assert quality.precision_recall(real, real, k=3) == (1.0, 1.0)
     # Mode collapse onto blob A: precision stays high, recall drops to about one half.
-    p, r = evaluation.precision_recall(real, rng.normal(size=(400, 2)) * 0.3, k=3)
+    p, r = quality.precision_recall(real, rng.normal(size=(400, 2)) * 0.3, k=3)
     assert p > 0.9 and 0.4 < r < 0.6
     # Samples far from the data: precision 0 (recall 0 too).
-    p, r = evaluation.precision_recall(real, rng.normal(size=(400, 2)) * 0.3 + 50.0, k=3)
+    p, r = quality.precision_recall(real, rng.normal(size=(400, 2)) * 0.3 + 50.0, k=3)
     assert (p, r) == (0.0, 0.0)
 
 
 def test_precision_recall_by_hand_in_one_dimension():
     real = np.array([[0.0], [1.0], [2.0], [3.0]])   # 1-NN radii: 1, 1, 1, 1
     fake = np.array([[0.5], [10.0], [11.5]])        # 1-NN radii: 9.5, 1.5, 1.5
-    p, r = evaluation.precision_recall(real, fake, k=1)
+    p, r = quality.precision_recall(real, fake, k=1)
     assert p == pytest.approx(1 / 3)                # only 0.5 lies within a real ball
     assert r == pytest.approx(1.0)                  # 0.5's ball (radius 9.5) covers all reals
 
@@ -126,18 +126,18 @@ def test_density_coverage_agree_with_brute_force_on_tiny_clouds():
     rng = np.random.default_rng(6)
     for k in (1, 2, 5):
         real, fake = rng.normal(size=(12, 3)), rng.normal(size=(9, 3)) * 1.3 + 0.2
-        got = evaluation.density_coverage(real, fake, k=k)
+        got = quality.density_coverage(real, fake, k=k)
         np.testing.assert_allclose(got, _brute_force_density_coverage(real, fake, k), rtol=1e-12)
 
 
 def test_density_coverage_closed_form_in_one_dimension():
     real = np.array([[0.0], [1.0], [2.0], [3.0]])   # 1-NN radii: 1, 1, 1, 1
     # 0.5 lies in the balls of 0 and 1; 1.0 in those of 0, 1, 2; 10 in none.
-    density, coverage = evaluation.density_coverage(real, np.array([[0.5], [1.0], [10.0]]), k=1)
+    density, coverage = quality.density_coverage(real, np.array([[0.5], [1.0], [10.0]]), k=1)
     assert density == pytest.approx((2 + 3 + 0) / (1 * 3))
     assert coverage == pytest.approx(3 / 4)              # the ball of 3 holds no sample
     # Samples piled onto the dense middle: density above 1 although coverage is partial.
-    density, coverage = evaluation.density_coverage(real, np.full((5, 1), 1.5), k=1)
+    density, coverage = quality.density_coverage(real, np.full((5, 1), 1.5), k=1)
     assert (density, coverage) == (pytest.approx(2.0), pytest.approx(0.5))
 
 
@@ -145,14 +145,14 @@ def test_density_and_coverage_see_mode_collapse_and_outliers():
     rng = np.random.default_rng(7)
     real = rng.normal(size=(400, 2))
     fresh = rng.normal(size=(400, 2))
-    d, c = evaluation.density_coverage(real, fresh, k=5)
+    d, c = quality.density_coverage(real, fresh, k=5)
     assert 0.8 < d < 1.2 and c > 0.9
     collapsed = np.repeat(fresh[:4], 100, axis=0)         # four distinct samples
-    assert evaluation.density_coverage(real, collapsed, k=5)[1] < 0.1
+    assert quality.density_coverage(real, collapsed, k=5)[1] < 0.1
     # Spreading samples out inflates recall's sample balls but not coverage's real balls.
     spread = fresh * 3.0
-    assert evaluation.density_coverage(real, spread, k=5)[1] < c - 0.3
-    assert evaluation.precision_recall(real, spread, k=5)[1] > 0.9
+    assert quality.density_coverage(real, spread, k=5)[1] < c - 0.3
+    assert quality.precision_recall(real, spread, k=5)[1] > 0.9
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,14 +162,14 @@ def test_density_and_coverage_see_mode_collapse_and_outliers():
 
 def test_pixel_statistics_closed_form():
     x = np.array([0.0, 1.0, -1.0, 1.02, -1.2, 2.0]).reshape(1, 1, 6, 1)
-    assert evaluation.out_of_range(x, tol=0.05) == pytest.approx(2 / 6)
-    assert evaluation.out_of_range(x, tol=0.0) == pytest.approx(3 / 6)
-    assert evaluation.overshoot(x) == pytest.approx((0.02 + 0.2 + 1.0) / 6)
+    assert quality.out_of_range(x, tol=0.05) == pytest.approx(2 / 6)
+    assert quality.out_of_range(x, tol=0.0) == pytest.approx(3 / 6)
+    assert quality.overshoot(x) == pytest.approx((0.02 + 0.2 + 1.0) / 6)
     # Two classes: images {-1, +1} (RMS distance 2) and {0, 0.5, 0.5} (distances .5, .5, 0).
     imgs = np.stack([np.full((2, 2, 1), v) for v in (-1.0, 1.0, 0.0, 0.5, 0.5)])
     labels = np.array([0, 0, 1, 1, 1])
     expected = np.mean([2.0, (0.5 + 0.5 + 0.0) / 3])
-    assert evaluation.class_diversity(imgs, labels) == pytest.approx(expected)
+    assert quality.class_diversity(imgs, labels) == pytest.approx(expected)
 
 
 def test_degradations_are_identity_at_zero_and_behave_as_documented():
@@ -247,8 +247,8 @@ def test_evaluate_twice_gives_identical_numbers(data_dir, tiny_checkpoint, tmp_p
     gen = first["generated"]
     assert first["num_samples"] == 60
     assert {"classifier_logprob", "contrast", "jpeg_zeros"} <= set(gen["rewards"])
-    assert set(evaluation.DIRECTION) <= set(gen["quality"])
-    assert set(evaluation.QUALITY_METRICS) | set(evaluation.DIAGNOSTICS) <= set(gen["quality"])
+    assert set(quality.DIRECTION) <= set(gen["quality"])
+    assert set(quality.QUALITY_METRICS) | set(quality.DIAGNOSTICS) <= set(gen["quality"])
     # The combined reward is the weighted sum of the component means.
     expected = sum(w * gen["rewards"][n] for n, w in first["combined_weights"].items())
     assert gen["combined_reward"] == pytest.approx(expected, rel=1e-5)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from experiments import validity_checks
-from normguard_jax import auxnets, data, degradations, evaluation
+from normguard_jax import auxnets, data, degradations, quality
 
 
 # ---------------------------------------------------------------------------------------------
@@ -28,10 +28,10 @@ def test_standard_errors_match_binomial_and_mean_formulas():
     n = 400
     labels = np.repeat(np.arange(4), n // 4)
     ref_images = rng.uniform(-1, 1, size=(n, 2, 2, 2)).astype(np.float32)
-    ref = evaluation.Reference(
+    ref = quality.Reference(
         features=_FakeNets().features(ref_images), mu=np.zeros(4), cov=np.eye(4),
-        radii=evaluation.knn_radii(_FakeNets().features(ref_images), 3), diversity=1.0, k=3,
-        size=n, dc_k=5, dc_radii=evaluation.knn_radii(_FakeNets().features(ref_images), 5))
+        radii=quality.knn_radii(_FakeNets().features(ref_images), 3), diversity=1.0, k=3,
+        size=n, dc_k=5, dc_radii=quality.knn_radii(_FakeNets().features(ref_images), 5))
     images = rng.uniform(-1.2, 1.1, size=(n, 2, 2, 2)).astype(np.float32)
     metrics, errors = validity_checks.quality_metrics_and_errors(images, labels, ref,
                                                                  _FakeNets(), repeats=40)
@@ -47,7 +47,7 @@ def test_standard_errors_match_binomial_and_mean_formulas():
     draws = []
     for i in range(40):
         x = np.random.default_rng(100 + i).uniform(-1.2, 1.1, size=(n, 2, 2, 2))
-        draws.append(evaluation.quality_metrics(x.astype(np.float32), labels, ref,
+        draws.append(quality.quality_metrics(x.astype(np.float32), labels, ref,
                                                 _FakeNets()))
     for name in ("fd", "recall", "coverage"):
         direct = np.std([d[name] for d in draws], ddof=1)
@@ -60,9 +60,9 @@ def test_errors_of_repeated_images_count_distinct_images_only():
     images = np.repeat(distinct, 30, axis=0)
     labels = np.repeat(np.arange(10), 30)
     f = _FakeNets().features(images)
-    ref = evaluation.Reference(features=f[::30], mu=np.zeros(4), cov=np.eye(4),
-                               radii=evaluation.knn_radii(f[::30], 3), diversity=1.0, k=3,
-                               size=10, dc_k=5, dc_radii=evaluation.knn_radii(f[::30], 5))
+    ref = quality.Reference(features=f[::30], mu=np.zeros(4), cov=np.eye(4),
+                               radii=quality.knn_radii(f[::30], 3), diversity=1.0, k=3,
+                               size=10, dc_k=5, dc_radii=quality.knn_radii(f[::30], 5))
     _, errors = validity_checks.quality_metrics_and_errors(images, labels, ref, _FakeNets(),
                                                            repeats=4)
     k = np.sum(_FakeNets().logits(distinct) > 0)
@@ -118,8 +118,8 @@ def tiny_validity(data_dir, tmp_path_factory):
     nets = auxnets.AuxNetCache("digits_mnist", aux_dir=aux, data_dir=data_dir, preset="tiny")
     test = data.load_split("digits_mnist", "test", data_dir)
     ref_idx, cand_idx = validity_checks.interleaved_halves(test.labels)
-    qnets = evaluation.quality_nets(nets)
-    reference = evaluation.make_reference(test.images[ref_idx], test.labels[ref_idx], qnets)
+    qnets = quality.quality_nets(nets)
+    reference = quality.make_reference(test.images[ref_idx], test.labels[ref_idx], qnets)
     images = data.to_model_range(test.images[cand_idx])
     labels = test.labels[cand_idx]
     real = validity_checks.quality_metrics_and_errors(images, labels, reference, qnets,
@@ -152,11 +152,11 @@ def test_real_data_scores_best_and_metrics_worsen_with_strength(tiny_validity):
     (real, real_se), rows = tiny_validity
     assert real["out_of_range"] == 0.0 and real["overshoot"] == 0.0
     for family, ladder in rows.items():
-        for metric in evaluation.QUALITY_METRICS + ("out_of_range", "overshoot"):
+        for metric in quality.QUALITY_METRICS + ("out_of_range", "overshoot"):
             result = validity_checks.ladder_check(
                 [real[metric]] + [m[metric] for m, _ in ladder],
                 [real_se[metric]] + [e[metric] for _, e in ladder],
-                evaluation.DIRECTION[metric], Z)
+                quality.DIRECTION[metric], Z)
             where = (family, metric, real[metric], [m[metric] for m, _ in ladder])
             if family in validity_checks.BLIND_BY_CONSTRUCTION.get(metric, ()):
                 continue
