@@ -37,7 +37,10 @@ setuptools.setup(
     description="RL post-training of flow-matching image generators with the NormGuard penalty.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=setuptools.find_packages(include=["normguard_jax", "normguard_jax.*", "configs", "configs.*", "experiments", "experiments.*"]),
+    # configs/ and experiments/ are packages of the repository (get_config() files, the
+    # experiment scripts); the editable install makes them importable from anywhere.
+    packages=setuptools.find_packages(include=["normguard_jax", "normguard_jax.*", "configs",
+                                               "configs.*", "experiments", "experiments.*"]),
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require={
@@ -53,5 +56,10 @@ setuptools.setup(
         # Pinned: a CPU wheel of this version is available offline here; an unpinned torch
         # pulls a multi-GB CUDA build.
         "bench": ["torch==2.13.0"],
+        # Real text-to-image models: the reference implementations the parity tests compare
+        # against, and the host-side text encoders of the prompt-embedding job. The library's
+        # training path never imports them (models/hf_weights.py reads safetensors itself).
+        "hf": ["torch==2.13.0", "diffusers>=0.42,<0.43", "transformers>=5.25,<6",
+               "safetensors>=0.8", "sentencepiece>=0.2"],
     },
 )

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# Creates ./.venv (if missing) and installs normguard_jax with its test and experiments extras
-# into it, at the exact versions locked in constraints.txt (`pip install -c constraints.txt`).
+# Creates ./.venv (if missing) and installs normguard_jax with its test, experiments and hf
+# extras into it (hf: torch, diffusers and transformers for the parity tests of the real models), at the exact versions locked in constraints.txt (`pip install -c constraints.txt`).
 # Idempotent: a second run only checks that everything is installed.
 # Exits non-zero when pip fails.
-# Options: --bench also installs the `bench` extra (PyTorch, for benchmarks/run.py).
+# Options: --bench also installs the `bench` extra (for benchmarks/run.py; torch is in hf too).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EXTRAS="test,experiments"
+EXTRAS="test,experiments,hf"
 for arg in "$@"; do
   case "$arg" in
-    --bench) EXTRAS="test,experiments,bench" ;;
+    --bench) EXTRAS="test,experiments,hf,bench" ;;
     *) echo "usage: scripts/setup.sh [--bench]" >&2; exit 2 ;;
   esac
 done
