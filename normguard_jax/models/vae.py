@@ -159,7 +159,9 @@ class MidAttention(nnx.Module):
     """Residual single-head self-attention over the h·w positions, GroupNorm first.
 
     The head is the full width (diffusers sets ``attention_head_dim`` to the channel count),
-    so the logits are scaled by 1/sqrt(ch); softmax in float32.
+    so the logits are scaled by 1/sqrt(ch); softmax in float32. Memory: ``jax.nn.
+    dot_product_attention``'s XLA path holds the (h·w)² logits, 1 GiB per 1024² image (128²
+    latent positions) in float32.
     """
 
     def __init__(self, ch: int, groups: int, *, common: dict):
@@ -371,19 +373,22 @@ def make_vae_fns(graphdef: nnx.GraphDef) -> VAEFns:
     axis).
     """
 
-    def encode_unscaled(params: Any, images: jax.Array,
-                        key: Optional[jax.Array] = None) -> jax.Array:
-        mean, logvar = nnx.merge(graphdef, params).moments(images)
+    def latent(model: AutoencoderKL, images: jax.Array, key: Optional[jax.Array]) -> jax.Array:
+        mean, logvar = model.moments(images)
         if key is None:
             return mean
         return mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
+
+    def encode_unscaled(params: Any, images: jax.Array,
+                        key: Optional[jax.Array] = None) -> jax.Array:
+        return latent(nnx.merge(graphdef, params), images, key)
 
     def decode_unscaled(params: Any, z: jax.Array) -> jax.Array:
         return nnx.merge(graphdef, params).decode(z)
 
     def encode(params: Any, images: jax.Array, key: Optional[jax.Array] = None) -> jax.Array:
         model = nnx.merge(graphdef, params)
-        return scale_latents(encode_unscaled(params, images, key), model.scaling_factor,
+        return scale_latents(latent(model, images, key), model.scaling_factor,
                              model.shift_factor)
 
     def decode(params: Any, latents: jax.Array) -> jax.Array:
