@@ -7,13 +7,12 @@ so a parameter sent to the wrong place changes the output; ``test_a_wrong_mappin
 checks that the comparison is that sensitive.
 """
 
-import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx, traverse_util
+from flax import traverse_util
 
 from normguard_jax.models import hf_weights, vae
 
