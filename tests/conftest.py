@@ -16,6 +16,8 @@ import jax  # noqa: E402
 jax.config.update("jax_disable_most_optimizations", True)
 
 import pathlib  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -30,5 +32,27 @@ def load_config_file(name: str, *args):
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
-    """One TFDS data dir shared by the whole test session (offline datasets build once)."""
-    return str(tmp_path_factory.mktemp("tensorflow_datasets"))
+    """One TFDS data dir shared by the whole test session (offline datasets build once);
+    removed when the session ends."""
+    path = tmp_path_factory.mktemp("tensorflow_datasets")
+    yield str(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_temp_dir(tmp_path_factory):
+    """Points ``tempfile`` (and ``$TMPDIR`` of subprocesses) at a folder of this session that is
+    removed when it ends: TFDS leaves an empty ``tmp*tfds`` folder in the temp dir at every
+    dataset build (``DatasetInfo.initialize_from_bucket``), and tests must leave nothing behind.
+    """
+    path = tmp_path_factory.mktemp("tempfile")
+    saved = tempfile.tempdir, os.environ.get("TMPDIR")
+    tempfile.tempdir = str(path)
+    os.environ["TMPDIR"] = str(path)
+    yield str(path)
+    tempfile.tempdir = saved[0]
+    if saved[1] is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = saved[1]
+    shutil.rmtree(path, ignore_errors=True)
