@@ -7,21 +7,44 @@ A checkpoint at step ``s`` holds ``state`` (any pytree of jax Arrays: params, EM
 optimizer state, step, RNG key data, tracker state) and ``meta`` (JSON: the config, the data
 position and anything else a resumed run needs to continue *the same* run). Saving is
 asynchronous; restoring puts every array back with the sharding of a template state, so a
-restored run is laid out exactly like a fresh one. If the newest checkpoint cannot be read
-(a partial write, a corrupted file), restore falls back to the previous one with a warning.
+restored run is laid out exactly like a fresh one.
+
+One rule decides which checkpoint every reader gets: the newest step whose record and arrays
+can both be read. An unreadable step (a partial write, a corrupted file) is skipped with a
+warning naming it, by the run that resumes (:func:`restore_latest`) and by every loader
+(:func:`restore_run`, used for bases, policies and evaluation) alike. The run that owns the
+workdir then moves the unreadable steps aside, into ``<workdir>/unreadable_checkpoints/``
+(kept for inspection, never deleted), so that it can write those steps again; readers never
+move anything. When no step is readable nothing is moved and the run stops with an error.
+
+A workdir belongs to one run at a time: :func:`workdir_lock` refuses a second process at once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import errno
+import fcntl
+import hashlib
+import json
 import os
-from typing import Any, Optional
+import shutil
+import socket
+import sys
+import time
+from typing import Any, Callable, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from normguard_jax import config_checks
 
 FOLDER = "checkpoints"  # a run's checkpoint folder inside its workdir.
+UNREADABLE_FOLDER = "unreadable_checkpoints"  # where unreadable steps are moved, beside FOLDER.
+LOCK_FILE = "lock"      # the workdir lock (see workdir_lock).
 
 
 def directory(workdir: str) -> str:
@@ -93,14 +116,80 @@ def abstract_like(state: Any) -> Any:
     return jax.tree.map(leaf, state)
 
 
-def restore_latest(manager: ocp.CheckpointManager, template: Any
-                   ) -> Optional[tuple[int, Any, dict]]:
-    """Restores the newest readable checkpoint.
+def _newest_readable(directory: str, steps, read: Callable[[int], Any]
+                     ) -> Optional[tuple[int, Any, list[int]]]:
+    """The one fallback rule: ``read(step)`` from the newest step down, skipping failures.
+
+    ``read`` raises :class:`_Unreadable` for a step that cannot be read; anything else it
+    raises (a config that does not fit, a missing base) propagates.
+
+    Returns:
+      ``(step, read(step), newer unreadable steps)``, or None without any step.
+
+    Raises:
+      RuntimeError: steps exist but none can be read (nothing is moved then).
+    """
+    steps = sorted(steps, reverse=True)
+    if not steps:
+        return None
+    errors = []
+    for step in steps:
+        try:
+            return step, read(step), [s for s, _ in errors]
+        except _Unreadable as e:
+            cause = e.__cause__
+            logging.warning("Checkpoint at step %d in %s is unreadable (%s: %s); trying an "
+                            "older one.", step, directory, type(cause).__name__, cause)
+            errors.append((step, f"step {step}: {type(cause).__name__}: {cause}"))
+    raise RuntimeError(
+        f"No readable checkpoint in {directory}: " + "; ".join(e for _, e in errors)
+        + ". Nothing was moved; if these steps are damaged, move them out of that folder (or "
+        "use a new workdir) to start the run again.")
+
+
+class _Unreadable(Exception):
+    """A checkpoint step failed to load (the cause is chained)."""
+
+
+def _read(manager: ocp.CheckpointManager, step: int, **items):
+    try:
+        return manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # noqa: BLE001 - any failure to read means: try an older step
+        raise _Unreadable() from e
+
+
+def move_aside(manager: ocp.CheckpointManager, steps) -> list[str]:
+    """Moves checkpoint ``steps`` out of the manager's folder into :data:`UNREADABLE_FOLDER`
+    beside it (process 0 moves, every process waits); returns the new paths."""
+    directory = str(manager.directory)
+    target = os.path.join(os.path.dirname(directory), UNREADABLE_FOLDER)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    moved = []
+    for step in steps:
+        dest = os.path.join(target, f"{step}-{stamp}")
+        if jax.process_index() == 0:
+            os.makedirs(target, exist_ok=True)
+            shutil.move(os.path.join(directory, str(step)), dest)
+            logging.warning("Moved the unreadable checkpoint of step %d to %s (kept for "
+                            "inspection); the run will write that step again.", step, dest)
+        moved.append(dest)
+    if moved and jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+        multihost_utils.sync_global_devices("normguard_jax.checkpointing.move_aside")
+    manager.reload()
+    return moved
+
+
+def restore_latest(manager: ocp.CheckpointManager, template: Any, *,
+                   move_unreadable: bool = False) -> Optional[tuple[int, Any, dict]]:
+    """Restores the newest readable checkpoint (record and arrays).
 
     Args:
       manager: the checkpoint manager.
       template: a state with the structure, dtypes and shardings to restore into (a real state
         or the output of :func:`abstract_like`).
+      move_unreadable: move the newer, unreadable steps aside (:func:`move_aside`) so that the
+        run can write them again. Only the process that holds the workdir lock may.
 
     Returns:
       ``(step, state, meta)``, or ``None`` when the directory holds no checkpoint. A checkpoint
@@ -109,22 +198,20 @@ def restore_latest(manager: ocp.CheckpointManager, template: Any
     Raises:
       RuntimeError: if checkpoints exist but none can be read.
     """
-    steps = sorted(manager.all_steps(), reverse=True)
-    if not steps:
-        return None
     abstract = abstract_like(template)
-    errors = []
-    for step in steps:
-        try:
-            restored = manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-        except Exception as e:  # noqa: BLE001 - any unreadable checkpoint means: try the previous
-            logging.warning("Checkpoint at step %d in %s is unreadable (%s: %s); trying an "
-                            "older one.", step, manager.directory, type(e).__name__, e)
-            errors.append(f"step {step}: {type(e).__name__}: {e}")
-            continue
-        return step, restored.state, restored.meta
-    raise RuntimeError(f"No readable checkpoint in {manager.directory}: " + "; ".join(errors))
+
+    def read(step):
+        restored = _read(manager, step, state=ocp.args.StandardRestore(abstract),
+                         meta=ocp.args.JsonRestore())
+        return restored.state, restored.meta
+
+    found = _newest_readable(str(manager.directory), manager.all_steps(), read)
+    if found is None:
+        return None
+    step, (state, meta), unreadable = found
+    if move_unreadable and unreadable:
+        move_aside(manager, unreadable)
+    return step, state, meta
 
 
 def read_latest_meta(manager: ocp.CheckpointManager) -> Optional[tuple[int, dict]]:
@@ -136,15 +223,13 @@ def read_latest_meta(manager: ocp.CheckpointManager) -> Optional[tuple[int, dict
     Returns:
       ``(step, meta)``, or ``None`` when there is no checkpoint or no readable record.
     """
-    for step in sorted(manager.all_steps(), reverse=True):
-        try:
-            meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-        except Exception as e:  # noqa: BLE001 - an unreadable record means: try the previous
-            logging.warning("Checkpoint record at step %d in %s is unreadable (%s: %s); trying "
-                            "an older one.", step, manager.directory, type(e).__name__, e)
-            continue
-        return step, meta
-    return None
+    try:
+        found = _newest_readable(str(manager.directory), manager.all_steps(),
+                                 lambda step: _read(manager, step,
+                                                    meta=ocp.args.JsonRestore()).meta)
+    except RuntimeError:
+        return None
+    return None if found is None else found[:2]
 
 
 def restore_state(directory: str, step: int, template: Any) -> Any:
@@ -157,40 +242,200 @@ def restore_state(directory: str, step: int, template: Any) -> Any:
         manager.close()
 
 
-def read_meta(workdir: str, step: Optional[int] = None) -> tuple[int, dict]:
-    """``(step, meta)``: only the JSON record of a run's checkpoint, newest unless ``step``.
+def _reader(workdir: str) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(os.path.abspath(directory(workdir)))
 
+
+def read_meta(workdir: str, step: Optional[int] = None) -> tuple[int, dict]:
+    """``(step, meta)``: only the JSON record of a run's checkpoint.
+
+    Without ``step``: the newest step whose record is readable (unreadable ones are skipped
+    with a warning; the arrays are not read, see :func:`restore_run` for the full rule).
     Useful to learn a checkpoint's config (image shape, architecture) before building models.
 
     Raises:
-      FileNotFoundError: ``workdir`` holds no checkpoint.
+      FileNotFoundError: ``workdir`` holds no checkpoint (or not ``step``).
+      RuntimeError: no record is readable.
     """
-    manager = ocp.CheckpointManager(os.path.abspath(directory(workdir)))
+    manager = _reader(workdir)
     try:
-        step = manager.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"No checkpoint found in {directory(workdir)}")
-        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        if step is not None:
+            if step not in manager.all_steps():
+                raise FileNotFoundError(f"No checkpoint of step {step} in {directory(workdir)}")
+            return step, manager.restore(step, args=ocp.args.Composite(
+                meta=ocp.args.JsonRestore())).meta
+        found = _newest_readable(directory(workdir), manager.all_steps(),
+                                 lambda s: _read(manager, s, meta=ocp.args.JsonRestore()).meta)
     finally:
         manager.close()
-    return step, meta
+    if found is None:
+        raise FileNotFoundError(f"No checkpoint found in {directory(workdir)}")
+    return found[0], found[1]
 
 
-def restore_run(workdir: str, step: Optional[int], template_fn) -> tuple[int, Any, dict]:
+def restore_run(workdir: str, step: Optional[int], template_fn: Callable[[dict], Any]
+                ) -> tuple[int, Any, dict]:
     """``(step, state, meta)`` of a run's checkpoint, the state in the layout of a template.
+
+    Without ``step``, the newest step whose record and arrays are both readable: the rule of
+    :func:`restore_latest`, so a loader gets the step a resumed run would continue from.
+    Nothing is moved (the workdir may belong to a running process).
 
     Args:
       workdir: the run directory.
-      step: the checkpoint to read, or None for the newest one.
+      step: the checkpoint to read, or None for the newest readable one.
       template_fn: ``meta -> template`` (the template depends on the record: the config and
-        image shape say which model to build).
+        image shape say which model to build). Its own errors are not taken for an
+        unreadable checkpoint: they propagate.
 
     Raises:
-      FileNotFoundError: ``workdir`` holds no checkpoint.
+      FileNotFoundError: ``workdir`` holds no checkpoint (or not ``step``).
+      RuntimeError: no checkpoint is readable.
     """
-    step, meta = read_meta(workdir, step)
-    state = restore_state(directory(workdir), step, template_fn(meta))
+    manager = _reader(workdir)
+    try:
+        available = manager.all_steps()
+        if step is not None and step not in available:
+            raise FileNotFoundError(f"No checkpoint of step {step} in {directory(workdir)}")
+
+        def read(s):
+            meta = _read(manager, s, meta=ocp.args.JsonRestore()).meta
+            template = abstract_like(template_fn(meta))
+            state = _read(manager, s, state=ocp.args.StandardRestore(template)).state
+            return state, meta
+
+        if step is not None:            # an explicit step: no fallback
+            try:
+                state, meta = read(step)
+            except _Unreadable as e:
+                raise RuntimeError(f"Checkpoint of step {step} in {directory(workdir)} is "
+                                   f"unreadable: {type(e.__cause__).__name__}: "
+                                   f"{e.__cause__}") from e.__cause__
+            return step, state, meta
+        found = _newest_readable(directory(workdir), available, read)
+    finally:
+        manager.close()
+    if found is None:
+        raise FileNotFoundError(f"No checkpoint found in {directory(workdir)}")
+    step, (state, meta), _ = found
     return step, state, meta
+
+
+def fingerprint(tree: Any) -> str:
+    """A SHA-256 of a pytree's structure, shapes, dtypes and values (hex): the identity of a
+    set of parameters, e.g. an RL run's θ_ref, recorded so that a resume can check it."""
+    digest = hashlib.sha256()
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    digest.update(str(treedef).encode())
+    for path, leaf in leaves:
+        value = np.asarray(jax.device_get(leaf))
+        digest.update(f"{jax.tree_util.keystr(path)}:{value.shape}:{value.dtype}".encode())
+        digest.update(np.ascontiguousarray(value).tobytes())
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# The workdir lock.
+# ----------------------------------------------------------------------------------------------
+
+
+class WorkdirInUseError(config_checks.ConfigError):
+    """Another running process holds the workdir; the message names it (pid, host). A
+    ConfigError about ``--workdir``, like an unwritable one."""
+
+
+def _lock_path(workdir: str) -> str:
+    name = LOCK_FILE if jax.process_count() == 1 else f"{LOCK_FILE}.{jax.process_index()}"
+    return os.path.join(workdir, name)
+
+
+def _read_holder(handle) -> dict:
+    handle.seek(0)
+    text = handle.read()
+    try:
+        holder = json.loads(text) if text.strip() else {}
+    except ValueError:
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:          # exists, owned by another user
+        return True
+    return True
+
+
+def _describe(holder: dict) -> str:
+    if not holder:
+        return "another process (it has not written its name yet)"
+    return (f"process {holder.get('pid')} on host {holder.get('host')!r} (since "
+            f"{holder.get('since')}, command {holder.get('command')!r})")
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+    """Holds ``<workdir>/lock`` for the body; a second run on the same workdir is refused at once.
+
+    The lock is an exclusive, non-blocking ``flock``, which the kernel releases when its
+    holder exits in any way (``kill -9`` included): a lock left by a dead process never blocks
+    a resume. The file names the holder (pid, host, start time, command) for the message of a
+    refused process, and is emptied on release; a name found in it on entry is a holder that
+    died, and is logged. On a file system without ``flock`` the name alone decides: a live
+    process of this host refuses, anything else is taken over with a warning. Processes of a
+    multi-process run each lock their own file (``lock.<process index>``).
+
+    Raises:
+      WorkdirInUseError: naming the holder.
+    """
+    path = _lock_path(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - closed in the finally below
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(handle)
+            for _ in range(20):      # the holder may be between taking the lock and naming itself
+                if holder:
+                    break
+                time.sleep(0.05)
+                holder = _read_holder(handle)
+            raise WorkdirInUseError(
+                f"--workdir={workdir} is in use by {_describe(holder)}; a workdir holds one run "
+                f"at a time: wait for it to end (or stop it) and rerun to resume, or use another "
+                f"workdir (lock file: {path})") from None
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+            holder = _read_holder(handle)
+            if (holder.get("host") == socket.gethostname() and holder.get("pid") != os.getpid()
+                    and _alive(int(holder.get("pid", 0)))):
+                raise WorkdirInUseError(f"--workdir={workdir} is in use by {_describe(holder)} "
+                                        f"(lock file: {path})") from None
+            logging.warning("The file system of %s does not support locks: the workdir is only "
+                            "marked as in use, not locked.", workdir)
+        previous = _read_holder(handle)
+        if previous:
+            logging.warning("Taking over the workdir lock of %s, which is no longer running.",
+                            _describe(previous))
+        handle.seek(0)
+        handle.truncate()
+        json.dump({"pid": os.getpid(), "host": socket.gethostname(),
+                   "since": datetime.datetime.now().isoformat(timespec="seconds"),
+                   "command": " ".join(sys.argv)}, handle)
+        handle.flush()
+        try:
+            yield path
+        finally:
+            handle.seek(0)
+            handle.truncate()
+            handle.flush()
+    finally:
+        handle.close()         # releases the flock
 
 
 def save_tree(path: str, tree: Any) -> None:

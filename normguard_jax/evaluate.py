@@ -36,12 +36,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     c.one_of(config, "use_ema", (True, False))
     c.one_of(config, "aux.preset", auxnets.PRESETS)
     c.one_of(config, "sample.method", sampling.STEP_FNS)
-    c.integer(config, "sample.num_steps", 1)
-    c.number(config, "sample.shift", 0, strict_minimum=True)
-    c.number(config, "sample.guidance_scale", 0)
+    c.check_sample(config, min_per_class=2)
     if config.sample.noise_level != -1.0:
         c.number(config, "sample.noise_level", 0)
-    c.integer(config, "sample.per_class", 2)
     c.one_of(config, "sample.renormalize", (True, False))
     c.integer(config, "sample.batch_size", 1)
     c.integer(config, "metrics.knn_k", 1)

@@ -61,13 +61,17 @@ class Pretrained(NamedTuple):
 
 
 def is_rl_workdir(workdir: str, step: int | None = None) -> bool:
-    """Whether ``workdir``'s checkpoint (newest, or ``step``) was written by an RL run."""
+    """Whether ``workdir``'s checkpoint (newest readable record, or ``step``) was written by an
+    RL run."""
     _, meta = checkpointing.read_meta(workdir, step)
     return "base_workdir" in meta
 
 
 def load_pretrained(workdir: str, *, use_ema: bool = True, step: int | None = None) -> Pretrained:
-    """Restores the generator of a pretraining run (newest checkpoint unless ``step`` is given).
+    """Restores the generator of a pretraining run.
+
+    Without ``step``: the newest readable checkpoint (an unreadable one is skipped with a
+    warning: :func:`checkpointing.restore_run`, the rule a resumed run follows).
 
     Raises:
       FileNotFoundError: no checkpoint in the workdir.
@@ -84,7 +88,7 @@ def load_pretrained(workdir: str, *, use_ema: bool = True, step: int | None = No
                               params)
 
     step, state, meta = checkpointing.restore_run(workdir, step, template)
-    return Pretrained(velocity=velocity[0],
+    return Pretrained(velocity=velocity[-1],
                       params=state.ema_params if use_ema else state.params,
                       config=ml_collections.ConfigDict(meta["config"]),
                       image_shape=tuple(meta["image_shape"]),
@@ -96,30 +100,38 @@ def load_policy(workdir: str, *, step: int | None = None, base: Pretrained | Non
     """Restores the policy θ of an RL run and its frozen base θ_ref.
 
     Returns ``(policy, base)``: two :class:`Pretrained` sharing the base's velocity function,
-    image shape and classes; ``policy.params`` is θ at the checkpoint (newest unless ``step`` is
-    given), ``policy.step`` its iteration, ``policy.config`` the RL config. ``base``: the run's
-    base as returned by an earlier call on the same workdir; it is used instead of reading the
-    base again, so policies of several checkpoints share one velocity function (and jitted
-    programs that take it as a static argument compile once).
+    image shape and classes; ``policy.params`` is θ at the checkpoint (the newest readable one
+    unless ``step`` is given, as in :func:`load_pretrained`), ``policy.step`` its iteration,
+    ``policy.config`` the RL config. The base is read at the exact step the run was trained
+    from (no fallback: another θ_ref would be another run). ``base``: the run's base as
+    returned by an earlier call on the same workdir; it is used instead of reading the base
+    again, so policies of several checkpoints share one velocity function (and jitted programs
+    that take it as a static argument compile once).
 
     Raises:
       FileNotFoundError: no checkpoint in the workdir.
       ValueError: ``base`` is not the base step this checkpoint was trained from.
     """
-    step, meta = checkpointing.read_meta(workdir, step)
-    config = ml_collections.ConfigDict(meta["config"])
-    if base is None:
-        base = load_pretrained(meta["base_workdir"], use_ema=config.base.use_ema,
-                               step=meta["base_step"])
-    elif base.step != meta["base_step"]:
-        raise ValueError(f"{workdir} step {step} was trained from base step {meta['base_step']}, "
-                         f"not {base.step}")
-    # The optimizer state's structure does not depend on the schedule's length.
-    optimizer, _ = optim.build_optimizer(config.optim, 1)
-    template = initial_state(base.params, optimizer, config.seed)
-    state = checkpointing.restore_state(checkpointing.directory(workdir), step, template)
-    policy = base._replace(params=state.params, config=config, step=int(step))
-    return policy, base
+    loaded, chosen = {}, []      # bases read so far (the fallback may try several steps)
+
+    def template(meta):
+        config = ml_collections.ConfigDict(meta["config"])
+        if base is not None and base.step != meta["base_step"]:
+            raise ValueError(f"{workdir} iteration {meta['iteration']} was trained from base "
+                             f"step {meta['base_step']}, not {base.step}")
+        key = (meta["base_workdir"], meta["base_step"])
+        if base is None and key not in loaded:
+            loaded[key] = load_pretrained(meta["base_workdir"], use_ema=config.base.use_ema,
+                                          step=meta["base_step"])
+        chosen.append(base if base is not None else loaded[key])
+        # The optimizer state's structure does not depend on the schedule's length.
+        optimizer, _ = optim.build_optimizer(config.optim, 1)
+        return initial_state(chosen[-1].params, optimizer, config.seed)
+
+    step, state, meta = checkpointing.restore_run(workdir, step, template)
+    policy = chosen[-1]._replace(params=state.params,
+                                 config=ml_collections.ConfigDict(meta["config"]), step=int(step))
+    return policy, chosen[-1]
 
 
 def load_generator(workdir: str, *, use_ema: bool = True, step: int | None = None

@@ -1,7 +1,13 @@
 """Command-line entry: ``python -m normguard_jax.main --config=configs/X.py --workdir=DIR``.
 
 The config file's ``job`` field picks the run function; any field can be overridden with
-``--config.<path>=value``. The config is validated before anything is built or compiled.
+``--config.<path>=value``. The config is validated before anything is built or compiled; an
+invalid value, a misspelt field (with the closest field name) and a workdir held by another
+process are reported in one line on stderr, with exit code 1.
+
+Resuming a run with a changed config is refused, listing the changed fields;
+``--allow_changed=train.steps,train.log_every`` lets the fields that may change on resume
+(``config_checks.RESUME_ALLOWED``) differ, and records them in the run's history.
 
 A config with a ``distributed`` block starts ``jax.distributed`` first (see
 :mod:`normguard_jax.distributed`); every process then runs the same command, e.g. on each of
@@ -49,10 +55,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow is only used by
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+import difflib  # noqa: E402
 import importlib  # noqa: E402
+import inspect  # noqa: E402
+import re  # noqa: E402
 
 # None of these touches a backend.
-from normguard_jax import compile_cache, distributed, reporting  # noqa: E402
+from normguard_jax import compile_cache, config_checks, distributed, reporting  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
                                           lock_config=True)
@@ -62,6 +71,10 @@ _COMPILATION_CACHE = flags.DEFINE_string(
     "Persistent XLA compilation cache ('' = off). Programs that took over a second to compile "
     "are stored there and reused by later runs and stages with identical programs (e.g. the "
     "same sampler on another checkpoint of the same architecture).")
+_ALLOW_CHANGED = flags.DEFINE_list(
+    "allow_changed", [],
+    "Config fields that may differ from the run being resumed, e.g. train.steps to extend it "
+    "(only those of normguard_jax.config_checks.RESUME_ALLOWED); recorded in the run's history.")
 
 # config.job -> module whose ``run(config, workdir)`` it calls. The modules are imported only
 # after ``jax.distributed`` is initialised: importing them may already touch a JAX backend.
@@ -78,22 +91,73 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     config = _CONFIG.value
-    if config.job not in JOBS:
-        raise app.UsageError(f"config.job must be one of {sorted(JOBS)}, got {config.job!r}")
-    compile_cache.enable(_COMPILATION_CACHE.value)
-    if "distributed" in config:                   # jobs that support several processes
-        distributed.initialize(config)
-    job = importlib.import_module(JOBS[config.job])
-    reporting.quiet_library_logs()
-    logging.info("Config:\n%s", config)
-    job.run(config, _WORKDIR.value)
+    try:
+        if config.job not in JOBS:
+            raise config_checks.ConfigError(
+                f"config.job must be one of {sorted(JOBS)}, got {config.job!r}")
+        compile_cache.enable(_COMPILATION_CACHE.value)
+        if "distributed" in config:                   # jobs that support several processes
+            distributed.initialize(config)
+        job = importlib.import_module(JOBS[config.job])
+        options = {}
+        if _ALLOW_CHANGED.value:
+            if "allow_changed" not in inspect.signature(job.run).parameters:
+                raise config_checks.ConfigError(
+                    f"--allow_changed applies to runs that resume (pretrain, rl), not to "
+                    f"config.job={config.job!r}")
+            options["allow_changed"] = tuple(_ALLOW_CHANGED.value)
+        reporting.quiet_library_logs()
+        logging.info("Config:\n%s", config)
+        job.run(config, _WORKDIR.value, **options)
+    except config_checks.ConfigError as e:  # a bad value, or a --workdir in use or unwritable
+        sys.exit(f"error: {e}")           # one line on stderr, exit code 1
+
+
+def _unknown_field(argv) -> str | None:
+    """The first ``--config.<path>`` override of ``argv`` that names no field of the config,
+    as one line with the closest existing field, or None."""
+    config_args = [a for a in argv if re.match(r"^--?config=", a)]
+    if not config_args:
+        return None
+    try:
+        config = flags.FLAGS["config"].parser.parse(config_args[-1].split("=", 1)[1])
+    except Exception:  # noqa: BLE001 - the config file's own error is reported as it is
+        return None
+    for arg in argv:
+        match = re.match(r"^--?config\.([\w.]+)(=|$)", arg)
+        if not match:
+            continue
+        node, done = config, []
+        for part in match.group(1).split("."):
+            if not hasattr(node, "keys") or part not in node.keys():
+                keys = list(node.keys()) if hasattr(node, "keys") else []
+                close = difflib.get_close_matches(part, keys, n=1, cutoff=0.5)
+                prefix = ".".join(["--config", *done])
+                hint = (f"; did you mean {prefix}.{close[0]}?" if close else
+                        f"; the fields of {prefix} are: {', '.join(sorted(keys))}" if keys
+                        else f"; {prefix} is a value, not a block")
+                return f"error: {prefix}.{part} is not a config field{hint}"
+            node = node[part]
+            done.append(part)
+    return None
+
+
+def _parse_flags(argv):
+    """absl's flag parsing, with an unknown ``--config.<path>`` reported in one line."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (KeyError, AttributeError) as e:   # ml_collections' error for an unknown field
+        line = _unknown_field(argv)
+        if line is None:
+            raise
+        raise SystemExit(line) from e
 
 
 def entry():
     """Parses the flags and runs :func:`main`; ``python -m normguard_jax.main`` calls it."""
     _reexec_with_tuned_malloc()
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -29,8 +29,11 @@ from normguard_jax.train_state import TrainState
 Hook = Callable[[int, TrainState, dict], None]
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Checks every pretraining field; raises ConfigError naming the first bad one."""
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+    """Checks every pretraining field; raises ConfigError naming the first bad one.
+
+    ``num_devices``: also check that the mesh fits that many devices.
+    """
     c = config_checks
     c.integer(config, "seed", 0)
     c.one_of(config, "model.arch", models.GENERATORS)
@@ -41,28 +44,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     c.number(config, "flow.logit_mean")
     c.number(config, "flow.train_shift", 0, strict_minimum=True)
     c.number(config, "flow.label_dropout", 0, 1)
-    c.number(config, "optim.lr", 0, strict_minimum=True)
-    c.integer(config, "optim.warmup_steps", 0)
-    c.one_of(config, "optim.schedule", optim.SCHEDULES)
-    c.number(config, "optim.final_lr_fraction", 0, 1)
-    c.number(config, "optim.b1", 0, 1)
-    c.number(config, "optim.b2", 0, 1)
-    c.number(config, "optim.eps", 0, strict_minimum=True)
-    c.number(config, "optim.weight_decay", 0)
-    c.number(config, "optim.grad_clip", 0)
+    c.check_optim(config)
     c.number(config, "optim.ema_decay", 0, 1)
     c.integer(config, "train.steps", 1)
     c.integer(config, "train.batch_size", 1)
-    for field in ("log_every", "sample_every", "checkpoint_every", "keep_checkpoints",
-                  "max_nonfinite"):
-        c.integer(config, f"train.{field}", 1)
-    c.integer(config, "sample.num_steps", 1)
-    c.number(config, "sample.shift", 0, strict_minimum=True)
-    c.number(config, "sample.guidance_scale", 0)
-    c.integer(config, "sample.per_class", 1)
-    c.integer(config, "mesh.fsdp", 1)
-    if config.mesh.data != -1:
-        c.integer(config, "mesh.data", 1)
+    c.check_intervals(config)
+    c.check_sample(config)
+    c.check_mesh(config, num_devices)
     distributed.validate(config)
 
 
@@ -120,14 +108,20 @@ def train_step(state: TrainState, batch: dict, *, velocity, optimizer, schedule,
     return new_state, metrics
 
 
-def _meta(config, split, step: int, skipped_updates: int) -> dict:
+def _meta(config, split, step: int, skipped_updates: int, history: list) -> dict:
     return {"config": config.to_dict(), "step": int(step), "data_position": int(step),
             "image_shape": list(split.image_shape), "num_classes": int(split.num_classes),
-            "class_names": list(split.class_names), "skipped_updates": int(skipped_updates)}
+            "class_names": list(split.class_names), "skipped_updates": int(skipped_updates),
+            "history": history}
 
 
-def _check_resume_compatible(meta: dict, config, split, workdir: str) -> None:
-    """Raises ConfigError when the checkpoint in ``workdir`` belongs to another model/dataset."""
+def _check_resume_compatible(meta: dict, config, split, workdir: str, step: int,
+                             allowed: tuple[str, ...]) -> dict:
+    """Raises ConfigError when the checkpoint in ``workdir`` is not this config's run.
+
+    Another model or dataset is named first; then every other changed field is listed
+    (:func:`config_checks.check_resume`). Returns the allowed changes.
+    """
     old = meta["config"]
     for section, field in (("model", "arch"), ("model", "size"), ("data", "name")):
         if old[section][field] != config[section][field]:
@@ -138,10 +132,11 @@ def _check_resume_compatible(meta: dict, config, split, workdir: str) -> None:
         raise config_checks.ConfigError(
             f"image shape {tuple(split.image_shape)} of config.data.name={config.data.name!r} "
             f"differs from the checkpoint's {tuple(meta['image_shape'])} in {workdir}")
+    return config_checks.check_resume(old, config, workdir=workdir, step=step, allowed=allowed)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, *, hooks: Iterable[Hook] = ()
-        ) -> TrainState:
+def run(config: ml_collections.ConfigDict, workdir: str, *, hooks: Iterable[Hook] = (),
+        allow_changed: Iterable[str] = ()) -> TrainState:
     """Trains (or resumes) a generator; returns the final state.
 
     Writes into ``workdir``: ``checkpoints/`` (Orbax), TensorBoard events, ``metrics.jsonl``,
@@ -152,17 +147,31 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, hooks: Iterable[Hook
     update with a non-finite loss or gradient is skipped (parameters untouched) and counted
     (``skipped``, ``skipped_total``); ``config.train.max_nonfinite`` skips in a row stop the run
     with :class:`nonfinite.NonFiniteError` naming the steps, and the checkpoints written so
-    far hold the last good parameters. Config errors, a workdir that cannot be written and a
-    checkpoint of another dataset/model are reported before any model is built.
+    far hold the last good parameters. Config errors, a workdir that cannot be written, a
+    workdir in use by another process (:func:`checkpointing.workdir_lock`) and a checkpoint
+    of another run (any changed config field not allowed) are reported before any model is
+    built. Unreadable newest checkpoints are moved aside and the run resumes from the newest
+    readable one (:mod:`normguard_jax.checkpointing`).
 
     Args:
       config: a pretraining config (``configs/pretrain_*.py``); validated first.
       workdir: the run directory; an existing checkpoint there is resumed.
       hooks: callables ``hook(step, state, metrics)`` run after every step (tests use them to
         simulate a crash).
+      allow_changed: config fields that may differ from the resumed run's
+        (``config_checks.RESUME_ALLOWED``, e.g. ``train.steps`` to extend it); the changes
+        are recorded in the checkpoints' ``history``.
     """
-    validate(config)
+    validate(config, jax.device_count())
+    allowed = config_checks.check_allowed(allow_changed)
     config_checks.writable_directory(workdir)
+    with checkpointing.workdir_lock(workdir):
+        return _run(config, workdir, hooks, allowed)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str, hooks: Iterable[Hook],
+         allowed: tuple[str, ...]) -> TrainState:
+    """:func:`run` once the workdir is locked."""
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     sharding.check_batch_divisible(config.train.batch_size, mesh, "config.train.batch_size")
     split = data.load_split(config.data.name, config.data.split, config.data.data_dir or None)
@@ -171,7 +180,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, hooks: Iterable[Hook
                                          save_interval_steps=config.train.checkpoint_every)
     latest = checkpointing.read_latest_meta(manager)
     if latest is not None:
-        _check_resume_compatible(latest[1], config, split, workdir)
+        _check_resume_compatible(latest[1], config, split, workdir, latest[0], allowed)
 
     graphdef, params, velocity = generators.build_generator(config, split.image_shape,
                                                             split.num_classes)
@@ -184,12 +193,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, hooks: Iterable[Hook
     state = jax.device_put(TrainState.create(params, optimizer, jax.random.key(config.seed)),
                            repl)
 
-    restored = checkpointing.restore_latest(manager, state)
-    skipped_before = 0
+    restored = checkpointing.restore_latest(manager, state, move_unreadable=True)
+    skipped_before, history = 0, []
     if restored is not None:
-        _, state, meta = restored
-        _check_resume_compatible(meta, config, split, workdir)
+        resumed_at, state, meta = restored
+        changes = _check_resume_compatible(meta, config, split, workdir, resumed_at, allowed)
         skipped_before = int(meta.get("skipped_updates", 0))  # absent in older checkpoints
+        history = config_checks.resume_history(meta, resumed_at, changes)
         logging.info("Resumed from step %d in %s", int(state.step), workdir)
     start = int(state.step)
 
@@ -230,7 +240,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, hooks: Iterable[Hook
                               sample_every=config.train.sample_every,
                               max_nonfinite=config.train.max_nonfinite, unit_name="step")
     return loop.run(state, unit, schedule=schedule_, manager=manager, writer=writer,
-                    meta=lambda step, skipped: _meta(config, split, step, skipped),
+                    meta=lambda step, skipped: _meta(config, split, step, skipped, history),
                     write_samples=write_samples, skipped_before=skipped_before,
                     saved_step=start if restored is not None else None, hooks=hooks)
 

@@ -109,14 +109,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     c.integer(config, "train.minibatch_size", 1)
     c.one_of(config, "train.sigma_sampler", SIGMA_SAMPLERS)
     c.one_of(config, "train.old_policy", OLD_POLICY_DECAY_PRESETS)
-    for field in ("log_every", "sample_every", "checkpoint_every", "keep_checkpoints",
-                  "max_nonfinite"):
-        c.integer(config, f"train.{field}", 1)
+    c.check_intervals(config)
     for name in c.get_field(config, "rewards"):   # names are checked once the dataset is known
         c.number(config, f"rewards.{name}", 0)
-    c.number(config, "optim.lr", 0, strict_minimum=True)
-    c.number(config, "optim.grad_clip", 0)
-    c.integer(config, "sample.per_class", 1)
+    c.check_optim(config)
+    c.check_sample(config)
+    c.check_mesh(config, num_devices)
     n = config.rollout.prompts_per_iter * config.rollout.group_size
     if n % num_devices:
         raise c.ConfigError(f"config.rollout.prompts_per_iter * group_size = {n} must be "
@@ -329,8 +327,10 @@ def _reward_context(config, base):
                                  num_classes=base.num_classes, nets=nets)
 
 
-def _check_resume_compatible(manager, config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Raises ConfigError when ``workdir`` holds an RL run of another method or base model.
+def _check_resume_compatible(manager, config: ml_collections.ConfigDict, workdir: str,
+                             allowed: tuple[str, ...]) -> None:
+    """Raises ConfigError when ``workdir`` holds another RL run: another method, a base model of
+    another image shape or in another folder, or any other changed config field not allowed.
 
     Reads only JSON records (of the newest RL checkpoint and of the base's checkpoint), so it
     runs before any model is loaded or compiled.
@@ -338,7 +338,7 @@ def _check_resume_compatible(manager, config: ml_collections.ConfigDict, workdir
     latest = checkpointing.read_latest_meta(manager)
     if latest is None:
         return
-    _, meta = latest
+    step, meta = latest
     if meta["config"]["method"] != config.method:
         raise config_checks.ConfigError(
             f"config.method={config.method!r} differs from the checkpoint in {workdir} "
@@ -349,10 +349,38 @@ def _check_resume_compatible(manager, config: ml_collections.ConfigDict, workdir
             f"image shape {tuple(base_meta['image_shape'])} of the base model in "
             f"config.base.workdir={config.base.workdir!r} differs from the checkpoint's "
             f"{tuple(meta['image_shape'])} in {workdir}; use a new workdir")
+    _check_same_run(meta, config, workdir, step, allowed)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, *, hooks: Iterable[Hook] = ()
-        ) -> RLState:
+def _check_same_run(meta: dict, config: ml_collections.ConfigDict, workdir: str, step: int,
+                    allowed: tuple[str, ...], base: generators.Pretrained | None = None,
+                    base_fingerprint: str | None = None) -> dict:
+    """Raises ConfigError unless ``meta`` (an RL checkpoint's record) is this config's run on
+    the same base: the config (:func:`config_checks.check_resume`), the base's folder and,
+    once the base is loaded, its step and a fingerprint of its parameters (θ_ref). Records
+    older than these fields are not compared on them. Returns the allowed config changes."""
+    changes = config_checks.check_resume(meta["config"], config, workdir=workdir, step=step,
+                                         allowed=allowed)
+    differ = []
+    if "base_workdir" in meta and meta["base_workdir"] != os.path.abspath(config.base.workdir):
+        differ.append(f"folder {meta['base_workdir']!r} -> "
+                      f"{os.path.abspath(config.base.workdir)!r}")
+    if base is not None and "base_step" in meta and meta["base_step"] != base.step:
+        differ.append(f"step {meta['base_step']} -> {base.step}")
+    if (base_fingerprint is not None and "base_fingerprint" in meta
+            and meta["base_fingerprint"] != base_fingerprint):
+        differ.append("parameters (fingerprint "
+                      f"{meta['base_fingerprint'][:12]} -> {base_fingerprint[:12]})")
+    if differ:
+        raise config_checks.ConfigError(
+            f"the base model of config.base.workdir={config.base.workdir!r} is not the one the "
+            f"run in {workdir} (iteration {step}) was trained from: {'; '.join(differ)}. Its "
+            "θ_ref would change: use a new workdir")
+    return changes
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, hooks: Iterable[Hook] = (),
+        allow_changed: Iterable[str] = ()) -> RLState:
     """Runs (or resumes) RL post-training; returns the final state.
 
     Writes into ``workdir``: ``checkpoints/``, TensorBoard events, ``metrics.jsonl`` and
@@ -363,16 +391,33 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, hooks: Iterable[Hook
     every update of an iteration whose rewards are non-finite, is skipped with θ and the
     optimizer untouched and counted (``train/skipped``, ``skipped_total``);
     ``config.train.max_nonfinite`` such iterations in a row stop the run with
-    :class:`nonfinite.NonFiniteError` naming them. Config errors, an unwritable workdir and a
-    checkpoint of another method or image shape fail before any model is loaded.
+    :class:`nonfinite.NonFiniteError` naming them. Config errors, an unwritable workdir, a
+    workdir in use by another process and a checkpoint of another run (another method, image
+    shape or base folder, or any changed config field not allowed) fail before any model is
+    loaded; a base whose step or parameters differ from the run's θ_ref fails before anything
+    compiles. Unreadable newest checkpoints are moved aside and the run resumes from the
+    newest readable one.
+
+    ``allow_changed``: config fields that may differ from the resumed run's
+    (``config_checks.RESUME_ALLOWED``, e.g. ``train.iterations`` to extend it); the changes
+    are recorded in the checkpoints' ``history``.
     """
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-    validate(config, mesh.devices.size)
+    validate(config, jax.device_count())
+    allowed = config_checks.check_allowed(allow_changed)
     config_checks.writable_directory(workdir)
+    with checkpointing.workdir_lock(workdir):
+        return _run(config, workdir, hooks, allowed)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str, hooks: Iterable[Hook],
+         allowed: tuple[str, ...]) -> RLState:
+    """:func:`run` once the workdir is locked."""
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     manager = checkpointing.open_manager(workdir, max_to_keep=config.train.keep_checkpoints,
                                          save_interval_steps=config.train.checkpoint_every)
-    _check_resume_compatible(manager, config, workdir)
+    _check_resume_compatible(manager, config, workdir, allowed)
     base = generators.load_pretrained(config.base.workdir, use_ema=config.base.use_ema)
+    base_fingerprint = checkpointing.fingerprint(base.params)
     reward_fn = rewards.build_combined(dict(config.rewards), _reward_context(config, base))
     optimizer, schedule = build_optimizer(config)
     programs = build_programs(config, base, mesh, reward_fn, optimizer)
@@ -380,11 +425,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, hooks: Iterable[Hook
     ref_params = jax.device_put(base.params, repl)
     state = jax.device_put(initial_state(base.params, optimizer, config.seed), repl)
 
-    restored = checkpointing.restore_latest(manager, state)
-    skipped_before = 0
+    restored = checkpointing.restore_latest(manager, state, move_unreadable=True)
+    skipped_before, history = 0, []
     if restored is not None:
-        _, state, restored_meta = restored
+        resumed_at, state, restored_meta = restored
+        changes = _check_same_run(restored_meta, config, workdir, resumed_at, allowed, base,
+                                  base_fingerprint)
         skipped_before = int(restored_meta.get("skipped_updates", 0))  # absent in older ones
+        history = config_checks.resume_history(restored_meta, resumed_at, changes)
         logging.info("Resumed RL from iteration %d in %s", int(state.iteration), workdir)
     start = int(state.iteration)
 
@@ -403,7 +451,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, hooks: Iterable[Hook
     def meta(it: int, skipped_total: int) -> dict:
         return {"config": config.to_dict(), "iteration": int(it),
                 "base_workdir": os.path.abspath(config.base.workdir), "base_step": base.step,
-                "image_shape": list(base.image_shape), "skipped_updates": skipped_total}
+                "base_fingerprint": base_fingerprint, "image_shape": list(base.image_shape),
+                "skipped_updates": skipped_total, "history": history}
 
     def unit(state: RLState, index: int):
         del index  # the state's own iteration counter positions the run
