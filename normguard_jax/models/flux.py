@@ -28,7 +28,7 @@ Data flow, width D = heads·head_dim:
   text tokens   = Linear(joint_attention_dim → D)(text), L tokens.
   c             = MLP(sinusoid(1000·σ)) [+ MLP(sinusoid(1000·guidance))] + MLP(pooled);
                   each MLP is Linear → SiLU → Linear; the sinusoid is 256 wide, [cos, sin],
-                  frequencies 10000^(-k/128).
+                  frequencies 10000^(-k/128), k < 128.
   rotary table  = per token a position id (axis 0, row, column): text tokens all (0, 0, 0),
                   image token (i, j) of the (H/2, W/2) grid (0, i, j), as the pipeline's
                   ``_prepare_latent_image_ids``. For axis a with width d_a (``axes_dims_rope``,
@@ -59,8 +59,10 @@ activation dtype first; here it stays float32); the output is float32. ``param_d
 parameters' dtype.
 
 Loading: ``flux_name_table`` is the one table from diffusers state-dict names to this module's
-parameter paths; ``load_flux(folder)`` builds the module abstractly from the folder's
-``config.json`` and streams its ``*.safetensors`` into it (``hf_weights.load_params``).
+parameter paths; ``load_flux(folder)`` builds the module abstractly (``abstract_flux``) from
+the folder's ``config.json`` and streams its ``*.safetensors`` into it
+(``hf_weights.load_params``). ``FLUX_DEV_CONFIG`` is FLUX.1-dev's architecture (11.9B
+parameters).
 """
 
 from __future__ import annotations
@@ -481,6 +483,30 @@ def unpack(tokens: jax.Array, h: int, w: int) -> jax.Array:
     return x.reshape(b, h, w, ch)
 
 
+def _dense(dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs) -> dict[str, Any]:
+    """Keyword arguments of every Linear: dtypes, rngs, Xavier-uniform kernels (zero biases)."""
+    return dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                kernel_init=nnx.initializers.xavier_uniform())
+
+
+def _double_block(config: FluxConfig, *, dtype: jnp.dtype, param_dtype: jnp.dtype,
+                  rngs: nnx.Rngs) -> DoubleStreamBlock:
+    return DoubleStreamBlock(config.width, config.num_attention_heads, config.attention_head_dim,
+                             dense=_dense(dtype, param_dtype, rngs), param_dtype=param_dtype)
+
+
+def _single_block(config: FluxConfig, *, dtype: jnp.dtype, param_dtype: jnp.dtype,
+                  rngs: nnx.Rngs) -> SingleStreamBlock:
+    return SingleStreamBlock(config.width, config.num_attention_heads, config.attention_head_dim,
+                             dense=_dense(dtype, param_dtype, rngs), param_dtype=param_dtype)
+
+
+def _as_config(config: Mapping[str, Any] | FluxConfig) -> FluxConfig:
+    config = config if isinstance(config, FluxConfig) else FluxConfig.from_dict(config)
+    config.validate()
+    return config
+
+
 class Flux(nnx.Module):
     """FLUX.1-class velocity network ``(x, sigma, cond) -> v`` (see the module docstring).
 
@@ -509,31 +535,25 @@ class Flux(nnx.Module):
         remat: bool = False,
         rngs: nnx.Rngs,
     ):
-        if not isinstance(config, FluxConfig):
-            config = FluxConfig.from_dict(config)
-        config.validate()
+        config = _as_config(config)
         self.config = config
         self.dtype = dtype
         self.remat = remat
         d = config.width
-        heads, head_dim = config.num_attention_heads, config.attention_head_dim
-        dense = dict(
-            dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-            kernel_init=nnx.initializers.xavier_uniform(),
-        )
-        block = dict(dense=dense, param_dtype=param_dtype)
+        dense = _dense(dtype, param_dtype, rngs)
         self.x_embedder = nnx.Linear(config.in_channels, d, **dense)
         self.context_embedder = nnx.Linear(config.joint_attention_dim, d, **dense)
         self.time_text_embed = TimeTextEmbedding(
             d, config.pooled_projection_dim, guidance=config.guidance_embeds, dense=dense
         )
-        self.transformer_blocks = nnx.List(
-            [DoubleStreamBlock(d, heads, head_dim, **block) for _ in range(config.num_layers)]
-        )
-        self.single_transformer_blocks = nnx.List(
-            [SingleStreamBlock(d, heads, head_dim, **block)
-             for _ in range(config.num_single_layers)]
-        )
+        self.transformer_blocks = nnx.List([
+            _double_block(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            for _ in range(config.num_layers)
+        ])
+        self.single_transformer_blocks = nnx.List([
+            _single_block(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            for _ in range(config.num_single_layers)
+        ])
         self.norm_out = Modulation(d, 2, dense=dense)
         self.proj_out = nnx.Linear(
             d, config.output_channels, **{**dense, "kernel_init": nnx.initializers.zeros_init()}
@@ -576,6 +596,35 @@ class Flux(nnx.Module):
         scale, shift = self.norm_out(c)
         out = self.proj_out(_modulate(_layer_norm(tokens), shift, scale))
         return unpack(out, h, w).astype(jnp.float32)
+
+
+def abstract_flux(
+    config: Mapping[str, Any] | FluxConfig,
+    *,
+    dtype: jnp.dtype = jnp.float32,
+    param_dtype: jnp.dtype = jnp.float32,
+    remat: bool = False,
+) -> Flux:
+    """``nnx.eval_shape(lambda: Flux(config, ...))`` — the module with ``jax.ShapeDtypeStruct``
+    leaves, no memory — traced in pieces.
+
+    Traced whole, the time grows with the square of the number of parameters (flax 0.12.8: each
+    update of an ``nnx.Rngs`` count inside a trace scans every equation traced so far; 50 s
+    for FLUX.1-dev). So the module without blocks, one double-stream block and one
+    single-stream block are traced (``nnx.eval_shape``) separately and the blocks, whose
+    shapes are all equal, are cloned: the same graph and leaves in about a second.
+    """
+    config = _as_config(config)
+    kwargs = dict(dtype=dtype, param_dtype=param_dtype)
+    shell = dataclasses.replace(config, num_layers=0, num_single_layers=0)
+    model = nnx.eval_shape(lambda: Flux(shell, remat=remat, rngs=nnx.Rngs(0), **kwargs))
+    double = nnx.eval_shape(lambda: _double_block(config, rngs=nnx.Rngs(0), **kwargs))
+    single = nnx.eval_shape(lambda: _single_block(config, rngs=nnx.Rngs(0), **kwargs))
+    model.config = config
+    model.transformer_blocks = nnx.List([nnx.clone(double) for _ in range(config.num_layers)])
+    model.single_transformer_blocks = nnx.List(
+        [nnx.clone(single) for _ in range(config.num_single_layers)])
+    return model
 
 
 # ----------------------------------------------------------------------------------------
@@ -668,10 +717,10 @@ def load_flux(
 ) -> tuple[nnx.GraphDef, nnx.State, VelocityFn]:
     """Loads a diffusers ``FluxTransformer2DModel`` folder (e.g. ``FLUX.1-dev/transformer``).
 
-    The module is built abstractly (``nnx.eval_shape``, no weights allocated) from the
-    folder's ``config.json``; every tensor is then streamed from the safetensors files into
-    its parameter (``hf_weights.load_params``), cast to ``param_dtype`` and placed by
-    ``shardings``.
+    The module is built abstractly (``abstract_flux``: ``nnx.eval_shape``, no weights
+    allocated) from the folder's ``config.json``; every tensor is then streamed from the
+    safetensors files into its parameter (``hf_weights.load_params``), cast to
+    ``param_dtype`` and placed by ``shardings``.
 
     Args:
       folder: the model folder (config.json and *.safetensors, sharded or not).
@@ -691,10 +740,7 @@ def load_flux(
     """
     config = FluxConfig.from_dict(hf_weights.read_config(folder))
     param_dtype = dtype if param_dtype is None else param_dtype
-    abstract = nnx.eval_shape(
-        lambda: Flux(config, dtype=dtype, param_dtype=param_dtype, remat=remat,
-                     rngs=nnx.Rngs(0))
-    )
+    abstract = abstract_flux(config, dtype=dtype, param_dtype=param_dtype, remat=remat)
     graphdef, abstract_params = nnx.split(abstract, nnx.Param)
     params = hf_weights.load_params(abstract_params, folder, flux_name_table,
                                     shardings=shardings)
