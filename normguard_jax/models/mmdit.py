@@ -162,6 +162,9 @@ class MMDiTConfig:
 # (loaders/single_file_utils.py), which recognises SD3.5-M by a position table of
 # 147456 = 384² entries and an adaLN width of 9216 = 6·1536 = 6·24·64, and finds the dual
 # attention blocks as those holding ``attn2`` weights (blocks 0..12 of 24 in that checkpoint).
+# Its parameters: 2,243,171,520 here and in diffusers (tests/test_mmdit.py). The advertised
+# "2.5B" also counts the stored position table, 384²·1536 = 226,492,416 values (2.47B in all),
+# which diffusers keeps as a buffer and this module recomputes.
 SD35_MEDIUM_CONFIG: dict[str, Any] = dict(
     sample_size=128,
     patch_size=2,
