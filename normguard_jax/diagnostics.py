@@ -49,7 +49,8 @@ def velocity_norm_ratios(velocity, params, ref_params, labels, key, *, image_sha
       (num_steps, B) float32 ratios; step k is the velocity at σ_k (k = 0 is pure noise).
     """
     sigmas = jnp.asarray(flow.inference_sigmas(num_steps, shift))
-    x = sampling.initial_noise(jax.random.fold_in(key, 0), labels.shape[0], image_shape)
+    batch = sampling.cond_batch_size(labels)
+    x = sampling.initial_noise(jax.random.fold_in(key, 0), batch, image_shape)
     guided = functools.partial(sampling.conditional_velocity_fn, velocity, cond=labels,
                                guidance_scale=guidance_scale, null_class=null_class)
     traj = sampling.sample(guided(params), x, sigmas, jax.random.fold_in(key, 1), method="ode",
@@ -113,14 +114,15 @@ def adjoint_sensitivity(velocity, params, labels, key, *, reward_fn, image_shape
       step k would raise sample b's reward.
     """
     sigmas = jnp.asarray(flow.inference_sigmas(num_steps, shift))
-    x = sampling.initial_noise(jax.random.fold_in(key, 0), labels.shape[0], image_shape)
+    batch = sampling.cond_batch_size(labels)
+    x = sampling.initial_noise(jax.random.fold_in(key, 0), batch, image_shape)
     vfn = sampling.conditional_velocity_fn(velocity, params, labels,
                                            guidance_scale=guidance_scale, null_class=null_class)
 
     def total_reward(eps):
         return jnp.sum(reward_fn(scaled_velocity_sample(vfn, x, sigmas, eps), labels))
 
-    return jax.grad(total_reward)(jnp.zeros((num_steps, labels.shape[0]), jnp.float32))
+    return jax.grad(total_reward)(jnp.zeros((num_steps, batch), jnp.float32))
 
 
 def sensitivity_summary(g) -> dict[str, list[float]]:

@@ -222,7 +222,7 @@ def renoised_batch(key, x0, cond, advantage, *, sigma_sampler) -> dict:
     Args:
       key: typed PRNG key.
       x0: (B, H, W, C) clean samples in [-1, 1] drawn from the sampling policy.
-      cond: (B,) int32 labels used to draw them.
+      cond: (B,) int32 labels used to draw them, or a conditioning pytree (leading axis B).
       advantage: (B,) float32 advantages (e.g. from ``advantages.group_advantages``).
       sigma_sampler: ``(key, B) -> (B,)`` in [0, 1], e.g. ``TIMESTEP_SAMPLERS[name]`` (with its
         options bound) or :func:`schedule_sigma_sampler`.

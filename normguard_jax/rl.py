@@ -166,7 +166,8 @@ def rollout(params, labels, key, *, velocity, image_shape, sigmas, method, noise
     Returns:
       ``(rollout, components)`` with per-sample reward components.
     """
-    x = sampling.initial_noise(jax.random.fold_in(key, 0), labels.shape[0], image_shape)
+    x = sampling.initial_noise(jax.random.fold_in(key, 0), sampling.cond_batch_size(labels),
+                               image_shape)
     vfn = sampling.conditional_velocity_fn(velocity, params, labels,
                                            guidance_scale=guidance_scale, null_class=null_class)
     traj = sampling.sample(vfn, x, sigmas, jax.random.fold_in(key, 1), method=method,

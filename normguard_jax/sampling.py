@@ -327,6 +327,34 @@ def _per_sample_std(a: jax.Array) -> jax.Array:
     return jnp.std(a, axis=tuple(range(1, a.ndim)), keepdims=True)
 
 
+def tree_concat(a, b):
+    """Concatenates two conditionings (pytrees of arrays with a leading batch axis) along it."""
+    return jax.tree.map(lambda u, w: jnp.concatenate([u, w], axis=0), a, b)
+
+
+def cond_batch_size(cond) -> int:
+    """The batch size of a conditioning: the leading axis of its (first) array."""
+    return jax.tree.leaves(cond)[0].shape[0]
+
+
+def null_condition(cond, null_class):
+    """The unconditional conditioning of a batch, for classifier-free guidance.
+
+    Args:
+      cond: the batch's conditioning: ``(B,)`` int32 class labels, or a pytree of arrays with a
+        leading batch axis (text models: ``{"text": (B, L, D), "pooled": (B, P)}``).
+      null_class: for labels, the null label (``num_classes``); for a pytree, the negative (or
+        empty-prompt) conditioning with the same structure and a leading axis of 1 (or B).
+
+    Returns:
+      A conditioning of ``cond``'s structure, shapes and dtypes.
+    """
+    if isinstance(null_class, int):
+        return jax.tree.map(lambda c: jnp.full_like(c, null_class), cond)
+    return jax.tree.map(lambda n, c: jnp.broadcast_to(n, c.shape).astype(c.dtype),
+                        null_class, cond)
+
+
 def guided_velocity(
     velocity: Callable,
     params,
@@ -341,7 +369,7 @@ def guided_velocity(
     """Classifier-free guided velocity ``v_u + w·(v_c - v_u)``, optionally CFG-rescaled.
 
     The conditional and unconditional velocities come from ONE call of ``velocity`` on the
-    concatenated batch ``[x; x]`` with labels ``[cond; null_class]``. When ``guidance_scale`` is
+    concatenated batch ``[x; x]`` with conditioning ``[cond; null]``. When ``guidance_scale`` is
     the Python number 1.0 the result is the plain conditional velocity and the null pass is
     skipped altogether.
 
@@ -355,10 +383,11 @@ def guided_velocity(
       params: generator parameters.
       x: ``(B, H, W, C)`` states.
       sigma: scalar or ``(B,)`` levels in [0, 1] (broadcast to ``(B,)`` before the call).
-      cond: ``(B,)`` int32 class labels.
+      cond: ``(B,)`` int32 class labels, or a conditioning pytree (see :func:`null_condition`).
       guidance_scale: ``w`` (Python float or traced scalar); 1 means no guidance.
       rescale_phi: ``φ`` ∈ [0, 1].
-      null_class: label of the unconditional class (``num_classes``).
+      null_class: the unconditional label (``num_classes``), or for a pytree ``cond`` the
+        negative / empty-prompt conditioning (:func:`null_condition`).
 
     Returns:
       ``(B, H, W, C)`` guided velocity.
@@ -371,7 +400,7 @@ def guided_velocity(
         params,
         jnp.concatenate([x, x], axis=0),
         jnp.concatenate([sigma, sigma], axis=0),
-        jnp.concatenate([cond, jnp.full_like(cond, null_class)], axis=0),
+        tree_concat(cond, null_condition(cond, null_class)),
     )
     v_cond, v_uncond = both[:batch], both[batch:]
     v = v_uncond + guidance_scale * (v_cond - v_uncond)
@@ -682,7 +711,7 @@ def generate_images(velocity, params, labels, key, *, image_shape, num_steps: in
       (B, H, W, C) float32 final states (not clipped; data lives in [-1, 1]).
     """
     sigmas = jnp.asarray(inference_sigmas(num_steps, shift))
-    x = initial_noise(jax.random.fold_in(key, 0), labels.shape[0], image_shape)
+    x = initial_noise(jax.random.fold_in(key, 0), cond_batch_size(labels), image_shape)
     vfn = conditional_velocity_fn(velocity, params, labels, guidance_scale=guidance_scale,
                                   null_class=null_class, rescale_phi=rescale_phi)
     ref_fn = None if renormalize_to is None else conditional_velocity_fn(

@@ -158,3 +158,73 @@ def test_train_iteration_skips_every_update_when_a_reward_is_not_finite():
     jax.tree.map(np.testing.assert_array_equal, after.params, state0.params)
     jax.tree.map(np.testing.assert_array_equal, after.opt_state, state0.opt_state)
     assert int(after.iteration) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Conditioning as a pytree: the same maths as class labels.
+# ----------------------------------------------------------------------------------------------
+
+
+def onehot_velocity(params, x, sigma, cond):
+    """``toy_velocity`` reading the class from a dict conditioning ``{"onehot": (B, 4)}``."""
+    shift = cond["onehot"] @ params["c"]                       # (B, 1) = c[label]
+    return params["a"] * x + params["b"] * sigma[:, None, None, None] + shift[:, None, None, :]
+
+
+def as_dict(labels):
+    return {"onehot": jax.nn.one_hot(labels, NUM_CLASSES + 1, dtype=jnp.float32)}
+
+
+def test_guidance_with_a_pytree_conditioning_matches_labels():
+    from normguard_jax import sampling
+    x = jax.random.normal(jax.random.key(0), (6,) + SHAPE)
+    sigma = jnp.linspace(0.1, 0.9, 6)
+    labels = jnp.array([0, 1, 2, 0, 1, 2], jnp.int32)
+    with_labels = sampling.guided_velocity(toy_velocity, jx(P_THETA), x, sigma, labels,
+                                           guidance_scale=3.0, null_class=NULL)
+    with_dict = sampling.guided_velocity(onehot_velocity, jx(P_THETA), x, sigma,
+                                         as_dict(labels), guidance_scale=3.0,
+                                         null_class=as_dict(jnp.array([NULL])))
+    np.testing.assert_allclose(with_dict, with_labels, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_trains_the_same_on_a_pytree_conditioning(name):
+    method = METHODS[name]
+    config = tiny_config(name)
+    ro, sigmas = toy_rollout(config, method)
+    ro_dict = ro._replace(labels=as_dict(ro.labels))
+    spec = rl.batch_spec(config, rl.sigma_sampler_for(config, sigmas))
+    batch = method.training_batch(ro, jax.random.key(1), spec)
+    batch_dict = method.training_batch(ro_dict, jax.random.key(1), spec)
+    assert batch_dict["cond"]["onehot"].shape[0] == batch["cond"].shape[0]
+    objective = method.make_objective(rl.objective_config(config, null_class=NULL))
+    losses = []
+    for velocity, b in ((toy_velocity, batch), (onehot_velocity, batch_dict)):
+        ctx = Context(velocity=velocity, ref_params=jx(P_REF), old_params=jx(P_THETA),
+                      key=jax.random.key(2))
+        guarded = normguard_wrap(objective)
+        (loss, aux), grads = jax.value_and_grad(guarded, has_aux=True)(
+            jx(P_THETA), jax.tree.map(lambda a: a[:8], b), ctx)
+        losses.append((loss, grads))
+    np.testing.assert_allclose(losses[1][0], losses[0][0], rtol=1e-5, atol=1e-7)
+    jax.tree.map(lambda g1, g0: np.testing.assert_allclose(g1, g0, rtol=1e-4, atol=1e-6),
+                 losses[1][1], losses[0][1])
+
+
+def normguard_wrap(objective):
+    from normguard_jax import normguard
+    return normguard.with_normguard(objective, normguard.NormGuardConfig(weight=0.5))
+
+
+def test_label_dropout_replaces_a_pytree_conditioning_by_the_empty_one():
+    from normguard_jax.objectives.flow_matching import make_flow_matching_batch
+    labels = jnp.arange(64, dtype=jnp.int32) % NUM_CLASSES
+    kwargs = dict(sigma_sampler=flow.TIMESTEP_SAMPLERS["uniform"], label_dropout=0.3)
+    plain = make_flow_matching_batch(jax.random.key(0), jnp.zeros((64,) + SHAPE), labels,
+                                     null_class=NULL, **kwargs)
+    tree = make_flow_matching_batch(jax.random.key(0), jnp.zeros((64,) + SHAPE),
+                                    as_dict(labels), null_class=as_dict(jnp.array([NULL])),
+                                    **kwargs)
+    np.testing.assert_array_equal(tree["cond"]["onehot"], as_dict(plain["cond"])["onehot"])
+    assert 0 < int(jnp.sum(plain["cond"] == NULL)) < 64

@@ -40,7 +40,8 @@ class VelocityPoints(NamedTuple):
       v_theta: (B, H, W, C) policy velocity ``v_θ(x, σ, cond)``, differentiable w.r.t. params.
       x: (B, H, W, C) the states ``x_σ`` the velocity was evaluated at.
       sigma: (B,) noise levels in [0, 1] (σ = 1 is pure noise).
-      cond: (B,) int32 class labels (``num_classes`` is the null class).
+      cond: the conditioning: (B,) int32 class labels (``num_classes`` is the null class), or
+        a pytree of arrays with leading axis B (text models: ``{"text", "pooled"}``).
       v_ref: optional (B, H, W, C) frozen reference velocity at the same points. ``None`` when
         the objective did not need it; the NormGuard transform then computes it once.
     """
@@ -109,7 +110,8 @@ class Rollout(NamedTuple):
     belongs to group ``i // K``).
 
     Attributes:
-      labels: (N,) int32 requested classes (group-contiguous).
+      labels: the conditioning of each sample (group-contiguous): (N,) int32 requested
+        classes, or a pytree of arrays with leading axis N (e.g. text embeddings).
       images: (N, H, W, C) final samples (σ = 0).
       rewards: (N,) float32 combined reward.
       advantages: (N,) float32 per-prompt normalised, clipped advantages.
@@ -157,7 +159,7 @@ def renoised_rollout_batch(rollout: Rollout, key: jax.Array, spec: BatchSpec) ->
     levels. Keys: see :func:`normguard_jax.flow.renoised_batch`.
     """
     tile = lambda a: jnp.tile(a, (spec.renoise_draws,) + (1,) * (a.ndim - 1))
-    return flow.renoised_batch(key, tile(rollout.images), tile(rollout.labels),
+    return flow.renoised_batch(key, tile(rollout.images), jax.tree.map(tile, rollout.labels),
                                tile(rollout.advantages), sigma_sampler=spec.sigma_sampler)
 
 

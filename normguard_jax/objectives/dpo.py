@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from normguard_jax import advantages as advantages_lib
-from normguard_jax import flow
+from normguard_jax import flow, sampling
 from normguard_jax.objectives.base import (Aux, BatchSpec, Context, Method, Rollout,
                                            VelocityPoints, check_field, pixel_mean)
 
@@ -87,7 +87,7 @@ def make_objective(cfg: DPOConfig):
         x0 = jnp.concatenate([batch["x0_w"], batch["x0_l"]], axis=0)
         noise = jnp.concatenate([batch["noise"], batch["noise"]], axis=0)
         sigma = jnp.concatenate([batch["sigma"], batch["sigma"]], axis=0)
-        cond = jnp.concatenate([batch["cond"], batch["cond"]], axis=0)
+        cond = sampling.tree_concat(batch["cond"], batch["cond"])
         x = flow.interpolate(x0, noise, sigma)
         target = flow.velocity_target(x0, noise)
         v = ctx.velocity(params, x, sigma, cond)
@@ -127,7 +127,7 @@ def make_dpo_batch(key, x0, cond, rewards, *, sigma_sampler) -> dict:
     Args:
       key: typed PRNG key.
       x0: (G, K, H, W, C) clean rollout samples, K per prompt.
-      cond: (G,) int32 label of each group.
+      cond: (G,) int32 label of each group, or a conditioning pytree with leading axis G.
       rewards: (G, K) rewards.
       sigma_sampler: ``(key, G) -> (G,)`` σ sampler (``flow.TIMESTEP_SAMPLERS`` entry with its
         options bound, or ``flow.schedule_sigma_sampler``).
@@ -144,7 +144,7 @@ def make_dpo_batch(key, x0, cond, rewards, *, sigma_sampler) -> dict:
         "x0_l": x0_l,
         "noise": jax.random.normal(k_noise, x0_w.shape, jnp.float32),
         "sigma": sigma_sampler(k_sigma, x0.shape[0]).astype(jnp.float32),
-        "cond": jnp.asarray(cond, jnp.int32),
+        "cond": cond,
         "valid": valid.astype(jnp.float32),
     }
 
@@ -153,7 +153,8 @@ def training_batch(rollout: Rollout, key: jax.Array, spec: BatchSpec) -> dict:
     """The best and worst sample of every group with shared noise and σ (B = G rows)."""
     k = spec.group_size
     x0 = rollout.images.reshape((-1, k) + rollout.images.shape[1:])
-    return make_dpo_batch(key, x0, rollout.labels[::k], rollout.rewards.reshape(-1, k),
+    first = jax.tree.map(lambda a: a[::k], rollout.labels)   # one conditioning per group
+    return make_dpo_batch(key, x0, first, rollout.rewards.reshape(-1, k),
                           sigma_sampler=spec.sigma_sampler)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from normguard_jax import sampling
 from normguard_jax.objectives.base import Aux, Context, VelocityPoints
 
 
@@ -48,10 +49,11 @@ def make_flow_matching_batch(key, images, labels, *, sigma_sampler, null_class: 
     Args:
       key: typed PRNG key.
       images: (B, H, W, C) float32 in [-1, 1].
-      labels: (B,) int32 class labels.
+      labels: (B,) int32 class labels, or a conditioning pytree (leading axis B).
       sigma_sampler: ``(key, batch_size) -> (B,)`` σ sampler (see ``flow.TIMESTEP_SAMPLERS``).
-      null_class: label used for the unconditional branch of classifier-free guidance.
-      label_dropout: probability of replacing a label by ``null_class``.
+      null_class: the unconditional conditioning of classifier-free guidance: the null label,
+        or for a pytree the empty-prompt conditioning (``sampling.null_condition``).
+      label_dropout: probability of replacing a sample's conditioning by the unconditional one.
 
     Returns:
       The batch dict consumed by :func:`flow_matching_loss`.
@@ -61,5 +63,9 @@ def make_flow_matching_batch(key, images, labels, *, sigma_sampler, null_class: 
     noise = jax.random.normal(k_noise, images.shape, jnp.float32)
     sigma = sigma_sampler(k_sigma, b)
     drop = jax.random.bernoulli(k_drop, label_dropout, (b,))
-    cond = jnp.where(drop, null_class, labels).astype(jnp.int32)
+    labels = jax.tree.map(  # class labels as int32 (the data may store narrower integers)
+        lambda c: c.astype(jnp.int32) if jnp.issubdtype(c.dtype, jnp.integer) else c, labels)
+    null = sampling.null_condition(labels, null_class)
+    cond = jax.tree.map(
+        lambda c, n: jnp.where(drop.reshape((b,) + (1,) * (c.ndim - 1)), n, c), labels, null)
     return {"x0": images, "noise": noise, "sigma": sigma, "cond": cond}

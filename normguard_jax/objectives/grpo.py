@@ -216,7 +216,7 @@ def training_batch(rollout: Rollout, key: jax.Array, spec: BatchSpec) -> dict:
     del key
     traj = rollout.trajectory
     ks = jnp.asarray(spec.trained_steps, jnp.int32)
-    n = rollout.labels.shape[0]
+    n = rollout.rewards.shape[0]
     flat = lambda a: a.reshape((-1,) + a.shape[2:])
     sig = traj.sigmas
     return {
@@ -225,7 +225,8 @@ def training_batch(rollout: Rollout, key: jax.Array, spec: BatchSpec) -> dict:
         "sigma": jnp.repeat(sig[ks], n),
         "sigma_next": jnp.repeat(sig[ks + 1], n),
         "sigma_max": jnp.full((ks.shape[0] * n,), sig[1], jnp.float32),
-        "cond": jnp.tile(rollout.labels, ks.shape[0]),
+        "cond": jax.tree.map(lambda c: jnp.tile(c, (ks.shape[0],) + (1,) * (c.ndim - 1)),
+                             rollout.labels),
         "old_log_prob": flat(traj.log_probs[ks]),
         "advantage": jnp.tile(rollout.advantages, ks.shape[0]),
     }
