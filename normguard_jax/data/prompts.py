@@ -245,8 +245,9 @@ class Prompts(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         del dl_manager  # Generated procedurally or read from a local file.
-        prompt_set = self.prompt_set()
-        return {split: self._generate_examples(prompt_set.split(split)) for split in SPLITS}
+        prompt_set = self.prompt_set()  # TFDS refuses empty splits: they are left out
+        return {split: self._generate_examples(prompt_set.split(split)) for split in SPLITS
+                if prompt_set.split(split)}
 
     def _generate_examples(self, prompts):
         for index, prompt in enumerate(prompts):
@@ -271,7 +272,10 @@ def prepare_prompts(data_dir: str | os.PathLike,
 
 
 def load_prompts(builder: tfds.core.DatasetBuilder, split: str) -> tuple[Prompt, ...]:
-    """Reads a built split back as `Prompt`s, in the stored order."""
+    """Reads a built split back as `Prompt`s, in the stored order (a split left out because it
+    had no prompt reads as empty)."""
+    if split not in builder.info.splits:
+        return ()
     source = builder.as_data_source(split=split)
     records = sorted(source.__getitems__(range(len(source))), key=lambda r: int(r["index"]))
     return tuple(Prompt(text=_as_str(r["text"]), **{name: int(r[name]) for name in METADATA_FIELDS})
