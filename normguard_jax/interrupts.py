@@ -1,7 +1,10 @@
-"""Turns SIGTERM (preemption, ``kill``) into a flag that a training loop polls between steps.
+"""Turns SIGTERM (preemption, ``kill``) and Ctrl-C into a flag a training loop polls between steps.
 
-The loop then writes a checkpoint of the last completed step and returns, so a preempted TPU VM
-or a cancelled job loses nothing. Ctrl-C (KeyboardInterrupt) is handled the same way by the loops.
+The loop then writes a checkpoint of the last completed step, so a preempted TPU VM or a
+cancelled job loses nothing: on SIGTERM it returns, on Ctrl-C it raises ``KeyboardInterrupt``
+after the checkpoint. Stopping at a step boundary matters: a ``KeyboardInterrupt`` raised inside
+a jitted step whose inputs are donated would leave no valid state to save. A second Ctrl-C
+raises ``KeyboardInterrupt`` at once.
 """
 
 from __future__ import annotations
@@ -11,17 +14,28 @@ import threading
 
 
 class StopFlag:
-    """Context manager that sets ``self.requested`` when SIGTERM arrives (main thread only)."""
+    """Context manager that sets ``self.requested`` when SIGTERM or SIGINT arrives.
 
-    def __init__(self, signals=(signal.SIGTERM,)):
+    Handlers are installed in the main thread only (elsewhere the flag never rises).
+    """
+
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
         self.requested = False
+        self.signal = None
         self._signals = signals
         self._previous = {}
 
     def _handle(self, signum, frame):
         del frame
+        if signum == signal.SIGINT and self.signal == signal.SIGINT:
+            raise KeyboardInterrupt   # a second Ctrl-C: stop now
         self.requested = True
         self.signal = signum
+
+    @property
+    def interrupted(self) -> bool:
+        """Whether the stop was asked by Ctrl-C (SIGINT) rather than SIGTERM."""
+        return self.signal == signal.SIGINT
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():

@@ -6,8 +6,9 @@ sample grids, and the final save. What it guarantees:
 
 - after unit ``n`` (1-based) a checkpoint at ``n`` is saved when ``n`` is a multiple of the
   manager's interval, and always at the end, on SIGTERM and on Ctrl-C (each step saved once);
-- SIGTERM on any process checkpoints the last completed unit and returns; Ctrl-C checkpoints it
-  and re-raises ``KeyboardInterrupt``;
+- SIGTERM on any process checkpoints the last completed unit and returns; Ctrl-C lets the unit
+  in progress finish, checkpoints it and raises ``KeyboardInterrupt`` (a second Ctrl-C, or one
+  outside the loop's polling, raises at once after a best-effort checkpoint);
 - ``max_nonfinite`` units in a row with skipped updates stop the run with
   :class:`nonfinite.NonFiniteError`; the checkpoints written so far hold the last good state;
 - scalars are written every ``log_every`` units, at the end, and at every unit with a skip.
@@ -112,16 +113,24 @@ def run(state: Any, unit: Unit, *, schedule: Schedule, manager, writer,
                 if done % schedule.sample_every == 0 and done != total:
                     write_samples(state, done)
                 if distributed.any_process(stop.requested):
-                    logging.warning("SIGTERM: checkpointing %s %d and stopping.",
+                    logging.warning("%s: checkpointing %s %d and stopping.",
+                                    "Ctrl-C" if stop.interrupted else "SIGTERM",
                                     schedule.unit_name, done)
                     checkpoint(done, force=True)
+                    if stop.interrupted:
+                        raise KeyboardInterrupt
                     break
             else:
                 checkpoint(total, force=True)
                 write_samples(state, total)
         except KeyboardInterrupt:
-            logging.warning("Interrupted: checkpointing %s %d.", schedule.unit_name, done)
-            checkpoint(done, force=True)
+            if saved["step"] != done:
+                logging.warning("Interrupted: checkpointing %s %d.", schedule.unit_name, done)
+                try:
+                    checkpoint(done, force=True)
+                except Exception as e:  # noqa: BLE001 - e.g. interrupted inside a donating step
+                    logging.warning("Could not checkpoint %s %d (%s); the run resumes from "
+                                    "its last checkpoint.", schedule.unit_name, done, e)
             raise
         finally:
             manager.wait_until_finished()

@@ -406,6 +406,28 @@ def test_sigterm_checkpoints_the_step_reached_and_exits_zero(data_dir, tmp_path)
 
 
 @pytest.mark.slow
+def test_ctrl_c_checkpoints_at_a_step_boundary_and_exits_130_in_one_line(data_dir, tmp_path):
+    data.load_split("digits_sklearn", "train", data_dir)
+    workdir = str(tmp_path / "int")
+    args, env = _cli(workdir, data_dir, steps=100000, checkpoint_every=1000)
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_logged_step(proc, workdir, 2)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1].startswith("interrupted: ")
+    reached = int(re.search(r"Ctrl-C: checkpointing step (\d+)", stderr).group(1))
+    assert reached >= 2 and _checkpoint_steps(workdir)[-1] == reached  # off the save interval
+    assert generators.load_pretrained(workdir).step == reached
+
+
+@pytest.mark.slow
 def test_sigkill_at_a_random_moment_then_resume_is_bit_identical(data_dir, tmp_path):
     steps = 30
     data.load_split("digits_sklearn", "train", data_dir)
