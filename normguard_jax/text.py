@@ -28,10 +28,12 @@ guidance, encoded like the pipelines' default negative prompt). Read it without 
     train = load_embeddings(workdir, "train")    # PromptEmbeddings: .text (N, L, D), .pooled
     null = null_condition(workdir)               # {"text": (L, D), "pooled": (P,)}
 
-The job is atomic: it builds into `<workdir>/.embeddings.partial-<pid>` and renames the finished
-dataset to `<workdir>/embeddings`; a run that finds a finished dataset made from the same
-request does nothing, one made from another request is refused. Leftover partial folders of
-interrupted runs are removed. torch and transformers are imported only inside the functions
+Progress (prompts done of all, prompts/s, ETA) is logged after every batch and kept in
+`<workdir>/embed_prompts_progress.json`. The job is atomic: it builds into
+`<workdir>/.embeddings.partial-<pid>` and renames the finished dataset to
+`<workdir>/embeddings`; a run that finds a finished dataset made from the same request does
+nothing, one made from another request is refused. Leftover partial folders of interrupted
+runs are removed. torch and transformers are imported only inside the functions
 that encode (the training path never imports them; tests check it).
 """
 
@@ -48,6 +50,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from normguard_jax import file_lock
 from normguard_jax.config_checks import ConfigError
 from normguard_jax.data import prompts as prompts_lib
 
@@ -59,6 +62,7 @@ DATASET_NAME = "prompt_embeddings"
 VERSION = "1.0.0"
 EMBEDDINGS_DIR = "embeddings"
 META_FILE = "normguard_embeddings.json"
+PROGRESS_FILE = "embed_prompts_progress.json"   # in the workdir: done/total, rate, ETA
 # Encoders each family needs, and the diffusers pipeline subfolders of (encoder, tokenizer).
 ENCODERS = {"sd3": ("clip_l", "clip_g", "t5"), "flux": ("clip_l", "t5")}
 PIPELINE_FOLDERS = {
@@ -267,9 +271,14 @@ def _records(split: str, prompts, encode_batch, batch_size: int, store_dtype: st
         progress["done"] += len(chunk)
         elapsed = time.time() - progress["start"]
         rate = progress["done"] / max(elapsed, 1e-9)
+        eta = (progress["total"] - progress["done"]) / rate
         logging.info("embed_prompts: %s %d/%d, all %d/%d prompts (%.2f prompts/s, ETA %.0f s)",
                      split, start + len(chunk), len(prompts), progress["done"],
-                     progress["total"], rate, (progress["total"] - progress["done"]) / rate)
+                     progress["total"], rate, eta)
+        with open(progress["path"] + ".tmp", "w") as handle:
+            json.dump({"split": split, "done": progress["done"], "total": progress["total"],
+                       "prompts_per_s": rate, "eta_s": eta}, handle)
+        os.replace(progress["path"] + ".tmp", progress["path"])
 
 
 def embeddings_dir(path: str | os.PathLike) -> str:
@@ -295,8 +304,6 @@ def run(config, workdir: str) -> str:
     os.makedirs(workdir, exist_ok=True)
     final = os.path.join(workdir, EMBEDDINGS_DIR)
     fingerprint = json.loads(json.dumps(request.fingerprint()))
-    from normguard_jax import file_lock  # noqa: PLC0415
-
     with file_lock.exclusive(os.path.join(workdir, ".embed_prompts.lock")):
         if os.path.isdir(final):
             done = read_meta(final)
@@ -312,7 +319,7 @@ def run(config, workdir: str) -> str:
                 shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
         partial = os.path.join(workdir, f".embeddings.partial-{os.getpid()}")
         try:
-            _build(request, partial, fingerprint)
+            _build(request, partial, fingerprint, os.path.join(workdir, PROGRESS_FILE))
             built = os.path.join(partial, DATASET_NAME, request.family, VERSION)
             os.rename(built, final)
         finally:
@@ -352,7 +359,7 @@ def _builder_class():
     return PromptEmbeddingsBuilder
 
 
-def _build(request: Request, data_dir: str, fingerprint: dict) -> None:
+def _build(request: Request, data_dir: str, fingerprint: dict, progress_path: str) -> None:
     prompt_set = prompts_lib.load_prompt_set(request.prompts, request.test_fraction,
                                              request.split_seed)
     splits = {"train": prompt_set.train, "test": prompt_set.test,
@@ -366,7 +373,8 @@ def _build(request: Request, data_dir: str, fingerprint: dict) -> None:
         return encode(encoders, request.family, texts, request.max_sequence_length)
 
     text, pooled = encode_batch([""])  # the shapes, and the empty prompt
-    progress = {"done": 0, "total": sum(len(p) for p in splits.values()), "start": time.time()}
+    progress = {"done": 0, "total": sum(len(p) for p in splits.values()), "start": time.time(),
+                "path": progress_path}
     # TFDS refuses empty splits: a split without prompts (e.g. test_fraction=0) is left out
     # of the files and read back as empty (meta["num_examples"] records it).
     split_records = {split: _records(split, prompts, encode_batch, request.batch_size,

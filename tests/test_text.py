@@ -170,6 +170,7 @@ def encoders(tmp_path_factory):
     diffusers.utils.logging.set_verbosity_error()   # its truncation warnings list every prompt
     pytest.importorskip("sentencepiece")
     root = tmp_path_factory.mktemp("encoders")
+    torch.set_num_threads(1)  # tiny matrices: threads only add contention on a shared CPU
     torch.manual_seed(0)
     objects, folders = {}, {}
     for name, width, projection, pad in (("clip_l", 32, 16, "<|endoftext|>"),
@@ -202,7 +203,7 @@ def _config(family, folders, **overrides):
     for name in ("clip_l", "clip_g", "t5"):
         config[name] = folders[name] if (family == "sd3" or name != "clip_g") else ""
     config.max_sequence_length = T5_LENGTH
-    config.batch_size = 64
+    config.batch_size = 512
     config.update(overrides)
     return config
 
@@ -238,7 +239,8 @@ def test_sd3_embeddings_equal_diffusers_encode_prompt(encoders, tmp_path):
     prompt_set = P.compositional_prompts()
     assert train.prompts == prompt_set.train and test.prompts == prompt_set.test
     assert empty.prompts == (P.Prompt(text=""),)
-    assert train.text.shape == (352, CLIP_LENGTH + T5_LENGTH, 80) and train.pooled.shape[1:] == (40,)
+    assert train.text.shape == (352, CLIP_LENGTH + T5_LENGTH, 80)
+    assert train.pooled.shape == (352, 40)
 
     pipe = StableDiffusion3Pipeline(
         transformer=None, scheduler=None, vae=None,
@@ -303,7 +305,10 @@ def test_embed_job_resumes_refuses_other_requests_and_reports_missing_folders(
     os.makedirs(os.path.join(workdir, ".embeddings.partial-999"))  # an interrupted run's leftover
     config = _config("flux", folders, prompts=str(path))
     final = text_lib.run(config, workdir)
-    assert sorted(os.listdir(workdir)) == [".embed_prompts.lock", "embeddings"]
+    assert sorted(os.listdir(workdir)) == [".embed_prompts.lock", "embed_prompts_progress.json",
+                                           "embeddings"]
+    progress = json.load(open(os.path.join(workdir, "embed_prompts_progress.json")))
+    assert (progress["done"], progress["total"]) == (4, 4)
     stamp = os.path.getmtime(os.path.join(final, text_lib.META_FILE))
     assert text_lib.run(config, workdir) == final          # done: nothing rebuilt
     assert os.path.getmtime(os.path.join(final, text_lib.META_FILE)) == stamp
@@ -319,3 +324,16 @@ def test_embed_job_resumes_refuses_other_requests_and_reports_missing_folders(
         text_lib.run(_config("sdxl", folders), workdir)
     with pytest.raises(FileNotFoundError, match="embed_prompts"):
         text_lib.load_embeddings(str(tmp_path), "train")
+
+
+def test_embed_prompts_command_line_reports_a_missing_folder(tmp_path):
+    """`python -m normguard_jax.main` dispatches to the job; a missing encoder folder is one
+    line on stderr with exit code 1, before torch is imported."""
+    command = [sys.executable, "-m", "normguard_jax.main", "--config=configs/embed_prompts.py",
+               f"--config.clip_l={tmp_path}/none", f"--workdir={tmp_path}/work"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: config.clip_l: '{tmp_path}/none' is not a transformers model folder "
+        "(no config.json there)")

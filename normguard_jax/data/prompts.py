@@ -5,7 +5,7 @@ randomness beyond a fixed hash), with a fixed train/test split (352 / 88) and st
 metadata that a rule-based reward can check:
 
     "three blue triangles"                          kind=count     count=3 colour=2 shape=2
-    "a red circle and a yellow cross"               kind=pair      (colour, shape) and (colour_2, shape_2)
+    "a red circle and a yellow cross"               kind=pair      colour_2=3 shape_2=3
     "a blue square to the left of a green triangle" kind=relation  position=0 ("to the left of")
 
 Colour and shape indices are those of the `shapes` dataset (`shapes.COLOUR_NAMES`,
