@@ -17,6 +17,8 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
+from diffusers_reference import randomise, relative_error  # noqa: E402
+
 TINY = dict(
     patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16,
     num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16,
@@ -28,18 +30,8 @@ TEXT_LEN = 7
 
 def _random_diffusers_model(guidance_embeds: bool, seed: int):
     torch.manual_seed(seed)
-    model = diffusers.FluxTransformer2DModel(**TINY, guidance_embeds=guidance_embeds)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 2:  # Linear weights, ~unit-variance outputs
-                p.copy_(torch.randn(p.shape, generator=gen) / np.sqrt(p.shape[1]))
-            elif name.endswith("norm_q.weight") or name.endswith("norm_k.weight") or (
-                    "norm_added" in name):
-                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen))
-            else:  # biases
-                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
-    return model.eval()
+    return randomise(
+        diffusers.FluxTransformer2DModel(**TINY, guidance_embeds=guidance_embeds), seed)
 
 
 def _inputs(guidance_embeds: bool, seed: int):
@@ -76,10 +68,6 @@ def _diffusers_velocity(model, x, sigma, cond):
     return pipe._unpack_latents(out, h * 8, w * 8, 8).permute(0, 2, 3, 1).numpy()
 
 
-def _relative_error(ours, ref):
-    return float(np.abs(ours - ref).max() / np.abs(ref).max())
-
-
 @pytest.mark.parametrize("guidance_embeds", [True, False], ids=["dev", "schnell"])
 def test_parity_with_diffusers(tmp_path, guidance_embeds):
     model = _random_diffusers_model(guidance_embeds, seed=1 + guidance_embeds)
@@ -90,7 +78,7 @@ def test_parity_with_diffusers(tmp_path, guidance_embeds):
     _, params, velocity = flux.load_flux(str(tmp_path))
     ours = np.asarray(jax.jit(velocity)(params, x, sigma, cond))
     assert ours.shape == x.shape and ref.shape == x.shape
-    err = _relative_error(ours, ref)
+    err = relative_error(ours, ref)
     print(f"max |Δ| / max |ref| = {err:.2e}")
     assert err < 1e-5
     np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
@@ -109,7 +97,7 @@ def test_bfloat16_activations_stay_close(tmp_path):
     assert jnp.asarray(params16["x_embedder"]["kernel"][...]).dtype == jnp.bfloat16
     ours = np.asarray(jax.jit(velocity16)(params16, x, sigma, cond))
     assert ours.dtype == np.float32
-    err = _relative_error(ours, ref)
+    err = relative_error(ours, ref)
     print(f"bfloat16 vs float32: max |Δ| / max |ref| = {err:.2e}")
     assert err < 5e-2
 

@@ -21,6 +21,8 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
+from diffusers_reference import randomise, relative_error  # noqa: E402
+
 RTOL = 1e-5  # max |ours - diffusers| / max |diffusers|, float32
 
 # SD3(-Medium)'s layout in miniature: no q/k norm, no dual attention; 3 blocks, so there is a
@@ -41,28 +43,6 @@ SD35_TINY = dict(
     dual_attention_layers=(0, 1), qk_norm="rms_norm")
 CASES = {"sd3": (SD3_TINY, (8, 8)), "sd35": (SD35_TINY, (8, 12))}
 TEXT_TOKENS = 5
-
-
-def _randomise(model, seed):
-    """Every parameter random: weights N(0, 1/fan_in), norm scales 1 + N(0, 0.3²), biases
-    N(0, 0.3²)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if p.ndim > 1:
-                p.copy_(noise / np.sqrt(p[0].numel()))
-            elif name.endswith("weight"):
-                p.copy_(1.0 + 0.3 * noise)
-            else:
-                p.copy_(0.3 * noise)
-    return model.eval()
-
-
-def _rel(ours, theirs):
-    ours, theirs = np.asarray(ours), np.asarray(theirs)
-    assert ours.shape == theirs.shape
-    return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
 
 
 def _inputs(config, hw, seed=0):
@@ -92,7 +72,7 @@ def saved(request, tmp_path_factory):
     """(name, diffusers model, folder) of each tiny case, saved once per module."""
     config, _ = CASES[request.param]
     torch.manual_seed(0)
-    model = _randomise(diffusers.SD3Transformer2DModel(**config).float(), seed=1)
+    model = randomise(diffusers.SD3Transformer2DModel(**config).float(), seed=1)
     folder = tmp_path_factory.mktemp(f"mmdit_{request.param}")
     model.save_pretrained(folder, safe_serialization=True)
     yield request.param, model, str(folder)
@@ -107,7 +87,7 @@ def test_equals_diffusers(saved):
     ours = jax.jit(velocity)(params, jnp.asarray(x), jnp.asarray(sigma),
                              {k: jnp.asarray(v) for k, v in cond.items()})
     assert ours.dtype == jnp.float32
-    rel = _rel(ours, _diffusers_velocity(model, x, sigma, cond))
+    rel = relative_error(ours, _diffusers_velocity(model, x, sigma, cond))
     print(f"{name}: max relative error {rel:.2e}")
     assert rel < RTOL, f"{name}: max |ours - diffusers| / max |diffusers| = {rel:.2e}"
     # The position table this module recomputes is the buffer diffusers saved.
@@ -126,7 +106,7 @@ def test_bfloat16_activations_stay_close(saved):
     _, params16, velocity16 = mmdit.load_mmdit(folder, dtype=jnp.bfloat16)
     out16 = jax.jit(velocity16)(params16, *args)
     assert out16.dtype == jnp.float32
-    assert _rel(out16, jax.jit(velocity32)(params32, *args)) < 5e-2
+    assert relative_error(out16, jax.jit(velocity32)(params32, *args)) < 5e-2
 
 
 def test_a_wrong_mapping_is_seen(saved):
@@ -142,7 +122,7 @@ def test_a_wrong_mapping_is_seen(saved):
     x, sigma, cond = _inputs(config, hw)
     ours = jax.jit(velocity)(params, jnp.asarray(x), jnp.asarray(sigma),
                              {key: jnp.asarray(a) for key, a in cond.items()})
-    assert _rel(ours, _diffusers_velocity(model, x, sigma, cond)) > 100 * RTOL
+    assert relative_error(ours, _diffusers_velocity(model, x, sigma, cond)) > 100 * RTOL
 
 
 def test_unmapped_and_missing_keys_fail_loudly(saved, tmp_path):

@@ -20,6 +20,8 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
+from diffusers_reference import randomise, relative_error  # noqa: E402
+
 RTOL = 1e-5  # max |ours - diffusers| / max |diffusers|, float32
 
 # SD3's layout in miniature: three levels (two downsamplings, one width change on the way down
@@ -48,28 +50,6 @@ SD3 = dict(
     latents_mean=None, latents_std=None, force_upcast=True, sample_size=1024)
 
 
-def _randomise(model, seed):
-    """Every parameter random: weights N(0, 1/fan_in), GroupNorm scales 1 + N(0, 0.3²), biases
-    N(0, 0.3²)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if p.ndim > 1:
-                p.copy_(noise / np.sqrt(p[0].numel()))
-            elif name.endswith("weight"):
-                p.copy_(1.0 + 0.3 * noise)
-            else:
-                p.copy_(0.3 * noise)
-    return model.eval()
-
-
-def _rel(ours, theirs):
-    ours, theirs = np.asarray(ours), np.asarray(theirs)
-    assert ours.shape == theirs.shape
-    return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
-
-
 def _nchw(x):
     return torch.from_numpy(np.ascontiguousarray(np.transpose(np.asarray(x), (0, 3, 1, 2))))
 
@@ -82,7 +62,7 @@ def _nhwc(t):
 def pair(request, tmp_path_factory):
     """(diffusers model, loaded VAE, jitted fns, config dict) saved to and loaded from disk."""
     config = {"sd3": SD3_TINY, "sdxl": SDXL_TINY}[request.param]
-    model = _randomise(diffusers.AutoencoderKL(**config), seed=0)
+    model = randomise(diffusers.AutoencoderKL(**config), seed=0)
     folder = tmp_path_factory.mktemp(f"vae_{request.param}")
     model.save_pretrained(folder)
     loaded = vae.load_vae(str(folder))
@@ -99,7 +79,7 @@ def test_decode_matches_diffusers(pair):
     got = fns.decode(loaded.params, latents)
     side = 4 * 2 ** (len(config["block_out_channels"]) - 1)
     assert got.shape == (2, side, side, 3)
-    err = _rel(got, want)
+    err = relative_error(got, want)
     print(f"decode max relative error {err:.2e}")
     assert err < RTOL
     np.testing.assert_allclose(fns.decode_unscaled(loaded.params, latents / scale + shift),
@@ -122,13 +102,13 @@ def test_encode_matches_diffusers(pair):
                 fns.encode(params, images, key), fns.encode_unscaled(params, images, key))
 
     got, got_unscaled, sample, sample_unscaled = encodings(loaded.params)
-    err = _rel(got, (mean - shift) * scale)  # the SD3 img2img pipeline's scaling
+    err = relative_error(got, (mean - shift) * scale)  # the SD3 img2img pipeline's scaling
     print(f"encode max relative error {err:.2e}")
     assert err < RTOL
-    assert _rel(got_unscaled, mean) < RTOL
+    assert relative_error(got_unscaled, mean) < RTOL
     # a posterior sample: mean + std · N(0, 1) with the key's normal draw
-    assert _rel(sample_unscaled, mean + std * noise) < RTOL
-    assert _rel(sample, (mean + std * noise - shift) * scale) < RTOL
+    assert relative_error(sample_unscaled, mean + std * noise) < RTOL
+    assert relative_error(sample, (mean + std * noise - shift) * scale) < RTOL
 
 
 def test_a_wrong_mapping_is_seen(pair):
@@ -146,7 +126,7 @@ def test_a_wrong_mapping_is_seen(pair):
         swapped[a], swapped[b] = flat[b], flat[a]
         params = jax.tree.map(lambda x: x, loaded.params)
         params.replace_by_pure_dict(traverse_util.unflatten_dict(swapped))
-        assert _rel(fns.decode(params, latents), base) > 1e-2, (a, b)
+        assert relative_error(fns.decode(params, latents), base) > 1e-2, (a, b)
 
 
 def test_unmapped_and_missing_keys_fail_loudly(pair, tmp_path):
@@ -236,6 +216,6 @@ def test_bfloat16_activations_stay_close(pair):
     latents = jax.random.normal(jax.random.key(1), (1, 4, 4, config["latent_channels"]))
     got = jax.jit(vae.make_vae_fns(low.graphdef).decode)(low.params, latents)
     assert got.dtype == jnp.float32
-    err = _rel(got, fns.decode(loaded.params, latents))
+    err = relative_error(got, fns.decode(loaded.params, latents))
     print(f"bfloat16 decode relative error {err:.2e}")
     assert err < 0.05

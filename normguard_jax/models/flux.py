@@ -78,24 +78,22 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from normguard_jax.models import hf_weights
+from normguard_jax.models import hf_weights, init_in_own_trace, init_module, make_velocity_fn
+from normguard_jax.models.layers import (
+    MLP_RATIO, Attention, FeedForward, Modulation, TimeTextEmbedding, TransformerConfig,
+    attention, call_block, dense, layer_norm, modulate,
+)
 
-# Width of the sinusoidal embeddings of 1000·σ and 1000·guidance.
-TIMESTEP_FREQ_DIM = 256
-# σ and the guidance scale are multiplied by this before their sinusoidal embeddings.
-TIME_SCALE = 1000.0
 # Base θ of the rotary position angles.
 ROPE_THETA = 10_000.0
-# eps of every LayerNorm and of the q/k RMSNorms.
-NORM_EPS = 1e-6
-# Hidden width of every MLP, as a multiple of D.
-MLP_RATIO = 4
 
 
 @dataclasses.dataclass(frozen=True)
-class FluxConfig:
+class FluxConfig(TransformerConfig):
     """Architecture of a FLUX.1-class transformer: the fields, names and defaults of diffusers'
-    ``FluxTransformer2DModel`` config (a ``config.json`` without a field means the default).
+    ``FluxTransformer2DModel`` config (a ``config.json`` without a field means the default);
+    ``from_dict``, ``width`` and ``output_channels`` (the width of a packed output token) from
+    ``layers.TransformerConfig``.
 
     Attributes:
       patch_size: must be 1 (every FLUX.1 checkpoint): the 2×2 packing is done outside
@@ -126,28 +124,7 @@ class FluxConfig:
     guidance_embeds: bool = False
     axes_dims_rope: tuple[int, ...] = (16, 56, 56)
 
-    @classmethod
-    def from_dict(cls, config: Mapping[str, Any]) -> FluxConfig:
-        """From a diffusers config dict; keys starting with "_" (``_class_name``,
-        ``_diffusers_version``, …) are ignored, any other unknown key is an error."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(k for k in config if not k.startswith("_") and k not in fields)
-        if unknown:
-            raise ValueError(f"FLUX config: unknown fields {unknown}; known: {sorted(fields)}")
-        values = {k: v for k, v in config.items() if k in fields}
-        if "axes_dims_rope" in values:
-            values["axes_dims_rope"] = tuple(values["axes_dims_rope"])
-        return cls(**values)
-
-    @property
-    def width(self) -> int:
-        """Token width D = num_attention_heads · attention_head_dim."""
-        return self.num_attention_heads * self.attention_head_dim
-
-    @property
-    def output_channels(self) -> int:
-        """Width of a packed output token."""
-        return self.in_channels if self.out_channels is None else self.out_channels
+    NAME = "FLUX"
 
     def validate(self) -> None:
         """Raises ValueError naming the field of an unsupported or inconsistent config."""
@@ -198,24 +175,6 @@ FLUX_DEV_CONFIG: dict[str, Any] = dict(
 # fixed tables
 
 
-@functools.lru_cache(maxsize=1)
-def _timestep_frequencies() -> np.ndarray:
-    """(128,) float32 ``exp(-ln(10000)·k/128)``: the exponent in float32 as diffusers forms it,
-    the exponential in float64 rounded to float32 (XLA's float32 exp differs from torch's by an
-    ulp in a sixth of the entries, which at 1000·guidance = 3500 moves an angle by 2e-4)."""
-    half = TIMESTEP_FREQ_DIM // 2
-    exponent = np.float32(-np.log(10_000.0)) * np.arange(half, dtype=np.float32) / np.float32(half)
-    freqs = np.exp(exponent.astype(np.float64)).astype(np.float32)
-    freqs.setflags(write=False)
-    return freqs
-
-
-def timestep_embedding(t: jax.Array) -> jax.Array:
-    """(B,) values (1000·σ or 1000·guidance) -> (B, 256) float32 ``[cos(t·f_k), sin(t·f_k)]``."""
-    args = t.astype(jnp.float32)[:, None] * jnp.asarray(_timestep_frequencies())[None, :]
-    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
-
-
 def image_ids(grid_h: int, grid_w: int) -> np.ndarray:
     """(grid_h·grid_w, 3) float32 position ids of the packed image tokens, row-major:
     token i·grid_w + j has ids (0, i, j) — the pipeline's ``_prepare_latent_image_ids``."""
@@ -261,153 +220,43 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 # layers
 
 
-def _layer_norm(x: jax.Array) -> jax.Array:
-    """LayerNorm over the last axis without affine parameters, statistics in float32."""
-    xf = x.astype(jnp.float32)
-    mean = jnp.mean(xf, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
-    return ((xf - mean) * jax.lax.rsqrt(var + NORM_EPS)).astype(x.dtype)
-
-
-def _modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
-    """x (B, T, D); shift, scale (B, D) -> x·(1 + scale) + shift, broadcast over tokens."""
-    return x * (1.0 + scale[:, None, :]) + shift[:, None, :]
-
-
-class RMSNorm(nnx.Module):
-    """RMS normalisation over the last axis with a learnt scale (initialised to 1); the
-    statistic is computed in float32, the result cast back to the input dtype."""
-
-    def __init__(self, dim: int, *, param_dtype: jnp.dtype):
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        xf = x.astype(jnp.float32)
-        inv = jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + NORM_EPS)
-        return (xf * inv * self.scale[...].astype(jnp.float32)).astype(x.dtype)
-
-
-class Modulation(nnx.Module):
-    """SiLU(c) → Linear(D → n·D), split into n (B, D) vectors (adaLN; zero-initialised)."""
-
-    def __init__(self, dim: int, n: int, *, dense: dict[str, Any]):
-        zeros = nnx.initializers.zeros_init()
-        self.n = n
-        self.linear = nnx.Linear(dim, n * dim, **{**dense, "kernel_init": zeros})
-
-    def __call__(self, c: jax.Array) -> list[jax.Array]:
-        return jnp.split(self.linear(nnx.silu(c)), self.n, axis=-1)
-
-
-class FeedForward(nnx.Module):
-    """Linear(D → 4D) → tanh-GELU → Linear(4D → D)."""
-
-    def __init__(self, dim: int, *, dense: dict[str, Any]):
-        self.fc1 = nnx.Linear(dim, MLP_RATIO * dim, **dense)
-        self.fc2 = nnx.Linear(MLP_RATIO * dim, dim, **dense)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(nnx.gelu(self.fc1(x), approximate=True))
-
-
-class MLPEmbedder(nnx.Module):
-    """Linear → SiLU → Linear (timestep, guidance and pooled-text embedders)."""
-
-    def __init__(self, in_dim: int, dim: int, *, dense: dict[str, Any]):
-        self.linear_1 = nnx.Linear(in_dim, dim, **dense)
-        self.linear_2 = nnx.Linear(dim, dim, **dense)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.linear_2(nnx.silu(self.linear_1(x)))
-
-
-class Attention(nnx.Module):
-    """q/k/v maps with per-head RMSNorm of q and k for the image stream, and optionally for a
-    text stream (``joint``); the attention itself is ``_attend``.
-
-    ``joint=True`` (double-stream blocks): adds the text stream's maps ``add_{q,k,v}_proj``,
-    norms ``norm_added_{q,k}``, and both output maps ``to_out`` (image) and ``to_add_out``
-    (text). ``joint=False`` (single-stream blocks): q/k/v of the one sequence, no output map.
-    """
-
-    def __init__(
-        self, dim: int, num_heads: int, head_dim: int, *, joint: bool,
-        dense: dict[str, Any], param_dtype: jnp.dtype,
-    ):
-        self.num_heads = num_heads
-        self.head_dim = head_dim
-        inner = num_heads * head_dim
-        self.to_q = nnx.Linear(dim, inner, **dense)
-        self.to_k = nnx.Linear(dim, inner, **dense)
-        self.to_v = nnx.Linear(dim, inner, **dense)
-        self.norm_q = RMSNorm(head_dim, param_dtype=param_dtype)
-        self.norm_k = RMSNorm(head_dim, param_dtype=param_dtype)
-        if joint:
-            self.add_q_proj = nnx.Linear(dim, inner, **dense)
-            self.add_k_proj = nnx.Linear(dim, inner, **dense)
-            self.add_v_proj = nnx.Linear(dim, inner, **dense)
-            self.norm_added_q = RMSNorm(head_dim, param_dtype=param_dtype)
-            self.norm_added_k = RMSNorm(head_dim, param_dtype=param_dtype)
-            self.to_out = nnx.Linear(inner, dim, **dense)
-            self.to_add_out = nnx.Linear(inner, dim, **dense)
-        else:
-            self.add_q_proj = self.add_k_proj = self.add_v_proj = None
-            self.norm_added_q = self.norm_added_k = None
-            self.to_out = self.to_add_out = None
-
-    def _heads(self, proj: nnx.Linear, x: jax.Array) -> jax.Array:
-        """(B, T, D) -> (B, T, heads, head_dim)."""
-        return proj(x).reshape(x.shape[0], x.shape[1], self.num_heads, self.head_dim)
-
-    def qkv(self, x: jax.Array, text: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """q, k, v (B, T, heads, head_dim) of one stream, q and k RMS-normalised per head."""
-        if text:
-            maps = (self.add_q_proj, self.add_k_proj, self.add_v_proj)
-            norms = (self.norm_added_q, self.norm_added_k)
-        else:
-            maps = (self.to_q, self.to_k, self.to_v)
-            norms = (self.norm_q, self.norm_k)
-        q = norms[0](self._heads(maps[0], x))
-        k = norms[1](self._heads(maps[1], x))
-        return q, k, self._heads(maps[2], x)
-
-
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, rope: tuple[jax.Array, jax.Array]
             ) -> jax.Array:
-    """Softmax attention (scale 1/sqrt(head_dim), logits and softmax in float32) after the
-    rotation of q and k; (B, S, heads, head_dim) -> (B, S, heads·head_dim)."""
+    """``layers.attention`` after the rotation of q and k; (B, S, heads, head_dim) ->
+    (B, S, heads·head_dim)."""
     cos, sin = rope
-    out = jax.nn.dot_product_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
-    return out.reshape(out.shape[0], out.shape[1], -1)
+    return attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
 
 
 class DoubleStreamBlock(nnx.Module):
     """Image and text streams with their own weights sharing one attention (diffusers'
     ``FluxTransformerBlock``); see the module docstring."""
 
-    def __init__(self, dim: int, num_heads: int, head_dim: int, *, dense: dict[str, Any],
-                 param_dtype: jnp.dtype):
-        self.norm1 = Modulation(dim, 6, dense=dense)
-        self.norm1_context = Modulation(dim, 6, dense=dense)
-        self.attn = Attention(dim, num_heads, head_dim, joint=True, dense=dense,
+    def __init__(self, dim: int, num_heads: int, head_dim: int, *, dtype: jnp.dtype,
+                 param_dtype: jnp.dtype, rngs: nnx.Rngs):
+        common = dense(dtype, param_dtype, rngs)
+        self.norm1 = Modulation(dim, 6, dense=common)
+        self.norm1_context = Modulation(dim, 6, dense=common)
+        self.attn = Attention(dim, num_heads, head_dim, joint=True, qk_norm=True,
+                              image_out=True, text_out=True, dense=common,
                               param_dtype=param_dtype)
-        self.ff = FeedForward(dim, dense=dense)
-        self.ff_context = FeedForward(dim, dense=dense)
+        self.ff = FeedForward(dim, dense=common)
+        self.ff_context = FeedForward(dim, dense=common)
 
     def __call__(self, x: jax.Array, text: jax.Array, c: jax.Array,
                  rope: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
         """x (B, T, D), text (B, L, D), c (B, D), rope over [text, image] -> (x, text)."""
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.norm1(c)
         t_shift_a, t_scale_a, t_gate_a, t_shift_m, t_scale_m, t_gate_m = self.norm1_context(c)
-        qi, ki, vi = self.attn.qkv(_modulate(_layer_norm(x), shift_a, scale_a))
-        qt, kt, vt = self.attn.qkv(_modulate(_layer_norm(text), t_shift_a, t_scale_a), text=True)
+        qi, ki, vi = self.attn.qkv(modulate(layer_norm(x), shift_a, scale_a))
+        qt, kt, vt = self.attn.qkv(modulate(layer_norm(text), t_shift_a, t_scale_a), text=True)
         out = _attend(jnp.concatenate([qt, qi], 1), jnp.concatenate([kt, ki], 1),
                       jnp.concatenate([vt, vi], 1), rope)
         length = text.shape[1]
         x = x + gate_a[:, None, :] * self.attn.to_out(out[:, length:])
-        x = x + gate_m[:, None, :] * self.ff(_modulate(_layer_norm(x), shift_m, scale_m))
+        x = x + gate_m[:, None, :] * self.ff(modulate(layer_norm(x), shift_m, scale_m))
         text = text + t_gate_a[:, None, :] * self.attn.to_add_out(out[:, :length])
-        h = self.ff_context(_modulate(_layer_norm(text), t_shift_m, t_scale_m))
+        h = self.ff_context(modulate(layer_norm(text), t_shift_m, t_scale_m))
         return x, text + t_gate_m[:, None, :] * h
 
 
@@ -415,56 +264,24 @@ class SingleStreamBlock(nnx.Module):
     """Parallel attention and MLP over the concatenated [text, image] sequence (diffusers'
     ``FluxSingleTransformerBlock``); see the module docstring."""
 
-    def __init__(self, dim: int, num_heads: int, head_dim: int, *, dense: dict[str, Any],
-                 param_dtype: jnp.dtype):
-        self.norm = Modulation(dim, 3, dense=dense)
-        self.attn = Attention(dim, num_heads, head_dim, joint=False, dense=dense,
+    def __init__(self, dim: int, num_heads: int, head_dim: int, *, dtype: jnp.dtype,
+                 param_dtype: jnp.dtype, rngs: nnx.Rngs):
+        common = dense(dtype, param_dtype, rngs)
+        self.norm = Modulation(dim, 3, dense=common)
+        self.attn = Attention(dim, num_heads, head_dim, joint=False, qk_norm=True,
+                              image_out=False, text_out=False, dense=common,
                               param_dtype=param_dtype)
-        self.proj_mlp = nnx.Linear(dim, MLP_RATIO * dim, **dense)
-        self.proj_out = nnx.Linear((MLP_RATIO + 1) * dim, dim, **dense)
+        self.proj_mlp = nnx.Linear(dim, MLP_RATIO * dim, **common)
+        self.proj_out = nnx.Linear((MLP_RATIO + 1) * dim, dim, **common)
 
     def __call__(self, x: jax.Array, c: jax.Array, rope: tuple[jax.Array, jax.Array]
                  ) -> jax.Array:
         """x (B, L+T, D) the [text, image] sequence, c (B, D) -> (B, L+T, D)."""
         shift, scale, gate = self.norm(c)
-        h = _modulate(_layer_norm(x), shift, scale)
+        h = modulate(layer_norm(x), shift, scale)
         attn = _attend(*self.attn.qkv(h), rope)
         mlp = nnx.gelu(self.proj_mlp(h), approximate=True)
         return x + gate[:, None, :] * self.proj_out(jnp.concatenate([attn, mlp], axis=-1))
-
-
-def _apply_double(block, x, text, c, rope):
-    return block(x, text, c, rope)
-
-
-def _apply_single(block, x, c, rope):
-    return block(x, c, rope)
-
-
-# Rematerialised variants: activations inside a block are recomputed in the backward pass.
-_apply_double_remat = nnx.remat(_apply_double)
-_apply_single_remat = nnx.remat(_apply_single)
-
-
-class TimeTextEmbedding(nnx.Module):
-    """c = MLP(sinusoid(1000·σ)) [+ MLP(sinusoid(1000·guidance))] + MLP(pooled text)."""
-
-    def __init__(self, dim: int, pooled_dim: int, *, guidance: bool, dense: dict[str, Any]):
-        self.dtype = dense["dtype"]
-        self.timestep_embedder = MLPEmbedder(TIMESTEP_FREQ_DIM, dim, dense=dense)
-        self.guidance_embedder = (
-            MLPEmbedder(TIMESTEP_FREQ_DIM, dim, dense=dense) if guidance else None
-        )
-        self.text_embedder = MLPEmbedder(pooled_dim, dim, dense=dense)
-
-    def __call__(self, sigma: jax.Array, pooled: jax.Array,
-                 guidance: jax.Array | None) -> jax.Array:
-        c = self.timestep_embedder(
-            timestep_embedding(sigma.astype(jnp.float32) * TIME_SCALE).astype(self.dtype))
-        if self.guidance_embedder is not None:
-            c = c + self.guidance_embedder(
-                timestep_embedding(guidance.astype(jnp.float32) * TIME_SCALE).astype(self.dtype))
-        return c + self.text_embedder(pooled)
 
 
 def pack(x: jax.Array) -> jax.Array:
@@ -481,30 +298,6 @@ def unpack(tokens: jax.Array, h: int, w: int) -> jax.Array:
     ch = width // 4
     x = tokens.reshape(b, h // 2, w // 2, ch, 2, 2).transpose(0, 1, 4, 2, 5, 3)
     return x.reshape(b, h, w, ch)
-
-
-def _dense(dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs) -> dict[str, Any]:
-    """Keyword arguments of every Linear: dtypes, rngs, Xavier-uniform kernels (zero biases)."""
-    return dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                kernel_init=nnx.initializers.xavier_uniform())
-
-
-def _double_block(config: FluxConfig, *, dtype: jnp.dtype, param_dtype: jnp.dtype,
-                  rngs: nnx.Rngs) -> DoubleStreamBlock:
-    return DoubleStreamBlock(config.width, config.num_attention_heads, config.attention_head_dim,
-                             dense=_dense(dtype, param_dtype, rngs), param_dtype=param_dtype)
-
-
-def _single_block(config: FluxConfig, *, dtype: jnp.dtype, param_dtype: jnp.dtype,
-                  rngs: nnx.Rngs) -> SingleStreamBlock:
-    return SingleStreamBlock(config.width, config.num_attention_heads, config.attention_head_dim,
-                             dense=_dense(dtype, param_dtype, rngs), param_dtype=param_dtype)
-
-
-def _as_config(config: Mapping[str, Any] | FluxConfig) -> FluxConfig:
-    config = config if isinstance(config, FluxConfig) else FluxConfig.from_dict(config)
-    config.validate()
-    return config
 
 
 class Flux(nnx.Module):
@@ -535,28 +328,29 @@ class Flux(nnx.Module):
         remat: bool = False,
         rngs: nnx.Rngs,
     ):
-        config = _as_config(config)
+        config = FluxConfig.checked(config)
         self.config = config
         self.dtype = dtype
         self.remat = remat
         d = config.width
-        dense = _dense(dtype, param_dtype, rngs)
-        self.x_embedder = nnx.Linear(config.in_channels, d, **dense)
-        self.context_embedder = nnx.Linear(config.joint_attention_dim, d, **dense)
+        common = dense(dtype, param_dtype, rngs)
+        self.x_embedder = nnx.Linear(config.in_channels, d, **common)
+        self.context_embedder = nnx.Linear(config.joint_attention_dim, d, **common)
         self.time_text_embed = TimeTextEmbedding(
-            d, config.pooled_projection_dim, guidance=config.guidance_embeds, dense=dense
+            d, config.pooled_projection_dim, guidance=config.guidance_embeds, dense=common
         )
+        block = dict(dim=d, num_heads=config.num_attention_heads,
+                     head_dim=config.attention_head_dim, dtype=dtype, param_dtype=param_dtype)
         self.transformer_blocks = nnx.List([
-            _double_block(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-            for _ in range(config.num_layers)
+            init_in_own_trace(DoubleStreamBlock, rngs, **block) for _ in range(config.num_layers)
         ])
         self.single_transformer_blocks = nnx.List([
-            _single_block(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            init_in_own_trace(SingleStreamBlock, rngs, **block)
             for _ in range(config.num_single_layers)
         ])
-        self.norm_out = Modulation(d, 2, dense=dense)
+        self.norm_out = Modulation(d, 2, dense=common)
         self.proj_out = nnx.Linear(
-            d, config.output_channels, **{**dense, "kernel_init": nnx.initializers.zeros_init()}
+            d, config.output_channels, **{**common, "kernel_init": nnx.initializers.zeros_init()}
         )
 
     def __call__(
@@ -585,16 +379,14 @@ class Flux(nnx.Module):
         length = text.shape[1]
         cos, sin = rope_table(cfg.axes_dims_rope, length, h // 2, w // 2)
         rope = (jnp.asarray(cos), jnp.asarray(sin))
-        double = _apply_double_remat if self.remat else _apply_double
-        single = _apply_single_remat if self.remat else _apply_single
         for block in self.transformer_blocks:
-            tokens, text = double(block, tokens, text, c, rope)
+            tokens, text = call_block(block, tokens, text, c, rope, remat=self.remat)
         seq = jnp.concatenate([text, tokens], axis=1)
         for block in self.single_transformer_blocks:
-            seq = single(block, seq, c, rope)
+            seq = call_block(block, seq, c, rope, remat=self.remat)
         tokens = seq[:, length:]
         scale, shift = self.norm_out(c)
-        out = self.proj_out(_modulate(_layer_norm(tokens), shift, scale))
+        out = self.proj_out(modulate(layer_norm(tokens), shift, scale))
         return unpack(out, h, w).astype(jnp.float32)
 
 
@@ -605,26 +397,14 @@ def abstract_flux(
     param_dtype: jnp.dtype = jnp.float32,
     remat: bool = False,
 ) -> Flux:
-    """``nnx.eval_shape(lambda: Flux(config, ...))`` — the module with ``jax.ShapeDtypeStruct``
-    leaves, no memory — traced in pieces.
-
-    Traced whole, the time grows with the square of the number of parameters (flax 0.12.8: each
-    update of an ``nnx.Rngs`` count inside a trace scans every equation traced so far; 50 s
-    for FLUX.1-dev). So the module without blocks, one double-stream block and one
-    single-stream block are traced (``nnx.eval_shape``) separately and the blocks, whose
-    shapes are all equal, are cloned: the same graph and leaves in about a second.
-    """
-    config = _as_config(config)
-    kwargs = dict(dtype=dtype, param_dtype=param_dtype)
-    shell = dataclasses.replace(config, num_layers=0, num_single_layers=0)
-    model = nnx.eval_shape(lambda: Flux(shell, remat=remat, rngs=nnx.Rngs(0), **kwargs))
-    double = nnx.eval_shape(lambda: _double_block(config, rngs=nnx.Rngs(0), **kwargs))
-    single = nnx.eval_shape(lambda: _single_block(config, rngs=nnx.Rngs(0), **kwargs))
-    model.config = config
-    model.transformer_blocks = nnx.List([nnx.clone(double) for _ in range(config.num_layers)])
-    model.single_transformer_blocks = nnx.List(
-        [nnx.clone(single) for _ in range(config.num_single_layers)])
-    return model
+    """``nnx.eval_shape(lambda: Flux(config, ...))``: the module with ``jax.ShapeDtypeStruct``
+    leaves, nothing computed or allocated, at any size (each block is traced on its own,
+    ``models.init_in_own_trace``: FLUX.1-dev in about a second instead of 50 s)."""
+    return init_module(
+        lambda: Flux(config, dtype=dtype, param_dtype=param_dtype, remat=remat,
+                     rngs=nnx.Rngs(0)),
+        abstract=True,
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -744,9 +524,4 @@ def load_flux(
     graphdef, abstract_params = nnx.split(abstract, nnx.Param)
     params = hf_weights.load_params(abstract_params, folder, flux_name_table,
                                     shardings=shardings)
-
-    def velocity(params: Any, x: jax.Array, sigma: jax.Array,
-                 cond: Mapping[str, jax.Array]) -> jax.Array:
-        return nnx.merge(graphdef, params)(x, sigma, cond)
-
-    return graphdef, params, velocity
+    return graphdef, params, make_velocity_fn(graphdef)

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from normguard_jax.models import hf_weights
+from normguard_jax.models import config_kwargs, hf_weights
 
 _EPS = 1e-6
 _LOGVAR_RANGE = (-30.0, 20.0)
@@ -91,8 +91,6 @@ class VAEConfig:
           ValueError: a field whose value this implementation does not cover (other block
             types, another activation, per-channel latent statistics), or an unknown field.
         """
-        config = dict(config)
-        fields = {f.name for f in dataclasses.fields(cls)}
         n = len(config.get("block_out_channels", cls.block_out_channels))
         supported = {  # a field absent from the dict takes diffusers' default, which fits
             "down_block_types": ("DownEncoderBlock2D",) * n,
@@ -101,18 +99,13 @@ class VAEConfig:
             "latents_mean": None,
             "latents_std": None,
         }
-        unknown = sorted(k for k in config if k not in fields | supported.keys()
-                         and k not in _CONFIG_IGNORED and not k.startswith("_"))
-        if unknown:
-            raise ValueError(f"AutoencoderKL config: unknown fields {unknown}")
+        kwargs = config_kwargs(cls, config, what="AutoencoderKL",
+                               also_known=supported.keys() | _CONFIG_IGNORED)
         for name, need in supported.items():
             got = config.get(name, need)
             if (tuple(got) if isinstance(got, list) else got) != need:
                 raise ValueError(
                     f"AutoencoderKL config: {name}={got!r} is not supported (need {need!r})")
-        kwargs = {k: config[k] for k in fields if k in config}
-        if "block_out_channels" in kwargs:
-            kwargs["block_out_channels"] = tuple(kwargs["block_out_channels"])
         if kwargs.get("shift_factor") is None:
             kwargs["shift_factor"] = 0.0
         return cls(**kwargs)
