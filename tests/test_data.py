@@ -422,3 +422,13 @@ def test_iterator_resumed_at_step_k_equals_tail_of_a_fresh_one():
     assert not np.array_equal(first[0]["image"], first[1]["image"])  # the stream moves on
     single = data.BatchIterator(split, global_batch_size=8, seed=3)  # defaults: jax processes
     assert single.process_count == jax.process_count() and next(single)["image"].shape[0] == 8
+
+
+def test_building_a_dataset_leaves_nothing_in_the_temp_dir(tmp_path, monkeypatch):
+    import tempfile
+    system_tmp = tmp_path / "system_tmp"
+    system_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
+    data.load_split("digits_sklearn", "test", str(tmp_path / "tfds"))
+    assert sorted(os.listdir(system_tmp)) == []
+    assert not [n for n in os.listdir(tmp_path / "tfds") if n.startswith(".build-")]

@@ -10,8 +10,11 @@ source (`builder.as_data_source`, the call behind `tfds.data_source`), so readin
 `tf.data` pipeline.
 """
 
+import contextlib
 import dataclasses
 import os
+import shutil
+import tempfile
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -76,11 +79,30 @@ def _lock_path(data_dir: str, name: str) -> str:
     return os.path.join(data_dir, "." + name.replace("/", "__") + ".lock")
 
 
+@contextlib.contextmanager
+def _scratch_tempdir(data_dir: str):
+    """Points ``tempfile`` at a scratch folder inside ``data_dir`` for a build, then removes it.
+
+    Constructing a builder, TFDS makes an empty ``mkdtemp("tfds")`` folder in the system temp
+    dir that it never removes (``DatasetInfo.initialize_from_bucket``, once per process and
+    dataset): here it lands in the scratch folder instead.
+    """
+    scratch = tempfile.mkdtemp(prefix=".build-", dir=data_dir)
+    previous = tempfile.tempdir
+    tempfile.tempdir = scratch
+    try:
+        yield
+    finally:
+        tempfile.tempdir = previous
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def _catalogue_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
     offline = ", ".join(sorted(DATASETS))
     try:
-        builder = tfds.builder(name, data_dir=data_dir, file_format=FILE_FORMAT)
-        builder.download_and_prepare(file_format=FILE_FORMAT)
+        with _scratch_tempdir(data_dir):
+            builder = tfds.builder(name, data_dir=data_dir, file_format=FILE_FORMAT)
+            builder.download_and_prepare(file_format=FILE_FORMAT)
     except Exception as error:  # Any download or lookup failure: report it in one place.
         raise DatasetUnavailableError(
             f"TFDS dataset {name!r} could not be found or built in {data_dir!r} "
@@ -111,8 +133,9 @@ def prepare(name: str, data_dir: str | os.PathLike | None) -> tfds.core.DatasetB
     with file_lock.exclusive(_lock_path(data_dir, name)):
         if base not in DATASETS:
             return _catalogue_builder(name, data_dir)
-        builder = DATASETS[base](data_dir=data_dir, config=config, file_format=FILE_FORMAT)
-        builder.download_and_prepare(file_format=FILE_FORMAT)
+        with _scratch_tempdir(data_dir):
+            builder = DATASETS[base](data_dir=data_dir, config=config, file_format=FILE_FORMAT)
+            builder.download_and_prepare(file_format=FILE_FORMAT)
         return builder
 
 
