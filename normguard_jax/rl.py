@@ -73,12 +73,16 @@ def trained_steps(config: ml_collections.ConfigDict) -> tuple[int, ...]:
     return tuple(range(r.sde_window_start, end))
 
 
-def batch_spec(config: ml_collections.ConfigDict, sigma_sampler=None) -> BatchSpec:
-    """How the configured method turns one iteration's rollout into training rows."""
+def batch_spec(config: ml_collections.ConfigDict, sigma_sampler=None, velocity=None,
+               reward_fn=None) -> BatchSpec:
+    """How the configured method turns one iteration's rollout into training rows
+    (``velocity`` and ``reward_fn``: for builders that evaluate the base model or
+    differentiate the reward, see :class:`BatchSpec`)."""
     return BatchSpec(prompts=config.rollout.prompts_per_iter,
                      group_size=config.rollout.group_size,
                      renoise_draws=config.train.renoise_draws,
-                     trained_steps=trained_steps(config), sigma_sampler=sigma_sampler)
+                     trained_steps=trained_steps(config), sigma_sampler=sigma_sampler,
+                     velocity=velocity, reward_fn=reward_fn)
 
 
 def rows_per_iteration(config: ml_collections.ConfigDict) -> int:
@@ -261,7 +265,7 @@ def train_iteration(state: RLState, ref_params, *, programs: Programs, num_class
     ro, components = programs.rollout(state.params, programs.place(labels),
                                       jax.random.fold_in(key_it, 1))
     rewards_ok = nonfinite.all_finite(ro.rewards)
-    batch = programs.batch(ro, jax.random.fold_in(key_it, 2))
+    batch = programs.batch(ro._replace(ref_params=ref_params), jax.random.fold_in(key_it, 2))
     params, opt_state = state.params, state.opt_state
     step_metrics = []
     for epoch in range(inner_epochs):
@@ -304,7 +308,8 @@ def build_programs(config: ml_collections.ConfigDict, base: generators.Pretraine
         keep_trajectory=method.needs_trajectory),
         in_shardings=(repl, data_sh, repl))
     batch_fn = jax.jit(functools.partial(
-        method.training_batch, spec=batch_spec(config, sigma_sampler_for(config, sigmas))))
+        method.training_batch, spec=batch_spec(config, sigma_sampler_for(config, sigmas),
+                                                velocity=base.velocity, reward_fn=reward_fn)))
     update_fn = jax.jit(functools.partial(update, objective=objective, optimizer=optimizer,
                                           velocity=base.velocity),
                         in_shardings=(repl, repl, repl, repl, data_sh, repl),

@@ -2,13 +2,15 @@
 
 One sampling step maps a state ``x`` at level ``σ`` to ``x_next`` at ``σ_next < σ`` using a
 velocity ``v`` (conventions of ``normguard_jax.flow``: ``x_σ = (1-σ)·x0 + σ·ε``, ``v = ε - x0``,
-``dt = σ_next - σ < 0``). Four step rules are provided, each a pure function with the signature
+``dt = σ_next - σ < 0``). Five step rules are provided, each a pure function with the signature
 ``step(x, v, sigma, sigma_next, *, noise=None, x_next=None, **options) -> StepOutput``:
 
 * ``"ode"`` — :func:`ode_step`: Euler ``x + dt·v``, deterministic;
 * ``"sde"`` — :func:`flow_grpo_sde_step`: Flow-GRPO's reverse SDE, default level a = 0.7;
 * ``"cps"`` — :func:`cps_step`: Coefficients-Preserving Sampling, default level η = 0.8;
 * ``"dance"`` — :func:`dance_sde_step`: DanceGRPO's reverse SDE, default level η = 0.3.
+* ``"memoryless"`` — :func:`memoryless_step`: the memoryless SDE of Adjoint Matching
+  (DDPM's ancestral step in this parametrisation; no noise level).
 
 Shapes: ``x``, ``v``, ``noise``, ``x_next`` are ``(B, H, W, C)``; ``sigma`` and ``sigma_next``
 are scalars or ``(B,)`` arrays (a training batch may mix steps of different trajectories).
@@ -288,16 +290,58 @@ def dance_sde_step(
     return StepOutput(x_next, mean, std, log_prob)
 
 
+def memoryless_coefficients(sigma, sigma_next):
+    """``(c_x, c_0, std)`` of the memoryless step ``mean = c_x·x + c_0·x0̂``, ``x_next = mean +
+    std·ε`` (see :func:`memoryless_step`); scalars or ``(B,)`` like ``sigma``."""
+    sigma, sigma_next = _as_sigma(sigma), _as_sigma(sigma_next)
+    a = (1.0 - sigma) / (1.0 - sigma_next)                  # forward signal ratio σ' -> σ
+    s2 = jnp.maximum(jnp.square(sigma) - jnp.square(a * sigma_next), 0.0)  # forward variance
+    c_x = a * jnp.square(sigma_next) / jnp.square(sigma)
+    c_0 = (1.0 - sigma_next) * s2 / jnp.square(sigma)
+    std = jnp.sqrt(s2) * sigma_next / sigma
+    return c_x, c_0, std
+
+
+def memoryless_step(x, v, sigma, sigma_next, *, noise=None, x_next=None) -> StepOutput:
+    """The memoryless SDE step (Adjoint Matching's noise schedule, ``g² = 2σ/(1-σ)``).
+
+    The reverse of the forward noising SDE ``dx = -x/(1-σ)·dσ + sqrt(2σ/(1-σ))·dW`` whose
+    marginals are ``x_σ = (1-σ)·x0 + σ·ε``; discretised exactly as DDPM's ancestral step, the
+    posterior ``q(x_σ' | x_σ, x0)`` of that forward process at ``x0 = x0̂ = x - σ·v``::
+
+      a      = (1-σ)/(1-σ'),  s² = σ² - a²·σ'²       # forward transition σ' -> σ
+      mean   = a·σ'²/σ²·x + (1-σ')·s²/σ²·x0̂
+      std    = s·σ'/σ
+      x_next = mean + std·ε
+
+    As the step size goes to 0 this is Euler–Maruyama of the memoryless SDE (the ``"sde"`` rule
+    with ``a = √2``), but it stays exact at σ = 1, where the SDE's diffusion is infinite: the
+    first step forgets x entirely (``mean = (1-σ')·x0̂``, ``std = σ'``), and the last step
+    (σ' = 0) returns ``x0̂`` with std 0. ``log_prob``: per-pixel mean Gaussian log-density,
+    constants included; 0 where std = 0. No noise level (the schedule is fixed).
+    """
+    sigma, sigma_next = _as_sigma(sigma), _as_sigma(sigma_next)
+    c_x, c_0, std = memoryless_coefficients(sigma, sigma_next)
+    x0_hat = x0_from_velocity(x, v, broadcast_to_batch(sigma, x))
+    mean = broadcast_to_batch(c_x, x) * x + broadcast_to_batch(c_0, x) * x0_hat
+    x_next, x_next_sg = _next_state(mean, std, noise, x_next)
+    positive = std > 0
+    log_prob = _gaussian_log_prob(x_next_sg, mean, jnp.where(positive, std, 1.0))
+    return StepOutput(x_next, mean, std, jnp.where(positive, log_prob, 0.0))
+
+
 # Config name -> step rule. All share ``(x, v, sigma, sigma_next, *, noise, x_next, ...)``.
 STEP_FNS: dict[str, Callable[..., StepOutput]] = {
     "ode": ode_step,
     "sde": flow_grpo_sde_step,
     "cps": cps_step,
     "dance": dance_sde_step,
+    "memoryless": memoryless_step,
 }
 
 # Noise level used by :func:`sample` when none is given (the references' defaults).
-DEFAULT_NOISE_LEVELS: dict[str, float] = {"ode": 0.0, "sde": 0.7, "cps": 0.8, "dance": 0.3}
+DEFAULT_NOISE_LEVELS: dict[str, float] = {"ode": 0.0, "sde": 0.7, "cps": 0.8, "dance": 0.3,
+                                          "memoryless": 0.0}  # memoryless: no level
 
 # Methods whose step never draws noise (their log-prob is identically 0).
 DETERMINISTIC_METHODS = frozenset({"ode"})
@@ -314,6 +358,7 @@ _STEP_OPTIONS: dict[str, Callable[..., dict]] = {
         "true_density": cps_true_density,
     },
     "dance": lambda noise_level, sigma_max, cps_true_density: {"noise_level": noise_level},
+    "memoryless": lambda noise_level, sigma_max, cps_true_density: {},
 }
 
 

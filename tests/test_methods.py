@@ -55,7 +55,7 @@ def toy_rollout(config, method):
                        group_size=config.rollout.group_size, adv_clip=5.0, global_std=False,
                        keep_trajectory=method.needs_trajectory)
     assert ro.images.shape == (n,) + SHAPE
-    return ro, sigmas
+    return ro._replace(ref_params=jx(P_REF)), sigmas   # as rl.train_iteration fills it
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -76,7 +76,8 @@ def test_training_batch_has_the_rows_and_keys_its_objective_reads(name):
     method = METHODS[name]
     config = tiny_config(name)
     ro, sigmas = toy_rollout(config, method)
-    spec = rl.batch_spec(config, rl.sigma_sampler_for(config, sigmas))
+    spec = rl.batch_spec(config, rl.sigma_sampler_for(config, sigmas), velocity=toy_velocity,
+                         reward_fn=toy_reward)
     batch = method.training_batch(ro, jax.random.key(1), spec)
     rows = method.rows(spec)
     assert rows == rl.rows_per_iteration(config)
@@ -194,9 +195,10 @@ def test_every_method_trains_the_same_on_a_pytree_conditioning(name):
     config = tiny_config(name)
     ro, sigmas = toy_rollout(config, method)
     ro_dict = ro._replace(labels=as_dict(ro.labels))
-    spec = rl.batch_spec(config, rl.sigma_sampler_for(config, sigmas))
-    batch = method.training_batch(ro, jax.random.key(1), spec)
-    batch_dict = method.training_batch(ro_dict, jax.random.key(1), spec)
+    spec_for = lambda velocity: rl.batch_spec(config, rl.sigma_sampler_for(config, sigmas),
+                                              velocity=velocity, reward_fn=toy_reward)
+    batch = method.training_batch(ro, jax.random.key(1), spec_for(toy_velocity))
+    batch_dict = method.training_batch(ro_dict, jax.random.key(1), spec_for(onehot_velocity))
     assert batch_dict["cond"]["onehot"].shape[0] == batch["cond"].shape[0]
     objective = method.make_objective(rl.objective_config(config, null_class=NULL))
     losses = []

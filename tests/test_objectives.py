@@ -17,7 +17,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from normguard_jax import flow, normguard, rl_state
-from normguard_jax.objectives import METHODS, awm, dpo, grpo, nft, ram
+from normguard_jax.objectives import METHODS, am, awm, dpo, grpo, nft, ram
 from normguard_jax.objectives.base import (BatchSpec, Context, Rollout, renoised_rollout_batch,
                                            renoised_rows)
 
@@ -208,6 +208,18 @@ def dpo_batch(b=8, seed=2):
             "noise": rng.normal(size=(b,) + SHAPE).astype(np.float32),
             "sigma": rng.uniform(0.05, 0.95, size=b).astype(np.float32),
             "cond": (np.arange(b) % 3).astype(np.int32), "valid": valid}
+
+
+def am_batch(b=8, seed=3):
+    """Adjoint-matching rows: states, memoryless steps (some ending at σ' = 0), adjoints."""
+    rng = np.random.default_rng(seed)
+    sigma = rng.uniform(0.1, 1.0, size=b).astype(np.float32)
+    sigma[0] = 1.0
+    sigma_next = (sigma * rng.uniform(0.3, 0.9, size=b)).astype(np.float32)
+    sigma_next[-1] = 0.0
+    return {"x": rng.normal(size=(b,) + SHAPE).astype(np.float32), "sigma": sigma,
+            "sigma_next": sigma_next, "cond": (np.arange(b) % 3).astype(np.int32),
+            "adjoint": rng.normal(size=(b,) + SHAPE).astype(np.float32)}
 
 
 def _noised(b):
@@ -599,12 +611,13 @@ CASES = {
     "dpo": lambda b: (dpo.DPOConfig(beta=20.0), dpo_batch(b)),
     "dpo_old": lambda b: (dpo.DPOConfig(beta=20.0, reference="old"), dpo_batch(b)),
     "ram": lambda b: (ram.RAMConfig(scale=0.3), forward_batch(b)),
+    "am": lambda b: (am.AMConfig(kl_weight=0.5), am_batch(b)),
 }
 _MAKERS = {grpo.GRPOConfig: grpo.make_objective, nft.NFTConfig: nft.make_objective,
            awm.AWMConfig: awm.make_objective, dpo.DPOConfig: dpo.make_objective,
-           ram.RAMConfig: ram.make_objective}
+           ram.RAMConfig: ram.make_objective, am.AMConfig: am.make_objective}
 # cases whose objective evaluates the frozen reference itself (and must expose it)
-COMPUTES_REF = {"grpo_kl_cfg", "grpo_cps", "nft", "awm", "dpo", "ram"}
+COMPUTES_REF = {"grpo_kl_cfg", "grpo_cps", "nft", "awm", "dpo", "ram", "am"}
 
 
 def build(case, b=8):

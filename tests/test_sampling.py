@@ -339,7 +339,8 @@ def test_flow_grpo_kl_normalisation():
 def test_mixed_step_batch_equals_per_sample_calls():
     """A (B,) σ batch mixing steps gives the same result as scalar σ per sample."""
     x, v, noise, sig, sig_next, sigma_max = _random_step_inputs(5)
-    options = {"ode": {}, "sde": {"sigma_max": sigma_max}, "cps": {}, "dance": {}}
+    options = {"ode": {}, "sde": {"sigma_max": sigma_max}, "cps": {}, "dance": {},
+               "memoryless": {}}
     for name, step in sampling.STEP_FNS.items():
         batched = step(x, v, sig, sig_next, noise=noise, **options[name])
         for i in range(x.shape[0]):
@@ -554,7 +555,7 @@ def test_unknown_method_is_rejected():
             jax.random.key(0),
             method="ddim",
         )
-    assert set(sampling.STEP_FNS) == {"ode", "sde", "cps", "dance"}
+    assert set(sampling.STEP_FNS) == {"ode", "sde", "cps", "dance", "memoryless"}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,9 +16,9 @@ experiments and the tests derive theirs from it. Adding a method is one module e
 ``METHOD_CASES`` (``tests/test_methods.py`` checks that all four exist).
 """
 
-from normguard_jax.objectives import awm, dpo, grpo, nft, ram
+from normguard_jax.objectives import am, awm, dpo, grpo, nft, ram
 from normguard_jax.objectives.base import Method
 
-METHODS: dict[str, Method] = {m.METHOD.name: m.METHOD for m in (grpo, nft, awm, dpo, ram)}
+METHODS: dict[str, Method] = {m.METHOD.name: m.METHOD for m in (grpo, nft, awm, dpo, ram, am)}
 
-__all__ = ["METHODS", "Method", "awm", "dpo", "grpo", "nft", "ram"]
+__all__ = ["METHODS", "Method", "am", "awm", "dpo", "grpo", "nft", "ram"]

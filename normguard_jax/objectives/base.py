@@ -117,6 +117,9 @@ class Rollout(NamedTuple):
       advantages: (N,) float32 per-prompt normalised, clipped advantages.
       trajectory: the sampler's :class:`sampling.Trajectory` (time-major), or None when the
         method only needs the final samples.
+      ref_params: the frozen reference θ_ref (the base model), filled by ``rl.train_iteration``
+        for batch builders that evaluate the base model (Adjoint Matching's lean adjoint);
+        None otherwise (optional, defaults to None).
     """
 
     labels: jax.Array
@@ -124,6 +127,7 @@ class Rollout(NamedTuple):
     rewards: jax.Array
     advantages: jax.Array
     trajectory: Optional[sampling.Trajectory]
+    ref_params: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +141,10 @@ class BatchSpec:
       trained_steps: indices k of the stored stochastic sampler steps (trajectory methods).
       sigma_sampler: ``(key, B) -> (B,)`` σ of re-noised rows, or None where only the row count
         is asked for.
+      velocity: the generator's pure ``velocity(params, x, sigma, cond)``, for batch builders
+        that evaluate the base model (Adjoint Matching); None where no builder needs it.
+      reward_fn: the rollout's reward ``(images, cond) -> ((N,), components)``, for batch
+        builders that differentiate it (Adjoint Matching); None where no builder needs it.
     """
 
     prompts: int
@@ -144,6 +152,8 @@ class BatchSpec:
     renoise_draws: int = 1
     trained_steps: tuple[int, ...] = ()
     sigma_sampler: Optional[Callable[[jax.Array, int], jax.Array]] = None
+    velocity: Optional[VelocityFn] = None
+    reward_fn: Optional[Callable] = None
 
     @property
     def samples(self) -> int:
