@@ -293,35 +293,84 @@ def test_flux_embeddings_from_a_prompt_file_equal_diffusers(encoders, tmp_path):
     _check(train, test, empty, text.numpy(), pooled.numpy(), empty_text.numpy(),
            empty_pooled.numpy(), "flux")
 
+    # bfloat16 encoders and float16 storage: close to the float32 numbers.
+    low = text_lib.run(_config("flux", folders, prompts=str(path), test_fraction=0.25,
+                               dtype="bfloat16", store_dtype="float16"), str(tmp_path / "low"))
+    assert text_lib.read_meta(low)["store_dtype"] == "float16"
+    half = text_lib.load_embeddings(low, "train")
+    assert half.text.dtype == np.float32 and half.prompts == train.prompts
+    for a, b in ((half.text, train.text), (half.pooled, train.pooled)):
+        assert 0 < np.abs(a - b).max() < 0.05 * np.abs(b).max()
 
-def test_embed_job_resumes_refuses_other_requests_and_reports_missing_folders(
-        encoders, tmp_path):
+
+def _fake_folders(root):
+    """Folders that pass the job's checks (config.json, tokenizer files) without any model."""
+    folders = {}
+    for name in ("clip_l", "clip_g", "t5"):
+        folders[name] = str(root / name)
+        os.makedirs(folders[name])
+        for file in ("config.json", "tokenizer_config.json"):
+            (root / name / file).write_text("{}")
+    return folders
+
+
+def test_embed_job_is_atomic_resumes_and_refuses_other_requests(tmp_path, monkeypatch):
+    """The job's bookkeeping, with a fake encoder (no torch): an interrupted run leaves no
+    dataset and its leftovers are removed, a finished run is not redone, another request is
+    refused, bad fields and missing folders are named."""
     from normguard_jax import text as text_lib
     from normguard_jax.config_checks import ConfigError
-    folders, _ = encoders
+    calls = []
+
+    def fake_encode(encoders, family, texts, max_sequence_length):
+        calls.append(list(texts))
+        if encoders == "fail" and len(calls) > 2:
+            raise KeyboardInterrupt
+        codes = np.array([[len(t), sum(map(ord, t))] for t in texts], np.float32)
+        return np.repeat(codes[:, None, :], max_sequence_length, 1), codes
+
+    monkeypatch.setattr(text_lib, "encode", fake_encode)
+    monkeypatch.setattr(text_lib, "load_encoders", lambda request: "fail")
+    folders = _fake_folders(tmp_path)
     path = tmp_path / "few.txt"
     path.write_text("a red circle\ntwo blue squares\na green cross\n")
     workdir = str(tmp_path / "work")
-    os.makedirs(os.path.join(workdir, ".embeddings.partial-999"))  # an interrupted run's leftover
-    config = _config("flux", folders, prompts=str(path))
+    config = _config("flux", folders, prompts=str(path), batch_size=1)
+    with pytest.raises(KeyboardInterrupt):
+        text_lib.run(config, workdir)
+    assert sorted(os.listdir(workdir)) == [".embed_prompts.lock", "embed_prompts_progress.json"]
+    progress = json.load(open(os.path.join(workdir, "embed_prompts_progress.json")))
+    assert (progress["done"], progress["total"]) == (1, 4)
+    os.makedirs(os.path.join(workdir, ".embeddings.partial-999"))  # a killed run's leftover
+
+    monkeypatch.setattr(text_lib, "load_encoders", lambda request: "ok")
     final = text_lib.run(config, workdir)
     assert sorted(os.listdir(workdir)) == [".embed_prompts.lock", "embed_prompts_progress.json",
                                            "embeddings"]
     progress = json.load(open(os.path.join(workdir, "embed_prompts_progress.json")))
     assert (progress["done"], progress["total"]) == (4, 4)
-    stamp = os.path.getmtime(os.path.join(final, text_lib.META_FILE))
-    assert text_lib.run(config, workdir) == final          # done: nothing rebuilt
-    assert os.path.getmtime(os.path.join(final, text_lib.META_FILE)) == stamp
-    meta = json.load(open(os.path.join(final, text_lib.META_FILE)))
-    assert meta["num_examples"] == {"train": 3, "test": 0, "empty": 1}
+    meta = text_lib.read_meta(workdir)
+    assert meta["num_examples"] == {"train": 3, "test": 0, "empty": 1}   # round(0.1 * 3) = 0
+    assert len(text_lib.load_embeddings(workdir, "test")) == 0
+    train = text_lib.load_embeddings(final, "train")
+    assert [p.text for p in train.prompts] == ["a red circle", "two blue squares", "a green cross"]
+    np.testing.assert_array_equal(train.pooled[:, 0], [12, 16, 13])
+    assert text_lib.null_condition(workdir)["text"].shape == (T5_LENGTH, 2)
+
+    calls.clear()
+    assert text_lib.run(config, workdir) == final and not calls   # done: nothing recomputed
     with pytest.raises(ConfigError, match="max_sequence_length"):
         text_lib.run(_config("flux", folders, prompts=str(path), max_sequence_length=8), workdir)
     with pytest.raises(ConfigError, match=r"config\.clip_g: .*no config\.json"):
         text_lib.run(_config("sd3", folders, clip_g=str(tmp_path / "nowhere")), workdir)
     with pytest.raises(ConfigError, match=r"config\.t5 is empty"):
         text_lib.run(_config("sd3", folders, t5=""), workdir)
+    with pytest.raises(ConfigError, match=r"config\.t5_tokenizer: no tokenizer files"):
+        text_lib.run(_config("sd3", folders, t5_tokenizer=str(tmp_path)), workdir)
     with pytest.raises(ConfigError, match="config.family"):
         text_lib.run(_config("sdxl", folders), workdir)
+    with pytest.raises(ConfigError, match="config.prompts"):
+        text_lib.run(_config("flux", folders, prompts="nowhere.txt"), workdir)
     with pytest.raises(FileNotFoundError, match="embed_prompts"):
         text_lib.load_embeddings(str(tmp_path), "train")
 
