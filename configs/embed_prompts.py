@@ -38,4 +38,5 @@ def get_config(family: str = "sd3"):
     c.dtype = "float32"         # encoder compute dtype: "float32" | "bfloat16" | "float16".
     c.store_dtype = "float32"   # stored embedding dtype: "float32" | "float16" (half the disk).
     c.batch_size = 8            # prompts per encoder call.
+    c.device = "cpu"            # torch device of the encoders: "cpu", "cuda", "cuda:1", ...
     return c

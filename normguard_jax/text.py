@@ -89,11 +89,12 @@ class Request:
     dtype: str
     store_dtype: str
     batch_size: int
+    device: str
 
     def fingerprint(self) -> dict[str, Any]:
         """What the dataset depends on (paths made absolute, the prompt file's content hashed)."""
         record = dataclasses.asdict(self)
-        del record["batch_size"]  # does not change the numbers beyond float rounding
+        del record["batch_size"], record["device"]  # change the numbers by float rounding only
         if os.path.isfile(self.prompts):
             with open(self.prompts, "rb") as handle:
                 record["prompts_sha256"] = hashlib.sha256(handle.read()).hexdigest()
@@ -120,6 +121,8 @@ def request_from_config(config) -> Request:
     if int(config.max_sequence_length) < 1:
         raise ConfigError(f"config.max_sequence_length must be >= 1, got "
                           f"{config.max_sequence_length}")
+    if not str(config.device):
+        raise ConfigError("config.device must name a torch device, e.g. 'cpu' or 'cuda'")
     if int(config.batch_size) < 1:
         raise ConfigError(f"config.batch_size must be >= 1, got {config.batch_size}")
     if not 0.0 <= float(config.test_fraction) < 1.0:
@@ -152,7 +155,8 @@ def request_from_config(config) -> Request:
                    test_fraction=float(config.test_fraction), split_seed=int(config.split_seed),
                    family=family, encoders=encoders, tokenizers=tokenizers,
                    max_sequence_length=int(config.max_sequence_length), dtype=str(config.dtype),
-                   store_dtype=str(config.store_dtype), batch_size=int(config.batch_size))
+                   store_dtype=str(config.store_dtype), batch_size=int(config.batch_size),
+                   device=str(config.device))
 
 
 # --------------------------------------------------------------------------- encoding (torch).
@@ -171,7 +175,7 @@ def load_encoders(request: Request) -> dict[str, tuple[Any, Any]]:
     loaded = {}
     for name, folder in request.encoders.items():
         tokenizer = transformers.AutoTokenizer.from_pretrained(request.tokenizers[name])
-        encoder = classes[name].from_pretrained(folder, dtype=dtype).eval()
+        encoder = classes[name].from_pretrained(folder, dtype=dtype).to(request.device).eval()
         loaded[name] = (tokenizer, encoder)
     return loaded
 
@@ -189,7 +193,7 @@ def _clip(tokenizer, encoder, texts: list[str], max_length: int):
     _warn_truncated("CLIP", tokenizer, texts, max_length)
     ids = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True,
                     return_tensors="pt").input_ids
-    out = encoder(ids, output_hidden_states=True)
+    out = encoder(ids.to(encoder.device), output_hidden_states=True)
     return out.hidden_states[-2], out[0]
 
 
@@ -198,7 +202,7 @@ def _t5(tokenizer, encoder, texts: list[str], max_length: int):
     _warn_truncated("T5", tokenizer, texts, max_length)
     ids = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True,
                     add_special_tokens=True, return_tensors="pt").input_ids
-    return encoder(ids)[0]
+    return encoder(ids.to(encoder.device))[0]
 
 
 def encode(encoders: dict[str, tuple[Any, Any]], family: str, texts: list[str],
@@ -225,7 +229,8 @@ def encode(encoders: dict[str, tuple[Any, Any]], family: str, texts: list[str],
             _warn_truncated("CLIP", l_tokenizer, texts, clip_length)
             ids = l_tokenizer(texts, padding="max_length", max_length=clip_length,
                               truncation=True, return_tensors="pt").input_ids
-            pooled = l_encoder(ids, output_hidden_states=False).pooler_output.to(l_encoder.dtype)
+            pooled = l_encoder(ids.to(l_encoder.device),
+                               output_hidden_states=False).pooler_output.to(l_encoder.dtype)
             text = t5_states
         elif family == "sd3":
             l_states, l_pooled = _clip(l_tokenizer, l_encoder, texts, clip_length)
