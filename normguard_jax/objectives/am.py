@@ -63,9 +63,13 @@ Choices:
   (std = 0: the last one, σ' = 0) admits no control; its rows get weight 0. ``"velocity"``
   drops w_k: a plain per-pixel regression onto the same target, every trained step weighted 1
   (the last step's target is v_ref). Both have the same minimiser per point.
-* Every trained step (``spec.trained_steps``, the whole trajectory: ``validate`` requires the
-  memoryless sampler on all steps) gives one row per sample; the paper subsamples time steps,
-  here ``config.train.minibatch_size`` and ``inner_epochs`` decide how many rows an update sees.
+* Every trained step (``spec.trained_steps``: the stochastic window, by default the whole
+  trajectory) gives one row per sample; the paper subsamples time steps, here
+  ``config.train.minibatch_size`` and ``inner_epochs`` decide how many rows an update sees.
+  ``validate`` requires the window to start at step 0 (the memoryless first step forgets the
+  initial noise). A window ending before the last step (``sde_window_end``) leaves Euler steps
+  of θ at the data end: they are not trained and the lean adjoint crosses them with the base's
+  Euler map, an approximation offered for speed; the default (-1) has none.
 * Errors are per-pixel means (not sums) as everywhere in the library; r is a per-image reward,
   so ∇r per pixel is small and λ must be small accordingly (``configs/rl_am.py``).
 * ∇r is the gradient of the combined reward ``config.rewards`` (the sum of the per-sample
@@ -256,10 +260,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if r.sampler != "memoryless":
         raise err(f"config.rollout.sampler must be 'memoryless' for adjoint matching (the "
                   f"reward tilt needs the memoryless SDE), got {r.sampler!r}")
-    if r.sde_window_start != 0 or r.sde_window_end not in (-1, r.num_steps):
-        raise err("config.rollout.sde_window_start must be 0 and config.rollout.sde_window_end "
-                  "-1 (or num_steps) for adjoint matching: every step must be memoryless, got "
-                  f"({r.sde_window_start}, {r.sde_window_end})")
+    if r.sde_window_start != 0:
+        raise err("config.rollout.sde_window_start must be 0 for adjoint matching (the first, "
+                  "memoryless step is what makes the sample independent of the initial noise), "
+                  f"got {r.sde_window_start}")
     if r.guidance_scale != 1.0:
         raise err("config.rollout.guidance_scale must be 1 for adjoint matching (the tilt and "
                   f"the lean adjoint are of the conditional base model), got {r.guidance_scale}")
