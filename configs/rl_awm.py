@@ -20,6 +20,9 @@ def get_config():
         ema_kl_weight=1.0,                 # velocity term to the old/EMA policy.
         ema_kl_time_weighting="uniform",   # σ weighting of that term.
         off_policy=False,                  # ratio against θ_old instead of sg(θ).
+        old_params="ema",                  # θ_old of the off-policy ratio: ema (θ_old EMA) | rollout (θ at sampling).
+        ema_params="ema",                  # θ_EMA, anchor of the ema_kl term: ema | rollout.
+        loss_type="exp_first",             # exp_first: a ratio per (sample, σ) | sum_first: Σ_σ log-probs, one ratio per sample.
     ))
     config.train.old_policy = "awm"      # AWM's linear EMA schedule for θ_old.
     return config

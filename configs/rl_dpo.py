@@ -12,6 +12,7 @@ def get_config():
     config = rl_common.make("dpo", dict(
         beta=100.0,                        # DPO β on the velocity-error difference.
         reference="ref",                   # implicit reward relative to: ref (frozen) | old (refreshed).
+        ties="drop",                       # tied group: drop (no pair) | pair (Flow-GRPO tracker: 1 beats 0).
     ))
     config.train.minibatch_size = 8      # pairs per optimizer step (one per prompt).
     return config

@@ -133,26 +133,41 @@ def _concrete_or_none(a):
         return None
 
 
-def dpo_pairs(rewards: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+DPO_TIE_RULES = ("drop", "pair")
+
+
+def dpo_pairs(rewards: jax.Array, ties: str = "drop") -> tuple[jax.Array, jax.Array, jax.Array]:
     """Best-vs-worst preference pair of every group.
 
     Args:
       rewards: ``(G, K)`` rewards, row g = the K samples of prompt g.
+      ties: what a group whose rewards all tie gives (``DPO_TIE_RULES``):
+
+        * ``"drop"`` (default here): ``valid = False`` and ``winner == loser`` (both the first
+          index); the pair carries no preference and the DPO objective gives it weight 0.
+        * ``"pair"``: Flow-GRPO's ``PerPromptStatTracker`` (``type="dpo"``) rule: when
+          ``argmax == argmin`` it sets ``max_idx, min_idx = 1, 0``, i.e. +1 to member 1 and -1
+          to member 0; the pair is trained as a real (arbitrary) preference (``valid = True``).
 
     Returns:
       ``(winner_idx, loser_idx, valid)``, each ``(G,)``: the within-group indices (in
       ``[0, K)``) of the highest and the lowest reward (first occurrence on ties, like
-      ``argmax``/``argmin``), and ``valid = max > min``. Gather the images with
-      ``x[jnp.arange(G), winner_idx]`` from a ``(G, K, H, W, C)`` array.
-
-    Where all rewards of a group tie, ``valid`` is False (and winner == loser): the pair carries
-    no preference and the DPO objective gives it weight 0. Flow-GRPO's tracker instead forces
-    the pair (0, 1) in that case, i.e. trains on an arbitrary preference.
+      ``argmax``/``argmin``), and ``valid = max > min`` (always True with ``ties="pair"``).
+      Gather the images with ``x[jnp.arange(G), winner_idx]`` from a ``(G, K, H, W, C)`` array.
     """
+    if ties not in DPO_TIE_RULES:
+        raise ValueError(f"ties must be one of {DPO_TIE_RULES}, got {ties!r}")
     rewards = jnp.asarray(rewards)
     if rewards.ndim != 2:
         raise ValueError(f"rewards must be (num_groups, group_size); got shape {rewards.shape}")
     winner = jnp.argmax(rewards, axis=1).astype(jnp.int32)
     loser = jnp.argmin(rewards, axis=1).astype(jnp.int32)
     valid = jnp.max(rewards, axis=1) > jnp.min(rewards, axis=1)
+    if ties == "pair":
+        if rewards.shape[1] < 2:
+            raise ValueError("ties='pair' needs groups of at least 2 samples")
+        tied = winner == loser
+        winner = jnp.where(tied, 1, winner).astype(jnp.int32)
+        loser = jnp.where(tied, 0, loser).astype(jnp.int32)
+        valid = jnp.ones_like(valid)
     return winner, loser, valid

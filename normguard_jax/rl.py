@@ -5,8 +5,9 @@ the objectives of :mod:`normguard_jax.objectives`, optionally wrapped by NormGua
 iteration:
 
 1. prompts: G class labels drawn from ``fold_in(key, iteration)``, each repeated K times;
-2. rollouts from the current policy θ with the configured sampler, steps and CFG (one jitted
-   ``lax.scan``), batch sharded over the mesh;
+2. rollouts from the current policy θ, or from θ_old where the method's reference samples with
+   its old / EMA policy (``config.rollout.policy``), with the configured sampler, steps and
+   CFG (one jitted ``lax.scan``), batch sharded over the mesh;
 3. rewards (a weighted combination from :mod:`normguard_jax.rewards`);
 4. per-prompt advantages;
 5. ``inner_epochs`` passes of jitted, sharded minibatch updates on the method's training batch;
@@ -60,10 +61,39 @@ def objective_config(config: ml_collections.ConfigDict, null_class: int):
     shared = {"null_class": null_class, "sampler": config.rollout.sampler,
               "noise_level": None if config.rollout.noise_level < 0 else config.rollout.noise_level}
     fields.update({k: v for k, v in shared.items() if k in names})
+    # The rollout's CFG scale is the objective's unless config.objective sets its own (which
+    # the method's validate may refuse, e.g. Flow-GRPO's ratio needs the rollout's velocity).
+    if "guidance_scale" in names and "guidance_scale" not in fields:
+        fields["guidance_scale"] = config.rollout.guidance_scale
     try:
         return cls(**fields)
     except TypeError as e:
         raise config_checks.ConfigError(f"config.objective: {e}") from None
+    except ValueError as e:   # check_field's messages already name config.objective.<field>
+        raise config_checks.ConfigError(str(e)) from None
+
+
+def normguard_config(config: ml_collections.ConfigDict,
+                     null_class: int) -> normguard.NormGuardConfig:
+    """The NormGuard config of the run: ``config.normguard`` with ``velocity = "auto"`` resolved
+    to what the rollouts sample with ("guided" when ``rollout.guidance_scale != 1``, else
+    "conditional") and the rollout's CFG scale and null class for the guided velocity."""
+    fields = dict(config.normguard)
+    if fields.get("velocity", "auto") == "auto":
+        fields["velocity"] = "guided" if config.rollout.guidance_scale != 1.0 else "conditional"
+    fields.update(guidance_scale=config.rollout.guidance_scale, null_class=null_class)
+    return normguard.NormGuardConfig(**fields)
+
+
+ROLLOUT_POLICIES = ("default", "current", "old")
+
+
+def rollout_policy(config: ml_collections.ConfigDict) -> str:
+    """Which parameters sample the rollouts: "current" (θ) or "old" (θ_old, the lagged EMA);
+    ``config.rollout.policy = "default"`` takes the method's reference choice
+    (``Method.rollout_policy``)."""
+    policy = config.rollout.policy
+    return METHODS[config.method].rollout_policy if policy == "default" else policy
 
 
 def trained_steps(config: ml_collections.ConfigDict) -> tuple[int, ...]:
@@ -78,11 +108,14 @@ def batch_spec(config: ml_collections.ConfigDict, sigma_sampler=None, velocity=N
     """How the configured method turns one iteration's rollout into training rows
     (``velocity`` and ``reward_fn``: for builders that evaluate the base model or
     differentiate the reward, see :class:`BatchSpec`)."""
+    # The objective config rides along for batch layouts that depend on it (DPO's tie rule,
+    # AWM's loss_type); the null class does not enter any batch, so 0 stands in for it here.
     return BatchSpec(prompts=config.rollout.prompts_per_iter,
                      group_size=config.rollout.group_size,
                      renoise_draws=config.train.renoise_draws,
                      trained_steps=trained_steps(config), sigma_sampler=sigma_sampler,
-                     velocity=velocity, reward_fn=reward_fn)
+                     velocity=velocity, reward_fn=reward_fn,
+                     objective=objective_config(config, null_class=0))
 
 
 def rows_per_iteration(config: ml_collections.ConfigDict) -> int:
@@ -98,6 +131,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     c.integer(config, "rollout.prompts_per_iter", 1)
     c.integer(config, "rollout.group_size", 2)
     c.one_of(config, "rollout.sampler", sampling.STEP_FNS)
+    c.one_of(config, "rollout.policy", ROLLOUT_POLICIES)
     c.integer(config, "rollout.num_steps", 1)
     c.number(config, "rollout.shift", 0, strict_minimum=True)
     c.number(config, "rollout.guidance_scale", 0)
@@ -129,7 +163,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         raise c.ConfigError(f"config.train.minibatch_size={mb} must divide the {rows} training "
                             f"rows of an iteration and be divisible by the {num_devices} devices")
     try:
-        normguard.NormGuardConfig(**config.normguard)
+        normguard_config(config, null_class=0)
     except (TypeError, ValueError) as e:
         raise c.ConfigError(f"config.{e}" if str(e).startswith("normguard.") else str(e)) from None
     distributed.validate(config)
@@ -184,15 +218,16 @@ def rollout(params, labels, key, *, velocity, image_shape, sigmas, method, noise
                    trajectory=traj if keep_trajectory else None), components
 
 
-def update(params, opt_state, old_params, ref_params, batch, rewards_ok, *, objective, optimizer,
-           velocity):
+def update(params, opt_state, old_params, ref_params, batch, rewards_ok, rollout_params=None, *,
+           objective, optimizer, velocity):
     """One optimizer step of ``objective`` on a minibatch; returns (params, opt_state, metrics).
 
     The step is skipped (``params`` and ``opt_state`` returned unchanged, bit for bit) when
     ``rewards_ok`` (scalar bool: the rollout's rewards were all finite) is false or the loss
     or a gradient is not finite; ``metrics["skipped"]`` is then 1.0, else 0.0.
     """
-    ctx = Context(velocity=velocity, ref_params=ref_params, old_params=old_params)
+    ctx = Context(velocity=velocity, ref_params=ref_params, old_params=old_params,
+                  rollout_params=rollout_params)
     (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(params, batch, ctx)
     ok = rewards_ok & nonfinite.all_finite(loss, grads)
 
@@ -221,8 +256,8 @@ class Programs(NamedTuple):
     Attributes:
       rollout: ``(params, labels, key) -> (Rollout, reward components)``.
       batch: ``(rollout, key) -> dict`` of training rows.
-      update: ``(params, opt_state, old_params, ref_params, minibatch, rewards_ok) ->
-        (params, opt_state, metrics)``, see :func:`update`.
+      update: ``(params, opt_state, old_params, ref_params, minibatch, rewards_ok,
+        rollout_params) -> (params, opt_state, metrics)``, see :func:`update`.
       old_update: ``(old_params, params, updates) -> old_params``, the θ_old EMA.
       place: puts a host or device batch on the mesh's data sharding.
     """
@@ -232,6 +267,8 @@ class Programs(NamedTuple):
     update: Callable
     old_update: Callable
     place: Callable
+    rollout_policy: str = "current"
+    needs_rollout_params: bool = False
 
 
 def train_iteration(state: RLState, ref_params, *, programs: Programs, num_classes: int,
@@ -262,8 +299,12 @@ def train_iteration(state: RLState, ref_params, *, programs: Programs, num_class
     key_it = jax.random.fold_in(state.key(), state.iteration)
     labels = jnp.repeat(jax.random.randint(jax.random.fold_in(key_it, 0), (prompts,), 0,
                                            num_classes), group_size).astype(jnp.int32)
-    ro, components = programs.rollout(state.params, programs.place(labels),
+    sampler_params = state.old_params if programs.rollout_policy == "old" else state.params
+    ro, components = programs.rollout(sampler_params, programs.place(labels),
                                       jax.random.fold_in(key_it, 1))
+    # θ at rollout time, for objectives that read ctx.rollout_params (θ itself is donated).
+    rollout_params = (jax.tree.map(jnp.copy, state.params) if programs.needs_rollout_params
+                      else None)
     rewards_ok = nonfinite.all_finite(ro.rewards)
     batch = programs.batch(ro._replace(ref_params=ref_params), jax.random.fold_in(key_it, 2))
     params, opt_state = state.params, state.opt_state
@@ -274,7 +315,8 @@ def train_iteration(state: RLState, ref_params, *, programs: Programs, num_class
             idx = perm[j * minibatch_size:(j + 1) * minibatch_size]
             minibatch = programs.place(jax.tree.map(lambda a, idx=idx: a[idx], batch))
             params, opt_state, m = programs.update(params, opt_state, state.old_params,
-                                                   ref_params, minibatch, rewards_ok)
+                                                   ref_params, minibatch, rewards_ok,
+                                                   rollout_params)
             step_metrics.append(m)
     updates = state.updates + len(step_metrics)
     state = state.replace(iteration=state.iteration + 1, updates=updates, params=params,
@@ -292,9 +334,9 @@ def build_programs(config: ml_collections.ConfigDict, base: generators.Pretraine
                    reward_fn, optimizer) -> Programs:
     """Jits the rollout, batch, update and θ_old programs of the configured run on ``mesh``."""
     method = METHODS[config.method]
-    objective = normguard.with_normguard(
-        method.make_objective(objective_config(config, base.num_classes)),
-        normguard.NormGuardConfig(**config.normguard))
+    objective_cfg = objective_config(config, base.num_classes)
+    objective = normguard.with_normguard(method.make_objective(objective_cfg),
+                                         normguard_config(config, base.num_classes))
     repl, data_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
     sigmas = jnp.asarray(flow.inference_sigmas(config.rollout.num_steps, config.rollout.shift))
     window = trained_steps(config)
@@ -312,13 +354,15 @@ def build_programs(config: ml_collections.ConfigDict, base: generators.Pretraine
                                                 velocity=base.velocity, reward_fn=reward_fn)))
     update_fn = jax.jit(functools.partial(update, objective=objective, optimizer=optimizer,
                                           velocity=base.velocity),
-                        in_shardings=(repl, repl, repl, repl, data_sh, repl),
+                        in_shardings=(repl, repl, repl, repl, data_sh, repl, repl),
                         out_shardings=(repl, repl, repl), donate_argnums=(0, 1))
     decay = dict(zip(("flat", "rate", "max_decay"),
                      OLD_POLICY_DECAY_PRESETS[config.train.old_policy]))
     old_update_fn = jax.jit(functools.partial(update_old_params, **decay))
     return Programs(rollout=rollout_fn, batch=batch_fn, update=update_fn,
-                    old_update=old_update_fn, place=lambda tree: jax.device_put(tree, data_sh))
+                    old_update=old_update_fn, place=lambda tree: jax.device_put(tree, data_sh),
+                    rollout_policy=rollout_policy(config),
+                    needs_rollout_params=getattr(objective_cfg, "needs_rollout_params", False))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -39,8 +39,15 @@ defaults: ``clip_range = 1``, ``adv_clip_max = 5``, ``advantage_max = 1``, "ghub
 Differences from the reference: its EMA-KL is only active when ``train.beta > 0`` (nested); here
 the two terms are independent. σ comes from the caller: the reference's default
 ("discrete_wo_init") draws stratified levels of the sampling schedule other than the first, which
-``flow.schedule_sigma_sampler`` approximates (uniform over all levels). Only its
-``loss_type = "exp_first"`` (one ratio per (sample, σ) row) is implemented. Errors are float32
+``flow.schedule_sigma_sampler`` approximates (uniform over all levels). Both ratio forms of its
+``loss_type``: ``"exp_first"`` (default here, today's behaviour: one ratio per (sample, σ) row)
+and ``"sum_first"`` (the per-level log-probs of a sample are summed before the exponential:
+``ratio_i = exp(Σ_d logp_id - Σ_d old_logp_id)``, one ratio per sample over its D =
+``train.renoise_draws`` levels; the batch then holds one row per sample with D noise draws).
+Parameter sets: θ_old, the ratio's denominator when ``off_policy`` (``old_params``), and θ_EMA,
+the KL-EMA anchor (``ema_params``), are each "ema" (``ctx.old_params``, the lagged EMA; the
+reference's off-policy setting uses the EMA for both, the default) or "rollout"
+(``ctx.rollout_params``, θ when the rollout was sampled). Errors are float32
 (the reference casts to float64). No CFG during training (the official SD3 runs train the
 conditional field).
 """
@@ -54,8 +61,9 @@ import jax
 import jax.numpy as jnp
 
 from normguard_jax import flow
-from normguard_jax.objectives.base import (Aux, Context, Method, VelocityPoints, check_field,
-                                           pixel_mean, renoised_rollout_batch, renoised_rows)
+from normguard_jax.objectives.base import (Aux, BatchSpec, Context, Method, Rollout,
+                                           VelocityPoints, check_field, pixel_mean,
+                                           renoised_rollout_batch, renoised_rows)
 
 _TINY = 1e-10
 
@@ -81,6 +89,12 @@ KL_WEIGHTINGS: dict[str, Callable[[jax.Array, jax.Array, jax.Array], jax.Array]]
 }
 
 
+# Where θ_old / θ_EMA come from in the Context.
+PARAM_SETS: dict[str, Callable] = {"ema": lambda ctx: ctx.old_params,
+                                   "rollout": lambda ctx: ctx.rollout_params}
+LOSS_TYPES = ("exp_first", "sum_first")
+
+
 @dataclasses.dataclass(frozen=True)
 class AWMConfig:
     """Hyper-parameters of AWM (static; defaults follow the official code / README).
@@ -95,8 +109,15 @@ class AWMConfig:
       kl_time_weighting: "uniform" or "elbo" for that term (reference "Uniform").
       ema_kl_weight: weight of the KL to ``ctx.old_params`` (reference ``ema_beta``, 1); 0 = off.
       ema_kl_time_weighting: "uniform" or "elbo" for that term.
-      off_policy: take the ratio's denominator from ``ctx.old_params`` instead of the current
-        parameters under stop-gradient (reference ``train.off_policy``, False).
+      off_policy: take the ratio's denominator from θ_old (``old_params``) instead of the
+        current parameters under stop-gradient (reference ``train.off_policy``, False).
+      old_params: θ_old when ``off_policy``: "ema" (``ctx.old_params``, reference) or
+        "rollout" (``ctx.rollout_params``).
+      ema_params: θ_EMA, the anchor of the ``ema_kl_weight`` term: "ema" (reference) or
+        "rollout".
+      loss_type: "exp_first" (one ratio per (sample, σ) row) or "sum_first" (per-level
+        log-probs summed over a sample's D draws before the exponential; see the module
+        docstring).
     """
 
     weighting: str = "ghuber"
@@ -109,6 +130,9 @@ class AWMConfig:
     ema_kl_weight: float = 1.0
     ema_kl_time_weighting: str = "uniform"
     off_policy: bool = False
+    old_params: str = "ema"
+    ema_params: str = "ema"
+    loss_type: str = "exp_first"
 
     def __post_init__(self):
         check_field(self.weighting in WEIGHTINGS, "weighting", f"one of {sorted(WEIGHTINGS)}",
@@ -123,11 +147,23 @@ class AWMConfig:
         check_field(self.ema_kl_weight >= 0, "ema_kl_weight", ">= 0", self.ema_kl_weight)
         check_field(self.ema_kl_time_weighting in KL_WEIGHTINGS, "ema_kl_time_weighting",
                f"one of {sorted(KL_WEIGHTINGS)}", self.ema_kl_time_weighting)
+        check_field(self.old_params in PARAM_SETS, "old_params", f"one of {sorted(PARAM_SETS)}",
+                    self.old_params)
+        check_field(self.ema_params in PARAM_SETS, "ema_params", f"one of {sorted(PARAM_SETS)}",
+                    self.ema_params)
+        check_field(self.loss_type in LOSS_TYPES, "loss_type", f"one of {list(LOSS_TYPES)}",
+                    self.loss_type)
 
     @property
     def needs_old(self) -> bool:
-        """Whether the objective evaluates ``ctx.old_params``."""
+        """Whether the objective evaluates θ_old or θ_EMA."""
         return self.off_policy or self.ema_kl_weight > 0
+
+    @property
+    def needs_rollout_params(self) -> bool:
+        """Whether the objective reads ``ctx.rollout_params``."""
+        return ((self.off_policy and self.old_params == "rollout")
+                or (self.ema_kl_weight > 0 and self.ema_params == "rollout"))
 
 
 def matching_log_prob(v: jax.Array, target: jax.Array, sigma: jax.Array, weighting: str,
@@ -145,15 +181,97 @@ def matching_log_prob(v: jax.Array, target: jax.Array, sigma: jax.Array, weighti
     return WEIGHTINGS[weighting](e, sigma, power)
 
 
+def _flatten_draws(batch: dict) -> tuple:
+    """sum_first batch ``noise`` (N, D, ...), ``sigma`` (N, D) -> (N·D) rows, sample-major."""
+    noise, sigma = batch["noise"], batch["sigma"]
+    n, d = sigma.shape
+    rep = lambda a: jnp.repeat(a, d, axis=0)
+    return (rep(batch["x0"]), noise.reshape((n * d,) + noise.shape[2:]), sigma.reshape(-1),
+            jax.tree.map(rep, batch["cond"]), rep(batch["advantage"]), d)
+
+
+def _terms(cfg: AWMConfig, params, batch: dict, ctx: Context) -> tuple[dict, VelocityPoints]:
+    """Per-row terms (see :func:`make_per_sample`) and the velocity points."""
+    if cfg.loss_type == "sum_first":
+        x0, noise, sigma, cond, _, draws = _flatten_draws(batch)
+    else:
+        x0, noise, sigma, cond, draws = batch["x0"], batch["noise"], batch["sigma"], batch["cond"], 1
+    if cfg.needs_old:
+        for name, on in (("old_params", cfg.off_policy), ("ema_params", cfg.ema_kl_weight > 0)):
+            which = getattr(cfg, name)
+            if on and PARAM_SETS[which](ctx) is None:
+                raise ValueError(f"AWM with {name}={which!r} needs ctx."
+                                 f"{'old_params' if which == 'ema' else 'rollout_params'}")
+    x = flow.interpolate(x0, noise, sigma)
+    target = flow.velocity_target(x0, noise)
+    v = ctx.velocity(params, x, sigma, cond)
+    log_prob = matching_log_prob(v, target, sigma, cfg.weighting, cfg.ghuber_power)
+
+    sg = jax.lax.stop_gradient
+    velocities = {}     # one pass per distinct parameter set
+
+    def velocity_of(which):
+        if which not in velocities:
+            velocities[which] = sg(ctx.velocity(PARAM_SETS[which](ctx), x, sigma, cond))
+        return velocities[which]
+
+    if cfg.off_policy:
+        old_log_prob = matching_log_prob(velocity_of(cfg.old_params), target, sigma,
+                                         cfg.weighting, cfg.ghuber_power)
+    else:
+        old_log_prob = sg(log_prob)
+    terms = {"log_prob": log_prob, "old_log_prob": old_log_prob,
+             "matching_error": pixel_mean(jnp.square(v - target)),
+             "kl_std": _elbo_std(sigma)}
+    if cfg.loss_type == "sum_first":
+        n = log_prob.shape[0] // draws
+        ratio = jnp.exp(jnp.sum(log_prob.reshape(n, draws), axis=1)
+                        - jnp.sum(old_log_prob.reshape(n, draws), axis=1))
+        advantage = batch["advantage"]
+    else:
+        ratio = jnp.exp(log_prob - old_log_prob)
+        advantage = batch["advantage"]
+    adv = (jnp.clip(advantage, -cfg.adv_clip_max, cfg.adv_clip_max)
+           * (cfg.advantage_max / cfg.adv_clip_max))
+    unclipped = -adv * ratio
+    clipped = -adv * jnp.clip(ratio, 1.0 - cfg.clip_range, 1.0 + cfg.clip_range)
+    terms.update(ratio=ratio, advantage=adv, unclipped=unclipped, clipped=clipped,
+                 policy_loss=jnp.maximum(unclipped, clipped))
+    v_ref = None
+    if cfg.kl_weight > 0:
+        v_ref = sg(ctx.velocity(ctx.ref_params, x, sigma, cond))
+        terms["kl"] = KL_WEIGHTINGS[cfg.kl_time_weighting](v, v_ref, sigma)
+    if cfg.ema_kl_weight > 0:
+        terms["ema_kl"] = KL_WEIGHTINGS[cfg.ema_kl_time_weighting](
+            v, velocity_of(cfg.ema_params), sigma)
+    return terms, VelocityPoints(v_theta=v, x=x, sigma=sigma, cond=cond, v_ref=v_ref)
+
+
+def make_per_sample(cfg: AWMConfig):
+    """Returns ``per_sample(params, batch, ctx) -> dict`` of per-row arrays before reduction.
+
+    Per velocity row (B = batch rows; N·D with "sum_first"): ``log_prob``, ``old_log_prob``,
+    ``matching_error`` (e), ``kl_std`` (the per-level std ``0.7·sqrt(σ/(1 - min(σ, 0.99)))`` of
+    the "elbo" KL weighting), and ``kl`` / ``ema_kl`` when those terms are on. Per ratio row
+    (B; N samples with "sum_first"): ``ratio``, ``advantage`` (clipped and rescaled),
+    ``unclipped``, ``clipped``, ``policy_loss``. The objective is ``mean(policy_loss) +
+    kl_weight·mean(kl) + ema_kl_weight·mean(ema_kl)``.
+    """
+    return lambda params, batch, ctx: _terms(cfg, params, batch, ctx)[0]
+
+
 def make_objective(cfg: AWMConfig):
     """Returns the AWM objective ``(params, batch, ctx) -> (loss, Aux)``.
 
     Batch (one row per (rollout sample, noise draw); ``flow.renoised_batch`` builds it):
       ``x0`` (B, H, W, C) clean samples; ``noise`` (B, H, W, C) standard normal;
       ``sigma`` (B,) in (0, 1]; ``cond`` (B,) int32; ``advantage`` (B,) float32.
+    With ``loss_type = "sum_first"`` one row per sample: ``noise`` (B, D, H, W, C) and
+    ``sigma`` (B, D), the D levels whose log-probs are summed (:func:`training_batch`).
 
     Context: ``ctx.velocity``; ``ctx.ref_params`` when ``kl_weight > 0``; ``ctx.old_params``
-    when ``off_policy`` or ``ema_kl_weight > 0``.
+    / ``ctx.rollout_params`` as ``old_params`` (when ``off_policy``) and ``ema_params`` (when
+    ``ema_kl_weight > 0``) say.
 
     Metrics: ``awm/policy_loss``, ``awm/log_prob`` (mean weighted "log-prob"),
     ``awm/matching_error`` (mean ``e``), ``awm/ratio``, ``awm/clipfrac``, and ``awm/kl`` /
@@ -163,51 +281,53 @@ def make_objective(cfg: AWMConfig):
     """
 
     def objective(params, batch: dict, ctx: Context):
-        x0, noise, sigma, cond = batch["x0"], batch["noise"], batch["sigma"], batch["cond"]
-        if cfg.needs_old and ctx.old_params is None:
-            raise ValueError("AWM with off_policy or ema_kl_weight > 0 needs ctx.old_params")
-        x = flow.interpolate(x0, noise, sigma)
-        target = flow.velocity_target(x0, noise)
-        v = ctx.velocity(params, x, sigma, cond)
-        log_prob = matching_log_prob(v, target, sigma, cfg.weighting, cfg.ghuber_power)
-
+        t, points = _terms(cfg, params, batch, ctx)
         sg = jax.lax.stop_gradient
-        v_old = sg(ctx.velocity(ctx.old_params, x, sigma, cond)) if cfg.needs_old else None
-        if cfg.off_policy:
-            old_log_prob = matching_log_prob(v_old, target, sigma, cfg.weighting,
-                                             cfg.ghuber_power)
-        else:
-            old_log_prob = sg(log_prob)
-        ratio = jnp.exp(log_prob - old_log_prob)
-        adv = (jnp.clip(batch["advantage"], -cfg.adv_clip_max, cfg.adv_clip_max)
-               * (cfg.advantage_max / cfg.adv_clip_max))
-        unclipped = -adv * ratio
-        clipped = -adv * jnp.clip(ratio, 1.0 - cfg.clip_range, 1.0 + cfg.clip_range)
-        policy_loss = jnp.mean(jnp.maximum(unclipped, clipped))
+        ratio = t["ratio"]
+        policy_loss = jnp.mean(t["policy_loss"])
         loss = policy_loss
         metrics = {
             "awm/policy_loss": sg(policy_loss),
-            "awm/log_prob": sg(jnp.mean(log_prob)),
-            "awm/matching_error": sg(jnp.mean(pixel_mean(jnp.square(v - target)))),
+            "awm/log_prob": sg(jnp.mean(t["log_prob"])),
+            "awm/matching_error": sg(jnp.mean(t["matching_error"])),
             "awm/ratio": sg(jnp.mean(ratio)),
             "awm/clipfrac": jnp.mean((jnp.abs(sg(ratio) - 1.0) > cfg.clip_range)
                                      .astype(jnp.float32)),
         }
-        v_ref = None
         if cfg.kl_weight > 0:
-            v_ref = sg(ctx.velocity(ctx.ref_params, x, sigma, cond))
-            kl = jnp.mean(KL_WEIGHTINGS[cfg.kl_time_weighting](v, v_ref, sigma))
+            kl = jnp.mean(t["kl"])
             loss = loss + cfg.kl_weight * kl
             metrics["awm/kl"] = sg(kl)
         if cfg.ema_kl_weight > 0:
-            ema_kl = jnp.mean(KL_WEIGHTINGS[cfg.ema_kl_time_weighting](v, v_old, sigma))
+            ema_kl = jnp.mean(t["ema_kl"])
             loss = loss + cfg.ema_kl_weight * ema_kl
             metrics["awm/ema_kl"] = sg(ema_kl)
-        points = VelocityPoints(v_theta=v, x=x, sigma=sigma, cond=cond, v_ref=v_ref)
         return loss, Aux(metrics=metrics, points=points)
 
     return objective
 
 
+def training_batch(rollout: Rollout, key: jax.Array, spec: BatchSpec) -> dict:
+    """``renoised_rollout_batch`` (D·N rows, draw-major) for "exp_first"; for "sum_first" the
+    same draws regrouped as N rows with ``noise`` (N, D, ...) and ``sigma`` (N, D)."""
+    batch = renoised_rollout_batch(rollout, key, spec)
+    cfg = spec.objective if spec.objective is not None else AWMConfig()
+    if cfg.loss_type == "exp_first":
+        return batch
+    n, d = spec.samples, spec.renoise_draws
+    by_sample = lambda a: jnp.swapaxes(a.reshape((d, n) + a.shape[1:]), 0, 1)
+    return {"x0": batch["x0"][:n], "noise": by_sample(batch["noise"]),
+            "sigma": by_sample(batch["sigma"]), "cond": jax.tree.map(lambda c: c[:n],
+                                                                     batch["cond"]),
+            "advantage": batch["advantage"][:n]}
+
+
+def rows(spec: BatchSpec) -> int:
+    """D·N rows ("exp_first") or N ("sum_first")."""
+    cfg = spec.objective if spec.objective is not None else AWMConfig()
+    return renoised_rows(spec) if cfg.loss_type == "exp_first" else spec.samples
+
+
 METHOD = Method(name="awm", config_cls=AWMConfig, make_objective=make_objective,
-                training_batch=renoised_rollout_batch, rows=renoised_rows)
+                training_batch=training_batch, rows=rows, make_per_sample=make_per_sample,
+                rollout_policy="current")

@@ -44,6 +44,8 @@ class VelocityPoints(NamedTuple):
         a pytree of arrays with leading axis B (text models: ``{"text", "pooled"}``).
       v_ref: optional (B, H, W, C) frozen reference velocity at the same points. ``None`` when
         the objective did not need it; the NormGuard transform then computes it once.
+      guided: (a Python bool) whether ``v_theta`` / ``v_ref`` are classifier-free GUIDED
+        velocities (Flow-GRPO trained with CFG) rather than the conditional ones.
     """
 
     v_theta: jax.Array
@@ -51,6 +53,7 @@ class VelocityPoints(NamedTuple):
     sigma: jax.Array
     cond: jax.Array
     v_ref: Optional[jax.Array] = None
+    guided: bool = False
 
 
 class Aux(NamedTuple):
@@ -76,12 +79,20 @@ class Context:
       ref_params: frozen reference parameters θ_ref (pytree).
       old_params: the old / EMA policy parameters θ_old (pytree), or None.
       key: typed PRNG key for objectives that draw noise or timesteps.
+      rollout_params: θ as it was when this iteration's rollout was sampled (before its
+        optimiser steps), or None; read only by objectives configured to use it (AWM's
+        ``old_params`` / ``ema_params = "rollout"``).
+      null_condition: the unconditional conditioning for a pytree ``cond`` (see
+        ``sampling.null_condition``), or None; NormGuard's guided velocity reads it (class
+        labels use ``NormGuardConfig.null_class`` instead).
     """
 
     velocity: VelocityFn = flax.struct.field(pytree_node=False)
     ref_params: Params = None
     old_params: Params = None
     key: Optional[jax.Array] = None
+    rollout_params: Params = None
+    null_condition: Any = None
 
 
 def pixel_mean(a: jax.Array) -> jax.Array:
@@ -145,6 +156,9 @@ class BatchSpec:
         that evaluate the base model (Adjoint Matching); None where no builder needs it.
       reward_fn: the rollout's reward ``(images, cond) -> ((N,), components)``, for batch
         builders that differentiate it (Adjoint Matching); None where no builder needs it.
+      objective: the method's frozen config dataclass (``Method.config_cls`` instance) for the
+        methods whose batch layout depends on it (DPO's tie rule, AWM's ``loss_type``), or None
+        for that class's defaults.
     """
 
     prompts: int
@@ -154,6 +168,7 @@ class BatchSpec:
     sigma_sampler: Optional[Callable[[jax.Array, int], jax.Array]] = None
     velocity: Optional[VelocityFn] = None
     reward_fn: Optional[Callable] = None
+    objective: Any = None
 
     @property
     def samples(self) -> int:
@@ -199,6 +214,12 @@ class Method:
         then keeps every state and log-prob).
       validate: ``config -> None``; checks of the whole RL config that only this method needs,
         raising ``config_checks.ConfigError`` naming the field.
+      make_per_sample: ``config_cls instance -> per_sample(params, batch, ctx) -> dict`` of the
+        objective's per-row terms and intermediates before any batch reduction (arrays with a
+        leading axis of the batch's rows); the objective's loss is a reduction of these.
+      rollout_policy: which parameters the reference samples the rollouts with by default:
+        "current" (θ) or "old" (θ_old, the lagged / EMA policy); ``config.rollout.policy``
+        ("default" picks this) overrides it.
     """
 
     name: str
@@ -208,3 +229,5 @@ class Method:
     rows: Callable[[BatchSpec], int]
     needs_trajectory: bool = False
     validate: Callable[[ml_collections.ConfigDict], None] = no_extra_checks
+    make_per_sample: Optional[Callable[[Any], Callable]] = None
+    rollout_policy: str = "current"

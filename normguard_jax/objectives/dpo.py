@@ -20,9 +20,12 @@ Which parameters are "the reference" of the log-ratio (``reference``):
   steps (Flow-GRPO's ``train.ref_update_step``, "Online DPO"). The points then carry no
   ``v_ref`` and NormGuard evaluates the frozen reference itself.
 
-Invalid pairs (all rewards of the group tied) have ``valid = 0`` and contribute nothing; the
-batch mean still divides by the number of rows, so the loss is a per-example mean and shards
-exactly (Flow-GRPO instead trains such groups on an arbitrary pair).
+Tied groups (all rewards equal), ``ties``: ``"drop"`` (default) gives the pair ``valid = 0`` so it
+contributes nothing; the batch mean still divides by the number of rows, so the loss is a
+per-example mean and shards exactly. ``"pair"`` is Flow-GRPO's tracker rule (its default, the
+only one it has): member 1 is the winner, member 0 the loser, trained as a real preference
+(``advantages.dpo_pairs``). "drop" stays the default here because an arbitrary preference on
+a tie is pure noise in the gradient; set ``ties="pair"`` to reproduce the reference.
 """
 
 from __future__ import annotations
@@ -51,15 +54,54 @@ class DPOConfig:
       beta: β > 0, the inverse temperature of the preference model (Flow-GRPO's SD3 DPO config:
         100; it multiplies per-pixel MEAN errors).
       reference: "ref" (frozen reference) or "old" (periodically refreshed policy copy).
+      ties: "drop" (tied groups give an invalid pair of weight 0) or "pair" (the reference
+        tracker's rule: member 1 beats member 0); see ``advantages.dpo_pairs``.
     """
 
     beta: float = 100.0
     reference: Literal["ref", "old"] = "ref"
+    ties: Literal["drop", "pair"] = "drop"
 
     def __post_init__(self):
         check_field(self.beta > 0, "beta", "> 0", self.beta)
         check_field(self.reference in _REFERENCES, "reference", f"one of {sorted(_REFERENCES)}",
                self.reference)
+        check_field(self.ties in advantages_lib.DPO_TIE_RULES, "ties",
+                    f"one of {list(advantages_lib.DPO_TIE_RULES)}", self.ties)
+
+
+def _terms(cfg: DPOConfig, params, batch: dict, ctx: Context) -> tuple[dict, VelocityPoints]:
+    """Per-pair terms (see :func:`make_per_sample`) and the velocity points (2B rows)."""
+    reference_params = _REFERENCES[cfg.reference]
+    x0 = jnp.concatenate([batch["x0_w"], batch["x0_l"]], axis=0)
+    noise = jnp.concatenate([batch["noise"], batch["noise"]], axis=0)
+    sigma = jnp.concatenate([batch["sigma"], batch["sigma"]], axis=0)
+    cond = sampling.tree_concat(batch["cond"], batch["cond"])
+    x = flow.interpolate(x0, noise, sigma)
+    target = flow.velocity_target(x0, noise)
+    v = ctx.velocity(params, x, sigma, cond)
+    v_base = jax.lax.stop_gradient(ctx.velocity(reference_params(ctx), x, sigma, cond))
+    b = batch["sigma"].shape[0]
+    err = pixel_mean(jnp.square(v - target))
+    err_base = pixel_mean(jnp.square(v_base - target))
+    inside = -0.5 * cfg.beta * ((err[:b] - err_base[:b]) - (err[b:] - err_base[b:]))
+    valid = jnp.asarray(batch["valid"], jnp.float32)
+    terms = {"policy_error_w": err[:b], "policy_error_l": err[b:],
+             "ref_error_w": err_base[:b], "ref_error_l": err_base[b:], "inside": inside,
+             "valid": valid, "loss": valid * -jax.nn.log_sigmoid(inside)}
+    v_ref = v_base if cfg.reference == "ref" else None
+    return terms, VelocityPoints(v_theta=v, x=x, sigma=sigma, cond=cond, v_ref=v_ref)
+
+
+def make_per_sample(cfg: DPOConfig):
+    """Returns ``per_sample(params, batch, ctx) -> dict`` of (B,) per-pair arrays.
+
+    Keys: ``policy_error_w`` / ``policy_error_l`` (e_θ of winner and loser), ``ref_error_w`` /
+    ``ref_error_l`` (e of the reference of the log-ratio, ``reference``), ``inside`` (the
+    implicit reward margin), ``valid`` and ``loss`` (``valid·(-log σ(inside))``; the objective's
+    loss is its mean). Batch and context: as :func:`make_objective`.
+    """
+    return lambda params, batch, ctx: _terms(cfg, params, batch, ctx)[0]
 
 
 def make_objective(cfg: DPOConfig):
@@ -81,24 +123,10 @@ def make_objective(cfg: DPOConfig):
     Points: winners then losers concatenated along the batch axis (2B rows); ``v_ref`` filled
     when ``reference == "ref"``.
     """
-    reference_params = _REFERENCES[cfg.reference]
-
     def objective(params, batch: dict, ctx: Context):
-        x0 = jnp.concatenate([batch["x0_w"], batch["x0_l"]], axis=0)
-        noise = jnp.concatenate([batch["noise"], batch["noise"]], axis=0)
-        sigma = jnp.concatenate([batch["sigma"], batch["sigma"]], axis=0)
-        cond = sampling.tree_concat(batch["cond"], batch["cond"])
-        x = flow.interpolate(x0, noise, sigma)
-        target = flow.velocity_target(x0, noise)
-        v = ctx.velocity(params, x, sigma, cond)
-        v_base = jax.lax.stop_gradient(ctx.velocity(reference_params(ctx), x, sigma, cond))
-        b = batch["sigma"].shape[0]
-        err = pixel_mean(jnp.square(v - target))
-        err_base = pixel_mean(jnp.square(v_base - target))
-        inside = -0.5 * cfg.beta * ((err[:b] - err_base[:b]) - (err[b:] - err_base[b:]))
-        valid = jnp.asarray(batch["valid"], jnp.float32)
-        loss = jnp.mean(valid * -jax.nn.log_sigmoid(inside))
-
+        terms, points = _terms(cfg, params, batch, ctx)
+        valid, inside = terms["valid"], terms["inside"]
+        loss = jnp.mean(terms["loss"])
         sg = jax.lax.stop_gradient
         n_valid = jnp.maximum(jnp.sum(valid), 1.0)
 
@@ -108,20 +136,18 @@ def make_objective(cfg: DPOConfig):
         metrics = {
             "dpo/implicit_acc": valid_mean((inside > 0).astype(jnp.float32)),
             "dpo/reward_margin": valid_mean(inside),
-            "dpo/policy_error_w": valid_mean(err[:b]),
-            "dpo/policy_error_l": valid_mean(err[b:]),
-            "dpo/ref_error_w": valid_mean(err_base[:b]),
-            "dpo/ref_error_l": valid_mean(err_base[b:]),
+            "dpo/policy_error_w": valid_mean(terms["policy_error_w"]),
+            "dpo/policy_error_l": valid_mean(terms["policy_error_l"]),
+            "dpo/ref_error_w": valid_mean(terms["ref_error_w"]),
+            "dpo/ref_error_l": valid_mean(terms["ref_error_l"]),
             "dpo/valid_frac": jnp.mean(valid),
         }
-        v_ref = v_base if cfg.reference == "ref" else None
-        points = VelocityPoints(v_theta=v, x=x, sigma=sigma, cond=cond, v_ref=v_ref)
         return loss, Aux(metrics=metrics, points=points)
 
     return objective
 
 
-def make_dpo_batch(key, x0, cond, rewards, *, sigma_sampler) -> dict:
+def make_dpo_batch(key, x0, cond, rewards, *, sigma_sampler, ties: str = "drop") -> dict:
     """Pairs the best and worst sample of every group and draws their shared noise and σ.
 
     Args:
@@ -135,7 +161,7 @@ def make_dpo_batch(key, x0, cond, rewards, *, sigma_sampler) -> dict:
     Returns:
       The batch of :func:`make_objective` with B = G rows.
     """
-    winner, loser, valid = advantages_lib.dpo_pairs(rewards)
+    winner, loser, valid = advantages_lib.dpo_pairs(rewards, ties=ties)
     groups = jnp.arange(x0.shape[0])
     k_noise, k_sigma = jax.random.split(key)
     x0_w, x0_l = x0[groups, winner], x0[groups, loser]
@@ -150,13 +176,16 @@ def make_dpo_batch(key, x0, cond, rewards, *, sigma_sampler) -> dict:
 
 
 def training_batch(rollout: Rollout, key: jax.Array, spec: BatchSpec) -> dict:
-    """The best and worst sample of every group with shared noise and σ (B = G rows)."""
+    """The best and worst sample of every group with shared noise and σ (B = G rows); tied
+    groups follow ``spec.objective.ties`` (:class:`DPOConfig`)."""
+    cfg = spec.objective if spec.objective is not None else DPOConfig()
     k = spec.group_size
     x0 = rollout.images.reshape((-1, k) + rollout.images.shape[1:])
     first = jax.tree.map(lambda a: a[::k], rollout.labels)   # one conditioning per group
     return make_dpo_batch(key, x0, first, rollout.rewards.reshape(-1, k),
-                          sigma_sampler=spec.sigma_sampler)
+                          sigma_sampler=spec.sigma_sampler, ties=cfg.ties)
 
 
 METHOD = Method(name="dpo", config_cls=DPOConfig, make_objective=make_objective,
-                training_batch=training_batch, rows=lambda spec: spec.prompts)
+                training_batch=training_batch, rows=lambda spec: spec.prompts,
+                make_per_sample=make_per_sample, rollout_policy="current")

@@ -135,6 +135,72 @@ def _velocity(cfg: GRPOConfig, ctx: Context, params, x, sigma, cond) -> jax.Arra
     return ctx.velocity(params, x, sigma, cond)
 
 
+def clipped_policy_loss(log_prob: jax.Array, old_log_prob: jax.Array, advantage: jax.Array,
+                        clip_range: float, adv_clip_max: float) -> jax.Array:
+    """Flow-GRPO's clipped surrogate per row, on given log-probs (no SDE step is re-run).
+
+    ``max(-A·ratio, -A·clip(ratio, 1 - ε, 1 + ε))`` with ``ratio = exp(log_prob - old_log_prob)``
+    and ``A = clip(advantage, ±adv_clip_max)``; gradients flow through ``log_prob`` only if the
+    caller's ``old_log_prob`` is constant.
+
+    Args:
+      log_prob, old_log_prob, advantage: (B,) float32.
+      clip_range: ε. adv_clip_max: the advantage clip.
+
+    Returns:
+      (B,) per-row policy loss (the objective's ``grpo/policy_loss`` is its mean).
+    """
+    ratio = jnp.exp(log_prob - old_log_prob)
+    adv = jnp.clip(advantage, -adv_clip_max, adv_clip_max)
+    unclipped = -adv * ratio
+    clipped = -adv * jnp.clip(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    return jnp.maximum(unclipped, clipped)
+
+
+def _terms(cfg: GRPOConfig, params, batch: dict, ctx: Context) -> tuple[dict, VelocityPoints]:
+    """Per-row terms of the objective (see :func:`make_per_sample`) and its velocity points."""
+    step_fn, options_fn, kl_std_fn = _SAMPLERS[cfg.sampler]
+    needs_ref = cfg.kl_weight > 0 or cfg.guided
+    x, sigma, cond = batch["x"], batch["sigma"], batch["cond"]
+    options = options_fn(cfg, batch)
+    v = _velocity(cfg, ctx, params, x, sigma, cond)
+    new = step_fn(x, v, sigma, batch["sigma_next"], x_next=batch["x_next"], **options)
+    old_log_prob = batch["old_log_prob"]
+    log_ratio = new.log_prob - old_log_prob
+    ratio = jnp.exp(log_ratio)
+    adv = jnp.clip(batch["advantage"], -cfg.adv_clip_max, cfg.adv_clip_max)
+    unclipped = -adv * ratio
+    clipped = -adv * jnp.clip(ratio, 1.0 - cfg.clip_range, 1.0 + cfg.clip_range)
+    terms = {"log_prob": new.log_prob, "old_log_prob": old_log_prob, "log_ratio": log_ratio,
+             "ratio": ratio, "advantage": adv, "unclipped": unclipped, "clipped": clipped,
+             "policy_loss": jnp.maximum(unclipped, clipped), "mean": new.mean}
+    v_ref = None
+    if needs_ref:
+        v_ref = jax.lax.stop_gradient(_velocity(cfg, ctx, ctx.ref_params, x, sigma, cond))
+    if cfg.kl_weight > 0:
+        ref = step_fn(x, v_ref, sigma, batch["sigma_next"], x_next=batch["x_next"], **options)
+        std = kl_std_fn(cfg, batch, new)
+        positive = std > 0
+        safe_std = jnp.where(positive, std, 1.0)
+        terms["kl"] = jnp.where(positive, sampling.flow_grpo_kl(new.mean, ref.mean, safe_std),
+                                0.0)
+        terms["ref_mean"] = ref.mean
+    return terms, VelocityPoints(v_theta=v, x=x, sigma=sigma, cond=cond, v_ref=v_ref,
+                                 guided=cfg.guided)
+
+
+def make_per_sample(cfg: GRPOConfig):
+    """Returns ``per_sample(params, batch, ctx) -> dict`` of (B, ...) arrays, before reduction.
+
+    Keys: ``log_prob`` (new), ``old_log_prob``, ``log_ratio``, ``ratio``, ``advantage``
+    (clipped), ``unclipped`` (``-A·ratio``), ``clipped`` (``-A·clip(ratio)``), ``policy_loss``
+    (their maximum, :func:`clipped_policy_loss`), ``mean`` (B, H, W, C: the step mean μ_θ),
+    and with ``kl_weight > 0`` ``kl`` (B,) and ``ref_mean``. Batch and context: as
+    :func:`make_objective`; its loss is ``mean(policy_loss) + kl_weight·mean(kl)``.
+    """
+    return lambda params, batch, ctx: _terms(cfg, params, batch, ctx)[0]
+
+
 def make_objective(cfg: GRPOConfig):
     """Returns the Flow-GRPO objective ``(params, batch, ctx) -> (loss, Aux)``.
 
@@ -156,51 +222,30 @@ def make_objective(cfg: GRPOConfig):
     ``kl_weight == 0``), ``grpo/approx_kl`` (``½·mean((new - old)²)`` as the reference logs it),
     ``grpo/clipfrac`` (``|ratio - 1| > ε``), ``grpo/ratio``, ``grpo/log_prob``.
 
-    Points: the policy velocity at ``(x, σ, cond)`` (guided if guidance is on); ``v_ref`` filled
-    whenever the reference was evaluated.
+    Points: the policy velocity at ``(x, σ, cond)`` (guided if guidance is on, then marked
+    ``guided=True``); ``v_ref`` filled whenever the reference was evaluated.
     """
-    step_fn, options_fn, kl_std_fn = _SAMPLERS[cfg.sampler]
-    needs_ref = cfg.kl_weight > 0 or cfg.guided
 
     def objective(params, batch: dict, ctx: Context):
-        x, sigma, cond = batch["x"], batch["sigma"], batch["cond"]
-        options = options_fn(cfg, batch)
-        v = _velocity(cfg, ctx, params, x, sigma, cond)
-        new = step_fn(x, v, sigma, batch["sigma_next"], x_next=batch["x_next"], **options)
-        old_log_prob = batch["old_log_prob"]
-        log_ratio = new.log_prob - old_log_prob
-        ratio = jnp.exp(log_ratio)
-        adv = jnp.clip(batch["advantage"], -cfg.adv_clip_max, cfg.adv_clip_max)
-        unclipped = -adv * ratio
-        clipped = -adv * jnp.clip(ratio, 1.0 - cfg.clip_range, 1.0 + cfg.clip_range)
-        policy_loss = jnp.mean(jnp.maximum(unclipped, clipped))
-
-        v_ref = None
+        terms, points = _terms(cfg, params, batch, ctx)
+        policy_loss = jnp.mean(terms["policy_loss"])
         kl = jnp.zeros_like(policy_loss)
-        if needs_ref:
-            v_ref = jax.lax.stop_gradient(_velocity(cfg, ctx, ctx.ref_params, x, sigma, cond))
         if cfg.kl_weight > 0:
-            ref = step_fn(x, v_ref, sigma, batch["sigma_next"], x_next=batch["x_next"], **options)
-            std = kl_std_fn(cfg, batch, new)
-            positive = std > 0
-            safe_std = jnp.where(positive, std, 1.0)
-            kl_i = jnp.where(positive, sampling.flow_grpo_kl(new.mean, ref.mean, safe_std), 0.0)
-            kl = jnp.mean(kl_i)
+            kl = jnp.mean(terms["kl"])
             loss = policy_loss + cfg.kl_weight * kl
         else:
             loss = policy_loss
-
         sg = jax.lax.stop_gradient
+        ratio = terms["ratio"]
         metrics = {
             "grpo/policy_loss": sg(policy_loss),
             "grpo/kl": sg(kl),
-            "grpo/approx_kl": sg(0.5 * jnp.mean(jnp.square(log_ratio))),
+            "grpo/approx_kl": sg(0.5 * jnp.mean(jnp.square(terms["log_ratio"]))),
             "grpo/clipfrac": jnp.mean((jnp.abs(sg(ratio) - 1.0) > cfg.clip_range)
                                       .astype(jnp.float32)),
             "grpo/ratio": sg(jnp.mean(ratio)),
-            "grpo/log_prob": sg(jnp.mean(new.log_prob)),
+            "grpo/log_prob": sg(jnp.mean(terms["log_prob"])),
         }
-        points = VelocityPoints(v_theta=v, x=x, sigma=sigma, cond=cond, v_ref=v_ref)
         return loss, Aux(metrics=metrics, points=points)
 
     return objective
@@ -233,14 +278,25 @@ def training_batch(rollout: Rollout, key: jax.Array, spec: BatchSpec) -> dict:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-    """The rollouts must use a sampler whose transitions have log-probs (``sde`` or ``cps``)."""
+    """The rollouts must use a sampler whose transitions have log-probs (``sde`` or ``cps``), and
+    the objective's CFG scale must be the rollout's: the stored old log-probs were computed with
+    the rollout's (guided) velocity, so a different ``objective.guidance_scale`` would compare
+    log-probs of two different velocity fields (a ratio ≠ 1 before any update)."""
     if config.rollout.sampler not in _SAMPLERS:
         raise config_checks.ConfigError(
             f"config.rollout.sampler must be one of {sorted(_SAMPLERS)} for method 'grpo' "
             f"(its log-probs), got {config.rollout.sampler!r}")
+    objective_scale = dict(config.objective).get("guidance_scale", config.rollout.guidance_scale)
+    if objective_scale != config.rollout.guidance_scale:
+        raise config_checks.ConfigError(
+            f"config.objective.guidance_scale={objective_scale!r} must equal "
+            f"config.rollout.guidance_scale={config.rollout.guidance_scale!r} for method 'grpo': "
+            "the old log-probs come from the rollout's velocity (set both, or leave "
+            "objective.guidance_scale out and it is taken from the rollout)")
 
 
 METHOD = Method(name="grpo", config_cls=GRPOConfig, make_objective=make_objective,
                 training_batch=training_batch,
                 rows=lambda spec: spec.samples * len(spec.trained_steps),
-                needs_trajectory=True, validate=validate)
+                needs_trajectory=True, validate=validate, make_per_sample=make_per_sample,
+                rollout_policy="current")

@@ -122,50 +122,77 @@ def make_objective(cfg: NFTConfig):
 
     Points: ``v_θ`` at ``(x_σ, σ, cond)``; ``v_ref`` filled when ``kl_weight > 0``.
     """
-    mode = ADVANTAGE_MODES[cfg.advantage_mode]
 
     def objective(params, batch: dict, ctx: Context):
-        if ctx.old_params is None:
-            raise ValueError("DiffusionNFT needs ctx.old_params (the old / sampling policy)")
-        x0, noise, sigma, cond = batch["x0"], batch["noise"], batch["sigma"], batch["cond"]
-        x = flow.interpolate(x0, noise, sigma)
-        v = ctx.velocity(params, x, sigma, cond)
-        v_old = jax.lax.stop_gradient(ctx.velocity(ctx.old_params, x, sigma, cond))
-
-        adv = mode(jnp.clip(batch["advantage"], -cfg.adv_clip_max, cfg.adv_clip_max),
-                   cfg.adv_clip_max)
-        r = jnp.clip(adv / (2.0 * cfg.adv_clip_max) + 0.5, 0.0, 1.0)
-        v_pos = cfg.beta * v + (1.0 - cfg.beta) * v_old
-        v_neg = (1.0 + cfg.beta) * v_old - cfg.beta * v
-        loss_pos, mse_pos = adaptive_x0_loss(flow.x0_from_velocity(x, v_pos, sigma), x0,
-                                             cfg.weight_floor)
-        loss_neg, mse_neg = adaptive_x0_loss(flow.x0_from_velocity(x, v_neg, sigma), x0,
-                                             cfg.weight_floor)
-        per_sample = (r * loss_pos + (1.0 - r) * loss_neg) / cfg.beta
-        policy_loss = cfg.adv_clip_max * jnp.mean(per_sample)
-
+        t, points = _terms(cfg, params, batch, ctx)
+        adv, mse_pos, mse_neg, v, v_old = t["advantage"], t["mse_pos"], t["mse_neg"], t["v"], t["v_old"]
+        policy_loss = cfg.adv_clip_max * jnp.mean(t["loss"])
         sg = jax.lax.stop_gradient
         nonzero = (adv != 0).astype(jnp.float32)
         correct = ((adv * (mse_neg - mse_pos)) > 0).astype(jnp.float32)
         metrics = {
             "nft/policy_loss": sg(policy_loss),
-            "nft/positive_loss": sg(jnp.mean(loss_pos)),
-            "nft/negative_loss": sg(jnp.mean(loss_neg)),
+            "nft/positive_loss": sg(jnp.mean(t["loss_pos"])),
+            "nft/negative_loss": sg(jnp.mean(t["loss_neg"])),
             "nft/old_deviation": sg(jnp.mean(jnp.square(v - v_old))),
             "nft/implicit_acc": sg(jnp.sum(correct * nonzero) / jnp.maximum(jnp.sum(nonzero), 1)),
         }
-        v_ref = None
         loss = policy_loss
         if cfg.kl_weight > 0:
-            v_ref = sg(ctx.velocity(ctx.ref_params, x, sigma, cond))
-            kl = jnp.mean(pixel_mean(jnp.square(v - v_ref)))
+            kl = jnp.mean(t["kl"])
             loss = loss + cfg.kl_weight * kl
             metrics["nft/kl"] = sg(kl)
-        points = VelocityPoints(v_theta=v, x=x, sigma=sigma, cond=cond, v_ref=v_ref)
         return loss, Aux(metrics=metrics, points=points)
 
     return objective
 
 
+def _terms(cfg: NFTConfig, params, batch: dict, ctx: Context) -> tuple[dict, VelocityPoints]:
+    """Per-row terms (see :func:`make_per_sample`) and the velocity points."""
+    if ctx.old_params is None:
+        raise ValueError("DiffusionNFT needs ctx.old_params (the old / sampling policy)")
+    mode = ADVANTAGE_MODES[cfg.advantage_mode]
+    x0, noise, sigma, cond = batch["x0"], batch["noise"], batch["sigma"], batch["cond"]
+    x = flow.interpolate(x0, noise, sigma)
+    v = ctx.velocity(params, x, sigma, cond)
+    v_old = jax.lax.stop_gradient(ctx.velocity(ctx.old_params, x, sigma, cond))
+    adv = mode(jnp.clip(batch["advantage"], -cfg.adv_clip_max, cfg.adv_clip_max),
+               cfg.adv_clip_max)
+    r = jnp.clip(adv / (2.0 * cfg.adv_clip_max) + 0.5, 0.0, 1.0)
+    v_pos = cfg.beta * v + (1.0 - cfg.beta) * v_old
+    v_neg = (1.0 + cfg.beta) * v_old - cfg.beta * v
+    x0_pos = flow.x0_from_velocity(x, v_pos, sigma)
+    x0_neg = flow.x0_from_velocity(x, v_neg, sigma)
+    loss_pos, mse_pos = adaptive_x0_loss(x0_pos, x0, cfg.weight_floor)
+    loss_neg, mse_neg = adaptive_x0_loss(x0_neg, x0, cfg.weight_floor)
+    sg = jax.lax.stop_gradient
+    terms = {
+        "v": v, "v_old": v_old, "v_pos": v_pos, "v_neg": v_neg, "x0_pos": x0_pos,
+        "x0_neg": x0_neg, "advantage": adv, "r": r,
+        "weight_pos": sg(jnp.maximum(pixel_mean(jnp.abs(x0_pos - x0)), cfg.weight_floor)),
+        "weight_neg": sg(jnp.maximum(pixel_mean(jnp.abs(x0_neg - x0)), cfg.weight_floor)),
+        "mse_pos": mse_pos, "mse_neg": mse_neg, "loss_pos": loss_pos, "loss_neg": loss_neg,
+        "loss": (r * loss_pos + (1.0 - r) * loss_neg) / cfg.beta,
+    }
+    v_ref = None
+    if cfg.kl_weight > 0:
+        v_ref = sg(ctx.velocity(ctx.ref_params, x, sigma, cond))
+        terms["kl"] = pixel_mean(jnp.square(v - v_ref))
+    return terms, VelocityPoints(v_theta=v, x=x, sigma=sigma, cond=cond, v_ref=v_ref)
+
+
+def make_per_sample(cfg: NFTConfig):
+    """Returns ``per_sample(params, batch, ctx) -> dict`` of per-row arrays before reduction.
+
+    Keys: (B, H, W, C) ``v`` (v_θ), ``v_old``, ``v_pos`` / ``v_neg`` (v±), ``x0_pos`` /
+    ``x0_neg`` (x0̂±); (B,) ``advantage`` (clipped, mode applied), ``r``, ``weight_pos`` /
+    ``weight_neg`` (the stop-gradient adaptive weights), ``mse_pos`` / ``mse_neg``,
+    ``loss_pos`` / ``loss_neg`` (L±), ``loss`` (``[r·L⁺ + (1-r)·L⁻]/β``) and, with
+    ``kl_weight > 0``, ``kl``. The objective is ``A_max·mean(loss) + kl_weight·mean(kl)``.
+    """
+    return lambda params, batch, ctx: _terms(cfg, params, batch, ctx)[0]
+
+
 METHOD = Method(name="nft", config_cls=NFTConfig, make_objective=make_objective,
-                training_batch=renoised_rollout_batch, rows=renoised_rows)
+                training_batch=renoised_rollout_batch, rows=renoised_rows,
+                make_per_sample=make_per_sample, rollout_policy="old")

@@ -114,20 +114,11 @@ def make_objective(cfg: RAMConfig):
     """
 
     def objective(params, batch: dict, ctx: Context):
-        x0, noise, sigma, cond = batch["x0"], batch["noise"], batch["sigma"], batch["cond"]
-        x = flow.interpolate(x0, noise, sigma)
-        v = ctx.velocity(params, x, sigma, cond)
+        t, points = _terms(cfg, params, batch, ctx)
+        v, target, v_ref = t["v"], t["target"], points.v_ref
+        x0, noise = batch["x0"], batch["noise"]
         sg = jax.lax.stop_gradient
-        v_ref = sg(ctx.velocity(ctx.ref_params, x, sigma, cond))
-        if cfg.old_velocity == "old":
-            if ctx.old_params is None:
-                raise ValueError("RAM with old_velocity='old' needs ctx.old_params")
-            v_old = sg(ctx.velocity(ctx.old_params, x, sigma, cond))
-        else:
-            v_old = sg(v)
-        adv = jnp.clip(batch["advantage"], -cfg.adv_clip_max, cfg.adv_clip_max)
-        target = sg(ram_target(v_ref, v_old, x0, noise, adv, cfg.scale))
-        loss = jnp.mean(pixel_mean(jnp.square(v - target)))
+        loss = jnp.mean(t["loss"])
         metrics = {
             "ram/loss": sg(loss),
             "ram/correction": sg(jnp.mean(pixel_mean(jnp.square(target - v_ref)))),
@@ -135,11 +126,41 @@ def make_objective(cfg: RAMConfig):
             "ram/matching_error": sg(jnp.mean(pixel_mean(
                 jnp.square(v - flow.velocity_target(x0, noise))))),
         }
-        points = VelocityPoints(v_theta=v, x=x, sigma=sigma, cond=cond, v_ref=v_ref)
         return loss, Aux(metrics=metrics, points=points)
 
     return objective
 
 
+def _terms(cfg: RAMConfig, params, batch: dict, ctx: Context) -> tuple[dict, VelocityPoints]:
+    """Per-row terms (see :func:`make_per_sample`) and the velocity points."""
+    x0, noise, sigma, cond = batch["x0"], batch["noise"], batch["sigma"], batch["cond"]
+    x = flow.interpolate(x0, noise, sigma)
+    v = ctx.velocity(params, x, sigma, cond)
+    sg = jax.lax.stop_gradient
+    v_ref = sg(ctx.velocity(ctx.ref_params, x, sigma, cond))
+    if cfg.old_velocity == "old":
+        if ctx.old_params is None:
+            raise ValueError("RAM with old_velocity='old' needs ctx.old_params")
+        v_old = sg(ctx.velocity(ctx.old_params, x, sigma, cond))
+    else:
+        v_old = sg(v)
+    adv = jnp.clip(batch["advantage"], -cfg.adv_clip_max, cfg.adv_clip_max)
+    target = sg(ram_target(v_ref, v_old, x0, noise, adv, cfg.scale))
+    terms = {"v": v, "v_ref": v_ref, "v_old": v_old, "target": target, "advantage": adv,
+             "loss": pixel_mean(jnp.square(v - target))}
+    return terms, VelocityPoints(v_theta=v, x=x, sigma=sigma, cond=cond, v_ref=v_ref)
+
+
+def make_per_sample(cfg: RAMConfig):
+    """Returns ``per_sample(params, batch, ctx) -> dict`` of per-row arrays before reduction.
+
+    Keys: (B, H, W, C) ``v``, ``v_ref``, ``v_old`` (the control variate), ``target``; (B,)
+    ``advantage`` (clipped) and ``loss`` (``mean_pixels((v_θ - target)²)``; the objective is
+    its mean).
+    """
+    return lambda params, batch, ctx: _terms(cfg, params, batch, ctx)[0]
+
+
 METHOD = Method(name="ram", config_cls=RAMConfig, make_objective=make_objective,
-                training_batch=renoised_rollout_batch, rows=renoised_rows)
+                training_batch=renoised_rollout_batch, rows=renoised_rows,
+                make_per_sample=make_per_sample, rollout_policy="old")
