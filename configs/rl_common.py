@@ -30,6 +30,8 @@ def make(method: str, objective: dict) -> ml_collections.ConfigDict:
     c.rollout.num_steps = 10         # sampling steps per rollout.
     c.rollout.shift = 3.0            # schedule time shift.
     c.rollout.guidance_scale = 1.5   # CFG scale of the rollouts (1 = off).
+    c.rollout.policy = "default"     # sampling parameters: current (θ) | old (θ_old EMA) |
+                                     # default (the method's reference: old for nft and ram).
     c.rollout.sde_window_start = 0   # first stochastic (trained) step, Flow-GRPO only.
     c.rollout.sde_window_end = -1    # one past the last stochastic step; -1 = num_steps.
 
@@ -44,6 +46,8 @@ def make(method: str, objective: dict) -> ml_collections.ConfigDict:
     c.normguard.form = "relative"    # relative: ‖v_θ‖/‖v_ref‖ - 1; absolute: ‖v_θ‖ - ‖v_ref‖.
     c.normguard.power = 1            # 1 = hinge, 2 = squared hinge.
     c.normguard.margin = 0.0         # slack before the hinge activates.
+    c.normguard.velocity = "auto"    # guarded velocity: conditional | guided (CFG at the rollout
+                                     # scale) | auto (guided iff rollout.guidance_scale != 1).
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-4               # learning rate (after warm-up).
