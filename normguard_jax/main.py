@@ -112,6 +112,10 @@ def main(argv):
         job.run(config, _WORKDIR.value, **options)
     except config_checks.ConfigError as e:  # a bad value, or a --workdir in use or unwritable
         sys.exit(f"error: {e}")           # one line on stderr, exit code 1
+    except KeyboardInterrupt:             # the run loop has checkpointed the last completed unit
+        print(f"interrupted: the last completed step is checkpointed in {_WORKDIR.value}; "
+              "rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
 
 
 def _unknown_field(argv) -> str | None:
