@@ -6,7 +6,7 @@ is our own translation of the paper's formulas; every choice the paper leaves op
 the translation forces) is stated.
 
 Goal. Tilt the base model's sample law by the reward: ``p*(x0) ∝ p_base(x0)·exp(r(x0)/λ)``
-(λ = ``kl_weight``; the paper multiplies the reward instead, its multiplier is 1/λ). This is
+(λ = ``kl_weight``; a reward multiplier, as in the paper's experiments, is 1/λ). This is
 the solution of ``max E[r(x0)] - λ·KL(P_θ ‖ P_base)`` over path laws *provided the sampling
 SDE is memoryless* (its initial noise independent of its final sample).
 
@@ -49,8 +49,8 @@ acts on x_{k+1})::
     target = sg[v_ref + γ_k·ã_{k+1}],   γ_k = std²/h = σ'²/(σ·(1-σ')),
     w_k    = (h/std)² = (1-σ')²·s²/σ'².
 
-Continuous limits (step Δ → 0): ``γ → σ/(1-σ) = g²/2`` — the target is ``v_ref + (g²/2)·ã``,
-the paper's ``(2/g)·(v_θ - v_base)·(-1) + g·ã = 0`` in our sign of v — and ``w → 4Δ/g²``,
+Continuous limits (step Δ → 0): ``γ → σ/(1-σ) = g²/2`` — the target is ``v_ref + (g²/2)·ã``, which
+is the zero of the paper's ``u + g·ã`` with ``u = -(2/g)·(v_θ - v_base)`` (our sign of v) — and ``w → 4Δ/g²``,
 the paper's ``‖(2/g)(v_θ - v_base) - g·ã‖²·dt``. Check on Gaussian data N(μ, s²) with
 ``r = α·x``: ``ã(σ) = -(α/λ)·s²·(1-σ)/V(σ)``, ``V = (1-σ)²s² + σ²``, so the target's
 correction is ``-(α·s²/λ)·σ/V``: exactly the difference between the rectified-flow velocities
@@ -59,7 +59,10 @@ of N(μ + α·s²/λ, s²) and N(μ, s²) (the tilted law), as the theory demand
 Choices:
 
 * ``weighting = "control"`` (default) is the paper's loss above (steps weighted by w_k, which
-  carries the step size, so the sum over steps is the time integral). A deterministic step
+  carries the step size, so the sum over steps is the time integral). On a coarse step into a
+  small σ' (e.g. the shifted schedule's step into σ_min ≈ 0.003) w_k ≈ (σ/σ')² is large: that
+  is the discrete path KL of that step, and it dominates the loss there; ``"velocity"`` avoids
+  it. A deterministic step
   (std = 0: the last one, σ' = 0) admits no control; its rows get weight 0. ``"velocity"``
   drops w_k: a plain per-pixel regression onto the same target, every trained step weighted 1
   (the last step's target is v_ref). Both have the same minimiser per point.
