@@ -47,7 +47,9 @@ def make(method: str, objective: dict) -> ml_collections.ConfigDict:
     c.normguard.power = 1            # 1 = hinge, 2 = squared hinge.
     c.normguard.margin = 0.0         # slack before the hinge activates.
     c.normguard.velocity = "auto"    # guarded velocity: conditional | guided (CFG at the rollout
-                                     # scale) | auto (guided iff rollout.guidance_scale != 1).
+                                     # scale) | auto (guided iff rollout.guidance_scale != 1) |
+                                     # points (the objective's own velocities; runs recorded
+                                     # before this field).
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-4               # learning rate (after warm-up).

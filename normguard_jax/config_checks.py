@@ -175,6 +175,17 @@ RESUME_ALLOWED = (
 # address changes from launch to launch and process_id from process to process).
 RESUME_IGNORED = ("distributed",)
 _ABSENT = "(absent)"
+# Fields added after runs were recorded, with the value that computes what such a run computed
+# before the field existed: a recorded config without the field resumes when the new config
+# holds exactly this value (any other value is a change like any other).
+ADDED_FIELDS = {
+    "rollout.policy": "current",          # rollouts from θ
+    "normguard.velocity": "points",       # the hinge on the objective's own velocities
+    "objective.ties": "drop",             # DPO: tied groups give no pair
+    "objective.loss_type": "exp_first",   # AWM: one ratio per (sample, σ) row
+    "objective.old_params": "ema",        # AWM: θ_old = ctx.old_params
+    "objective.ema_params": "ema",        # AWM: θ_EMA = ctx.old_params
+}
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -188,9 +199,13 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 
 def changed_fields(recorded: dict, config: ml_collections.ConfigDict) -> dict[str, list]:
     """``{dotted field: [recorded value, new value]}`` of every difference (absent on one side:
-    ``"(absent)"``), ignoring :data:`RESUME_IGNORED`. Values are compared as JSON stores them."""
+    ``"(absent)"``), ignoring :data:`RESUME_IGNORED` and a field of :data:`ADDED_FIELDS`
+    absent from the record whose new value is its legacy one. Values are compared as JSON
+    stores them."""
     old = _flatten(recorded)
     new = _flatten(json.loads(json.dumps(config.to_dict())))
+    old.update({path: value for path, value in ADDED_FIELDS.items()
+                if path not in old and new.get(path, _ABSENT) == value})
     ignored = lambda path: path.split(".")[0] in RESUME_IGNORED  # noqa: E731
     return {path: [old.get(path, _ABSENT), new.get(path, _ABSENT)]
             for path in sorted(set(old) | set(new))

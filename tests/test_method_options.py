@@ -413,3 +413,16 @@ def test_train_iteration_samples_with_the_configured_policy():
                            group_size=2, inner_epochs=1, rows=4, minibatch_size=4,
                            schedule=lambda step: 0.0)
         assert float(seen[-1]["a"]) == float(expected["a"])
+
+
+def test_runs_recorded_before_the_new_fields_resume_only_with_their_legacy_values():
+    config = load_config_file("rl_nft.py")
+    recorded = config.to_dict()
+    del recorded["rollout"]["policy"], recorded["normguard"]["velocity"]
+    changes = config_checks.changed_fields(recorded, config)
+    assert set(changes) == {"rollout.policy", "normguard.velocity"}     # defaults differ
+    config.rollout.policy, config.normguard.velocity = "current", "points"
+    assert config_checks.changed_fields(recorded, config) == {}
+    # the legacy values compute what the run computed: rollouts from θ, hinge on its points
+    assert rl.rollout_policy(config) == "current"
+    assert rl.normguard_config(config, null_class=NULL).velocity == "points"
