@@ -426,3 +426,48 @@ def test_runs_recorded_before_the_new_fields_resume_only_with_their_legacy_value
     # the legacy values compute what the run computed: rollouts from θ, hinge on its points
     assert rl.rollout_policy(config) == "current"
     assert rl.normguard_config(config, null_class=NULL).velocity == "points"
+
+
+def test_update_hands_theta_at_rollout_time_to_awm():
+    """rl.update (jitted as the loop jits it) with AWM's θ_old = θ at rollout time equals the
+    objective on a Context holding those parameters; train_iteration passes a copy of θ taken
+    before the iteration's updates."""
+    import optax
+    cfg = awm.AWMConfig(off_policy=True, old_params="rollout", ema_params="rollout",
+                        clip_range=0.05)
+    assert cfg.needs_rollout_params
+    objective = awm.make_objective(cfg)
+    batch = jx(forward_batch())
+    opt = optax.sgd(0.1)
+    upd = jax.jit(lambda p, s, o, r, b, ok, rp: rl.update(p, s, o, r, b, ok, rp,
+                                                         objective=objective, optimizer=opt,
+                                                         velocity=toy_velocity))
+    _, _, m = upd(jx(P_THETA), opt.init(jx(P_THETA)), jx(P_OLD), jx(P_REF), batch,
+                  jnp.bool_(True), jx(P_ROLL))
+    ctx = Context(velocity=toy_velocity, ref_params=jx(P_REF), old_params=None,
+                  rollout_params=jx(P_ROLL))
+    np.testing.assert_allclose(float(m["loss"]),
+                               float(objective(jx(P_THETA), batch, ctx)[0]), rtol=1e-6)
+    seen = []
+
+    def fake_update(params, opt_state, old, ref, b, ok, rollout_params):
+        seen.append(rollout_params)
+        return jax.tree.map(lambda a: a + 1.0, params), opt_state, {"skipped": jnp.float32(0)}
+
+    def fake_rollout(params, labels, key):
+        n = labels.shape[0]
+        return Rollout(labels=labels, images=jnp.zeros((n,) + SHAPE), rewards=jnp.zeros(n),
+                       advantages=jnp.zeros(n), trajectory=None), {}
+
+    state = rl_state.RLState(iteration=jnp.int32(0), updates=jnp.int32(0), params=jx(P_THETA),
+                             old_params=jx(P_OLD), opt_state=(), rng=jax.random.key_data(
+                                 jax.random.key(0)))
+    programs = rl.Programs(rollout=fake_rollout, batch=lambda ro, key: {"x": ro.images},
+                           update=fake_update, old_update=lambda o, p, u: o, place=lambda t: t,
+                           needs_rollout_params=True)
+    rl.train_iteration(state, jx(P_REF), programs=programs, num_classes=3, prompts=2,
+                       group_size=2, inner_epochs=1, rows=4, minibatch_size=2,
+                       schedule=lambda step: 0.0)
+    assert len(seen) == 2
+    for rp in seen:      # the second update still sees θ before the first one
+        np.testing.assert_array_equal(np.asarray(rp["a"]), P_THETA["a"])
