@@ -63,6 +63,9 @@ def get_config(arg: str = "nft"):
     # rollouts cost half as much.
     c.rl.rollout.guidance_scale = 1.0
     c.rl.sample.guidance_scale = 1.0
+    # Rollouts from θ for every method: the committed results (experiments/results/) were made
+    # so. NFT's and RAM's references sample from θ_old (rollout.policy=default does that).
+    c.rl.rollout.policy = "current"
     if method == "dpo":
         c.rl.train.minibatch_size = c.rl.rollout.prompts_per_iter  # one pair per prompt.
     c.rl.train.log_every = 4

@@ -11,7 +11,7 @@ def make(method: str, objective: dict) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.job = "rl"                # main.py dispatches to normguard_jax.rl.run.
     c.seed = 0                  # prompts, rollout noise, re-noising and minibatch order.
-    c.method = method           # RL objective: grpo | nft | awm | dpo | ram.
+    c.method = method           # RL method: a name of normguard_jax.objectives.METHODS.
     c.aux_dir = "workdir/aux_nets"  # cache of the reward classifier (trained on first use).
 
     c.base = ml_collections.ConfigDict()

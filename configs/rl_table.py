@@ -66,6 +66,8 @@ def get_config(arg: str = "nft,digits_logprob"):
     c.train.renoise_draws = 2              # NFT/AWM: 128 training rows per iteration.
     c.rollout.guidance_scale = 1.0         # no CFG (see the module docstring).
     c.sample.guidance_scale = 1.0
+    c.rollout.policy = "current"           # rollouts from θ, as the committed tables were made
+                                           # (NFT's and RAM's references sample from θ_old).
     if method == "dpo":
         c.train.minibatch_size = c.rollout.prompts_per_iter  # one pair per prompt.
     c.train.log_every = 4
