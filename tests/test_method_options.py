@@ -61,6 +61,7 @@ REDUCTIONS = {
     + c.ema_kl_weight * jnp.mean(t["ema_kl"]),
     "dpo": lambda t, c: jnp.mean(t["loss"]),
     "ram": lambda t, c: jnp.mean(t["loss"]),
+    "am": lambda t, c: jnp.mean(t["weight"] * t["error"]),
 }
 
 

@@ -231,28 +231,46 @@ def make_objective(cfg: AMConfig):
     """
 
     def objective(params, batch: dict, ctx: Context):
-        x, sigma, cond = batch["x"], batch["sigma"], batch["cond"]
+        t = _terms(cfg, params, batch, ctx)
         sg = jax.lax.stop_gradient
-        v = ctx.velocity(params, x, sigma, cond)
-        v_ref = sg(ctx.velocity(ctx.ref_params, x, sigma, cond))
-        gamma, control_weight = step_factors(sigma, batch["sigma_next"])
-        adjoint = batch["adjoint"] / cfg.kl_weight
-        correction = flow.broadcast_to_batch(gamma, x) * adjoint
-        target = sg(v_ref + correction)
-        error = pixel_mean(jnp.square(v - target))
-        weight = control_weight if cfg.weighting == "control" else jnp.ones_like(error)
-        loss = jnp.mean(weight * error)
+        loss = jnp.mean(t["loss"])
         metrics = {
             "am/loss": sg(loss),
-            "am/matching_error": sg(jnp.mean(error)),
-            "am/correction": sg(jnp.mean(pixel_mean(jnp.square(correction)))),
-            "am/adjoint": sg(jnp.mean(pixel_mean(jnp.square(adjoint)))),
-            "am/ref_deviation": sg(jnp.mean(pixel_mean(jnp.square(v - v_ref)))),
+            "am/matching_error": sg(jnp.mean(t["error"])),
+            "am/correction": sg(jnp.mean(pixel_mean(jnp.square(t["correction"])))),
+            "am/adjoint": sg(jnp.mean(pixel_mean(jnp.square(t["adjoint"])))),
+            "am/ref_deviation": sg(jnp.mean(pixel_mean(jnp.square(t["v"] - t["v_ref"])))),
         }
-        points = VelocityPoints(v_theta=v, x=x, sigma=sigma, cond=cond, v_ref=v_ref)
+        points = VelocityPoints(v_theta=t["v"], x=batch["x"], sigma=batch["sigma"],
+                                cond=batch["cond"], v_ref=t["v_ref"])
         return loss, Aux(metrics=metrics, points=points)
 
     return objective
+
+
+def _terms(cfg: AMConfig, params, batch: dict, ctx: Context) -> dict:
+    x, sigma, cond = batch["x"], batch["sigma"], batch["cond"]
+    sg = jax.lax.stop_gradient
+    v = ctx.velocity(params, x, sigma, cond)
+    v_ref = sg(ctx.velocity(ctx.ref_params, x, sigma, cond))
+    gamma, control_weight = step_factors(sigma, batch["sigma_next"])
+    adjoint = batch["adjoint"] / cfg.kl_weight
+    correction = flow.broadcast_to_batch(gamma, x) * adjoint
+    target = sg(v_ref + correction)
+    error = pixel_mean(jnp.square(v - target))
+    weight = control_weight if cfg.weighting == "control" else jnp.ones_like(error)
+    return {"v": v, "v_ref": v_ref, "adjoint": adjoint, "correction": correction,
+            "target": target, "error": error, "weight": weight, "loss": weight * error}
+
+
+def make_per_sample(cfg: AMConfig):
+    """Returns ``per_sample(params, batch, ctx) -> dict`` of per-row arrays before reduction.
+
+    Keys: (B, H, W, C) ``v``, ``v_ref``, ``adjoint`` (ã/λ), ``correction`` (γ·ã/λ),
+    ``target``; (B,) ``error`` (``mean_pixels((v_θ - target)²)``), ``weight`` (the control
+    weight, or 1) and ``loss`` (``weight·error``; the objective is its mean).
+    """
+    return lambda params, batch, ctx: _terms(cfg, params, batch, ctx)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -281,4 +299,4 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 METHOD = Method(name="am", config_cls=AMConfig, make_objective=make_objective,
                 training_batch=training_batch, rows=rows, needs_trajectory=True,
-                validate=validate)
+                validate=validate, make_per_sample=make_per_sample)
