@@ -12,7 +12,6 @@ Gaussian data, NormGuard around it, and the config checks.
 (c) NormGuard wraps it: the points carry v_ref, the reference is evaluated once.
 """
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp

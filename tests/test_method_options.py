@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from normguard_jax import advantages, config_checks, flow, normguard, rl, rl_state
-from normguard_jax.objectives import METHODS, awm, dpo, grpo, nft, ram
+from normguard_jax.objectives import METHODS, awm, dpo, grpo, nft
 from normguard_jax.objectives.base import BatchSpec, Context, Rollout
 
 from conftest import load_config_file
