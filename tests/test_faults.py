@@ -193,9 +193,10 @@ def test_rl_rejects_negative_reward_weights(tmp_path, monkeypatch):
     assert not (tmp_path / "rl").exists()
 
 
-def _fake_checkpoint(directory, meta):
-    manager = checkpointing.make_manager(directory)
-    checkpointing.save(manager, 1, {"x": jnp.zeros(2)}, meta, force=True)
+def _fake_checkpoint(workdir, meta, step=1):
+    """A checkpoint of a dummy state with the record ``meta``, in ``workdir``."""
+    manager = checkpointing.open_manager(workdir)
+    checkpointing.save(manager, step, {"x": jnp.zeros(2)}, meta, force=True)
     manager.wait_until_finished()
     manager.close()
 
@@ -213,7 +214,7 @@ def test_pretrain_resume_against_another_dataset_fails_before_building(
         old["data"]["name"] = change["data"]
     meta = {"config": old, "step": 1,
             "image_shape": change.get("image_shape", [8, 8, 1]), "num_classes": 10}
-    _fake_checkpoint(str(tmp_path / "w" / "checkpoints"), meta)
+    _fake_checkpoint(str(tmp_path / "w"), meta)
     monkeypatch.setattr(generators, "build_generator", _unreachable)
     with pytest.raises(config_checks.ConfigError, match=message):
         pretrain.run(config, str(tmp_path / "w"))
@@ -225,8 +226,8 @@ def test_rl_resume_against_a_base_of_another_image_shape_fails_before_loading(
     config.rollout.update(prompts_per_iter=8, group_size=4)
     config.train.minibatch_size = 16
     config.base.workdir = str(tmp_path / "base")
-    _fake_checkpoint(str(tmp_path / "base" / "checkpoints"), {"image_shape": [8, 8, 1]})
-    _fake_checkpoint(str(tmp_path / "rl" / "checkpoints"),
+    _fake_checkpoint(str(tmp_path / "base"), {"image_shape": [8, 8, 1]})
+    _fake_checkpoint(str(tmp_path / "rl"),
                      {"config": config.to_dict(), "iteration": 1,
                       "image_shape": [32, 32, 1]})
     monkeypatch.setattr(generators, "load_pretrained", _unreachable)
@@ -381,23 +382,30 @@ def _wait_for_logged_step(proc, workdir, step, timeout=240):
         time.sleep(0.01)
 
 
-@pytest.mark.slow
-def test_sigterm_checkpoints_the_step_reached_and_exits_zero(data_dir, tmp_path):
+def _signal_cli_run(workdir, data_dir, sig, checkpoint_every, wait):
+    """Starts a long pretraining CLI run, ``wait(proc, workdir)``, sends ``sig``; returns
+    ``(returncode, stderr, seconds from the signal to the exit)``."""
     data.load_split("digits_sklearn", "train", data_dir)   # built before the subprocess reads it
-    workdir = str(tmp_path / "term")
-    args, env = _cli(workdir, data_dir, steps=100000, checkpoint_every=5)
+    args, env = _cli(workdir, data_dir, steps=100000, checkpoint_every=checkpoint_every)
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for_checkpoint(proc, workdir)
+        wait(proc, workdir)
         sent = time.time()
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         _, stderr = proc.communicate(timeout=60)
-        elapsed = time.time() - sent
+        return proc.returncode, stderr, time.time() - sent
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0, stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_the_step_reached_and_exits_zero(data_dir, tmp_path):
+    workdir = str(tmp_path / "term")
+    returncode, stderr, elapsed = _signal_cli_run(workdir, data_dir, signal.SIGTERM, 5,
+                                                  _wait_for_checkpoint)
+    assert returncode == 0, stderr[-3000:]
     print(f"SIGTERM to exit: {elapsed:.2f} s")
     assert elapsed < 20, f"took {elapsed:.1f} s to stop"   # loose: the CPU is shared
     reached = int(re.search(r"SIGTERM: checkpointing step (\d+)", stderr).group(1))
@@ -407,19 +415,11 @@ def test_sigterm_checkpoints_the_step_reached_and_exits_zero(data_dir, tmp_path)
 
 @pytest.mark.slow
 def test_ctrl_c_checkpoints_at_a_step_boundary_and_exits_130_in_one_line(data_dir, tmp_path):
-    data.load_split("digits_sklearn", "train", data_dir)
     workdir = str(tmp_path / "int")
-    args, env = _cli(workdir, data_dir, steps=100000, checkpoint_every=1000)
-    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        _wait_for_logged_step(proc, workdir, 2)
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, stderr[-3000:]
+    returncode, stderr, _ = _signal_cli_run(
+        workdir, data_dir, signal.SIGINT, 1000,
+        lambda proc, workdir: _wait_for_logged_step(proc, workdir, 2))
+    assert returncode == 130, stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
     assert stderr.strip().splitlines()[-1].startswith("interrupted: ")
     reached = int(re.search(r"Ctrl-C: checkpointing step (\d+)", stderr).group(1))

@@ -22,7 +22,7 @@ import pytest
 from normguard_jax import checkpointing, config_checks, generators, pretrain, rl
 
 from conftest import REPO, load_config_file
-from test_faults import _cli, _unreachable, _wait_for_checkpoint
+from test_faults import _cli, _fake_checkpoint, _unreachable, _wait_for_checkpoint
 from test_pretrain import tiny_config
 
 
@@ -225,13 +225,6 @@ def test_a_second_cli_run_on_the_same_workdir_exits_at_once_with_one_line(data_d
 # ----------------------------------------------------------------------------------------------
 # 3. Resuming with a changed config.
 # ----------------------------------------------------------------------------------------------
-
-
-def _fake_checkpoint(workdir, meta, step=1):
-    manager = checkpointing.open_manager(workdir)
-    checkpointing.save(manager, step, {"x": jnp.zeros(2)}, meta, force=True)
-    manager.wait_until_finished()
-    manager.close()
 
 
 def _set(config, path, value):
