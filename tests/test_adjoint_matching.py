@@ -194,16 +194,21 @@ def check_discrete_tilt(moments, alpha, c, lam):
     assert abs(var / var_star - 1) < DISCRETE_VAR_RTOL, (var, var_star)
 
 
+def check_continuous_tilt(params, mean, var, mu_star, var_star):
+    """The learned Gaussian and the fine-tuned sampler's moments against the exact tilt."""
+    assert abs(float(params["mu"]) - mu_star) < MEAN_TOL
+    assert abs(float(jnp.exp(2 * params["log_s"])) / var_star - 1) < VAR_RTOL
+    assert abs(mean - mu_star) < MEAN_TOL, mean
+    assert abs(var / var_star - 1) < VAR_RTOL, var
+
+
 def test_linear_reward_shifts_the_gaussian_mean_by_alpha_s0_squared_over_lambda():
     alpha, lam = 1.0, 2.0
     params, mean, var, moments = finetune_gaussian(sum_reward(lambda x: alpha * x), lam)
     mu_star, var_star = MU0 + alpha * S0 ** 2 / lam, S0 ** 2          # 0.82, 0.64
     assert (mu_star, var_star) == pytest.approx(tilt(MU0, S0 ** 2, alpha, 0.0, lam))
     check_discrete_tilt(moments, alpha, 0.0, lam)
-    assert abs(float(params["mu"]) - mu_star) < MEAN_TOL
-    assert abs(float(jnp.exp(2 * params["log_s"])) / var_star - 1) < VAR_RTOL
-    assert abs(mean - mu_star) < MEAN_TOL, mean
-    assert abs(var / var_star - 1) < VAR_RTOL, var
+    check_continuous_tilt(params, mean, var, mu_star, var_star)
 
 
 def test_quadratic_reward_adds_c_over_lambda_to_the_precision():
@@ -212,10 +217,7 @@ def test_quadratic_reward_adds_c_over_lambda_to_the_precision():
     precision = 1 / S0 ** 2 + c / lam
     mu_star, var_star = (MU0 / S0 ** 2) / precision, 1 / precision    # 0.305, 0.390
     check_discrete_tilt(moments, 0.0, c, lam)
-    assert abs(float(params["mu"]) - mu_star) < MEAN_TOL
-    assert abs(float(jnp.exp(2 * params["log_s"])) / var_star - 1) < VAR_RTOL
-    assert abs(mean - mu_star) < MEAN_TOL, mean
-    assert abs(var / var_star - 1) < VAR_RTOL, var
+    check_continuous_tilt(params, mean, var, mu_star, var_star)
 
 
 def test_target_correction_is_the_tilted_minus_base_velocity_in_the_continuum():
