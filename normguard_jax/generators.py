@@ -124,9 +124,11 @@ def load_policy(workdir: str, *, step: int | None = None, base: Pretrained | Non
             loaded[key] = load_pretrained(meta["base_workdir"], use_ema=config.base.use_ema,
                                           step=meta["base_step"])
         chosen.append(base if base is not None else loaded[key])
-        # The optimizer state's structure does not depend on the schedule's length.
+        # The optimizer state's structure does not depend on the schedule's length. Shapes
+        # only: building θ_old and the optimizer state for real would allocate them twice.
         optimizer, _ = optim.build_optimizer(config.optim, 1)
-        return initial_state(chosen[-1].params, optimizer, config.seed)
+        return jax.eval_shape(lambda p: initial_state(p, optimizer, config.seed),
+                              chosen[-1].params)
 
     step, state, meta = checkpointing.restore_run(workdir, step, template)
     policy = chosen[-1]._replace(params=state.params,
