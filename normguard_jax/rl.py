@@ -260,6 +260,9 @@ class Programs(NamedTuple):
         rollout_params) -> (params, opt_state, metrics)``, see :func:`update`.
       old_update: ``(old_params, params, updates) -> old_params``, the θ_old EMA.
       place: puts a host or device batch on the mesh's data sharding.
+      rollout_policy: "current" (θ samples the rollouts) or "old" (θ_old does).
+      needs_rollout_params: pass a copy of θ at rollout time to the updates (AWM's
+        ``rollout`` parameter sets).
     """
 
     rollout: Callable
