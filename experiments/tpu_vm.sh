@@ -8,11 +8,13 @@
 #
 # Modes
 #   tpu-setup <tpu-name> <zone>
-#       Copy this checkout to every worker of a TPU VM pod slice (v4-8 ... v4-32, v5e-8 ...
-#       v5e-16, ...) and install it with the TPU build of JAX.
+#       Copy this checkout (git HEAD) to ~/normguard_jax on every worker of a TPU VM pod slice
+#       (v4-8 ... v4-32, v5e-8 ... v5e-16, ...) and run experiments/tpu_vm_install.sh there:
+#       a Python >= 3.11 venv (~/normguard_jax/.venv) with `pip install -c constraints.txt
+#       -e ".[tpu]"` (the pinned jax, and the libtpu it pins). Safe to rerun.
 #   tpu <tpu-name> <zone> <config.py> <workdir> [--config.x=y ...]
-#       Start the run on all workers at once (gcloud ... ssh --worker=all). JAX detects the
-#       pod slice itself: --config.distributed.auto=True.
+#       Start the run on all workers at once (gcloud ... ssh --worker=all) with that venv. JAX
+#       detects the pod slice itself: --config.distributed.auto=True.
 #   gpu <config.py> <workdir> [--config.x=y ...]
 #       One multi-GPU node: one process sees every GPU of the node; nothing to initialise.
 #   gpu-node <coordinator host:port> <num nodes> <node index> <config.py> <workdir> [...]
@@ -42,7 +44,10 @@ REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 REMOTE_DIR="normguard_jax"            # checkout location in each worker's home directory
 PYTHON="${PYTHON:-python3}"
 
-usage() { sed -n '2,38p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 1; }
+fail() { echo "error: $*" >&2; exit 1; }
+
+# The help is this file's header comment (up to the first line that is not a comment).
+usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "${BASH_SOURCE[0]}"; exit 1; }
 
 mode="${1:-}"
 [[ -n "${mode}" ]] || usage
@@ -52,24 +57,31 @@ case "${mode}" in
   tpu-setup)
     [[ $# -eq 2 ]] || usage
     tpu="$1"; zone="$2"
+    command -v gcloud >/dev/null || fail "gcloud not found: install the Google Cloud CLI"
     tarball="$(mktemp --suffix=.tar.gz)"
-    git -C "${REPO_DIR}" archive --format=tar.gz -o "${tarball}" HEAD
+    trap 'rm -f "${tarball}"' EXIT
+    git -C "${REPO_DIR}" archive --format=tar.gz -o "${tarball}" HEAD \
+      || fail "git archive of ${REPO_DIR} failed (tpu-setup copies the committed HEAD)"
     gcloud compute tpus tpu-vm scp "${tarball}" "${tpu}:~/normguard_jax.tar.gz" \
-      --zone="${zone}" --worker=all
+      --zone="${zone}" --worker=all || fail "copying the checkout to ${tpu} (${zone}) failed"
+    # Unpacked over the previous copy (a venv and workdirs inside it are kept).
     gcloud compute tpus tpu-vm ssh "${tpu}" --zone="${zone}" --worker=all --command="
       set -e
       mkdir -p ~/${REMOTE_DIR} && tar -xzf ~/normguard_jax.tar.gz -C ~/${REMOTE_DIR}
-      pip install -U 'jax[tpu]' && pip install -e ~/${REMOTE_DIR}"
-    rm -f "${tarball}"
+      bash ~/${REMOTE_DIR}/experiments/tpu_vm_install.sh" \
+      || fail "the install failed on at least one worker of ${tpu} (its 'error:' line is above)"
     ;;
 
   tpu)
     [[ $# -ge 4 ]] || usage
     tpu="$1"; zone="$2"; config="$3"; workdir="$4"; shift 4
+    command -v gcloud >/dev/null || fail "gcloud not found: install the Google Cloud CLI"
     # Same command on every worker; jax.distributed.initialize() finds the slice's topology.
+    remote_args="$(printf ' %q' --config="${config}" --workdir="${workdir}" \
+      --config.distributed.auto=True "$@")"
     gcloud compute tpus tpu-vm ssh "${tpu}" --zone="${zone}" --worker=all --command="
-      cd ~/${REMOTE_DIR} && ${PYTHON} -m normguard_jax.main --config=${config} \
-        --workdir=${workdir} --config.distributed.auto=True $*"
+      cd ~/${REMOTE_DIR} && [ -x .venv/bin/python ] || { echo 'error: no ~/${REMOTE_DIR}/.venv: run tpu-setup first' >&2; exit 1; }
+      .venv/bin/python -m normguard_jax.main${remote_args}"
     ;;
 
   gpu)

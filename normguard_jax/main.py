@@ -32,15 +32,46 @@ MALLOC_TUNING = (f"glibc.malloc.arena_max={os.cpu_count() or 1}:glibc.malloc.mma
 DEFAULT_MALLOC_ENV = "NORMGUARD_DEFAULT_MALLOC"
 
 
+# Device files of accelerators: TPU chips (``/dev/accel0``.. on v2-v4, VFIO groups on v5e and
+# later) and NVIDIA GPUs.
+ACCELERATOR_DEVICE_GLOBS = ("/dev/accel[0-9]*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*")
+
+
+def runs_on_cpu(environ=None, glob_fn=None) -> bool:
+    """Whether JAX will run this process on XLA:CPU, decided without importing JAX.
+
+    The rule: when ``JAX_PLATFORMS`` is set and non-empty, its first entry decides (JAX tries the
+    platforms in that order, so ``"cpu"`` and ``"cpu,tpu"`` mean CPU, ``"tpu,cpu"`` does not);
+    otherwise the process runs on CPU unless the machine has an accelerator's device file
+    (:data:`ACCELERATOR_DEVICE_GLOBS`: a TPU VM's chips, an NVIDIA GPU). An installed ``libtpu``
+    or CUDA plugin alone does not count: without the device JAX falls back to CPU.
+
+    Args:
+      environ: the environment to read (default ``os.environ``).
+      glob_fn: ``pattern -> list of paths`` (default ``glob.glob``); tests pass a fake.
+    """
+    import glob  # noqa: PLC0415 - the module is imported before anything else in __main__
+    environ = os.environ if environ is None else environ
+    glob_fn = glob.glob if glob_fn is None else glob_fn
+    platforms = [p.strip().lower() for p in environ.get("JAX_PLATFORMS", "").split(",")
+                 if p.strip()]
+    if platforms:
+        return platforms[0] == "cpu"
+    return not any(glob_fn(pattern) for pattern in ACCELERATOR_DEVICE_GLOBS)
+
+
 def _reexec_with_tuned_malloc() -> None:
-    """Restarts this command with ``GLIBC_TUNABLES=MALLOC_TUNING`` when it is unset.
+    """Restarts this command with ``GLIBC_TUNABLES=MALLOC_TUNING`` when it is unset, on CPU only.
 
     glibc reads its tunables only at process start, hence ``os.execve`` (same PID, same
-    arguments, same interpreter options). Nothing happens off Linux, when ``GLIBC_TUNABLES``
-    is already set (by the user or by the first pass) or when ``NORMGUARD_DEFAULT_MALLOC`` is.
+    arguments, same interpreter options). The settings help XLA:CPU's temporaries only; on a
+    TPU or GPU host they would just keep freed host memory (input pipelines, checkpoint
+    buffers) in the process, so nothing happens when :func:`runs_on_cpu` says an accelerator
+    will be used. Nothing happens either off Linux, when ``GLIBC_TUNABLES`` is already set (by
+    the user or by the first pass) or when ``NORMGUARD_DEFAULT_MALLOC`` is.
     """
     if (not sys.platform.startswith("linux") or "GLIBC_TUNABLES" in os.environ
-            or os.environ.get(DEFAULT_MALLOC_ENV)):
+            or os.environ.get(DEFAULT_MALLOC_ENV) or not runs_on_cpu()):
         return
     sys.stdout.flush()
     sys.stderr.flush()
