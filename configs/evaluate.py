@@ -50,4 +50,10 @@ def get_config(reward_set: str = "digits"):
     # "shapes": shapes_rule + saturation) pair an alignment term that saturates with a proxy
     # that keeps rising; the config argument picks the set.
     c.rewards = ml_collections.ConfigDict(rewards.DEFAULT_WEIGHTS[reward_set])
+    # "name=weight,..." added to (or re-weighting) config.rewards: registered names or
+    # module:function rewards from outside the library.
+    c.extra_rewards = ""
+    c.reward_models = ml_collections.ConfigDict()  # reward name -> model folder.
+    c.reward_models.clip_score = ""   # transformers CLIPModel folder (weights + tokenizer).
+    c.reward_models.pickscore = ""    # PickScore's CLIPModel folder (same architecture).
     return c

@@ -21,6 +21,12 @@ def make(method: str, objective: dict) -> ml_collections.ConfigDict:
     c.rewards = ml_collections.ConfigDict()   # reward name -> weight (normguard_jax.rewards.REWARDS).
     c.rewards.classifier_logprob = 1.0        # alignment: log p(class | image); saturates near 0.
     c.rewards.contrast = 1.0                  # over-optimisable proxy with headroom (pixel std).
+    # "name=weight,..." added to (or re-weighting) config.rewards: any registered name or a
+    # reward outside the library as module:function, e.g. "shapes_rule=1,my_pkg.r:fn=0.5".
+    c.extra_rewards = ""
+    c.reward_models = ml_collections.ConfigDict()  # reward name -> model folder.
+    c.reward_models.clip_score = ""   # transformers CLIPModel folder (weights + tokenizer).
+    c.reward_models.pickscore = ""    # PickScore's CLIPModel folder (same architecture).
 
     c.rollout = ml_collections.ConfigDict()
     c.rollout.prompts_per_iter = 8   # G: distinct class prompts per iteration.

@@ -70,6 +70,8 @@ def evaluate_config(config: ml_collections.ConfigDict, checkpoint: str
     c.checkpoint = checkpoint
     c.aux.dir = config.aux_dir
     c.rewards = ml_collections.ConfigDict(config.rl.rewards.to_dict())  # the reward RL optimised
+    c.extra_rewards = config.rl.extra_rewards
+    c.reward_models = ml_collections.ConfigDict(config.rl.reward_models.to_dict())
     return c
 
 

@@ -12,6 +12,7 @@ config may continue a run recorded in a checkpoint.
 from __future__ import annotations
 
 import datetime
+import difflib
 import json
 import math
 import os
@@ -37,6 +38,13 @@ def get_field(config: ml_collections.ConfigDict, path: str) -> Any:
         except (KeyError, AttributeError, TypeError):
             raise ConfigError(f"config.{path} is missing") from None
     return node
+
+
+def suggest(name: str, choices: Iterable[str]) -> str:
+    """``"; did you mean 'x'?"`` with the choice closest to ``name``, or "" if none is close
+    (``difflib``'s ratio >= 0.6)."""
+    close = difflib.get_close_matches(name, [str(c) for c in choices], n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def _fail(path: str, requirement: str, value: Any):
@@ -185,6 +193,9 @@ ADDED_FIELDS = {
     "objective.loss_type": "exp_first",   # AWM: one ratio per (sample, σ) row
     "objective.old_params": "ema",        # AWM: θ_old = ctx.old_params
     "objective.ema_params": "ema",        # AWM: θ_EMA = ctx.old_params
+    "extra_rewards": "",                  # no reward added from the command line
+    "reward_models.clip_score": "",       # no CLIP model folder
+    "reward_models.pickscore": "",        # no PickScore model folder
 }
 
 

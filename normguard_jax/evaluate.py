@@ -44,6 +44,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     c.integer(config, "metrics.knn_k", 1)
     c.number(config, "metrics.range_tolerance", 0)
     c.integer(config, "metrics.batch_size", 1)
+    rewards.parse_weights(c.get_field(config, "extra_rewards"))
     if config.metrics.knn_k >= config.sample.per_class * 2:
         raise c.ConfigError(f"config.metrics.knn_k={config.metrics.knn_k} needs more samples "
                             f"than config.sample.per_class={config.sample.per_class} gives")
@@ -157,12 +158,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     nets = auxnets.AuxNetCache(dataset, aux_dir=config.aux.dir, data_dir=data_dir,
                                preset=config.aux.preset)
     ctx = rewards.RewardContext(dataset=dataset, image_shape=tuple(pre.image_shape),
-                                num_classes=pre.num_classes, nets=nets)
-    weights = dict(config.rewards.to_dict())
-    rewards.check_weights(weights, ctx)
+                                num_classes=pre.num_classes, nets=nets,
+                                model_dirs=dict(config.reward_models))
+    weights, fields = rewards.config_weights(config)
+    rewards.check_weights(weights, ctx, fields=fields)
     os.makedirs(workdir, exist_ok=True)
-    reward_fns = {name: rewards.build_reward(name, ctx) for name in rewards.applicable(ctx)}
-    combined = rewards.build_combined(weights, ctx)
+    reward_fns = {name: rewards.build_reward(name, ctx)
+                  for name in dict.fromkeys([*rewards.applicable(ctx), *weights])}
+    combined = rewards.build_combined(weights, ctx, fields=fields)
     qnets = quality.quality_nets(nets, config.metrics.batch_size)
     ref_split = data.load_split(dataset, config.reference_split, data_dir)
     reference = quality.make_reference(ref_split.images, ref_split.labels, qnets,

@@ -1,13 +1,35 @@
-"""Reward registry: pure, jit-able ``reward(images, cond) -> (B,)`` functions.
+"""Reward registry: pure, jit-able ``reward(images, request) -> (B,)`` functions.
 
 Conventions: images (B, H, W, C) float32 NHWC, data range [-1, 1]; every reward first clips
 to [-1, 1] (it scores the image as it would be displayed or saved; how far a sample leaves the
-range is a saturation diagnostic, ``quality.overshoot``). cond (B,) int32 labels in
-[0, num_classes) (the null class is not a valid request). Output (B,) float32, higher is
+range is a saturation diagnostic, ``quality.overshoot``). Output (B,) float32, higher is
 better.
 
+The request (the reward's second argument) says what each sample was asked to show:
+
+- class-conditional runs: (B,) int32 labels in [0, num_classes) (the null class is not a
+  valid request);
+- prompt-set (text) runs: a dict of (B,) int32 arrays, the fields ``REQUEST_FIELDS``:
+  ``label`` (the ``shapes`` class id ``shape * 4 + colour`` of a single-object prompt, -1 for
+  any other prompt), ``index`` (the prompt's index in the run's prompt split, the row of
+  ``RewardContext.prompts``) and the ``data.prompts.Prompt.metadata()`` fields (``kind``,
+  ``count``, ``colour``, ``shape``, ``position``, ``count_2``, ``colour_2``, ``shape_2``; -1 =
+  absent or unknown).
+
+Every reward accepts both: :func:`request_labels` gives the labels of either form,
+:func:`request_index` the prompt index (a class-conditional run has one prompt per class, so
+there it is the label) and :func:`request_dict` the dict form. Rewards that score a class
+(classifier, ``shapes_*``) give 0 to rows whose label is -1 (no single class was asked for).
+
+A built reward (:class:`Reward`) is a pure ``apply(params, images, request)`` and its
+``params`` pytree (the classifier's or CLIP's weights; None for rewards without any): the RL
+rollout and the evaluation pass ``params`` as arguments of their jitted programs, so the
+weights are not baked into the compiled programs as constants. ``reward(images, request)``
+calls ``apply(reward.params, ...)``.
+
 ``REWARDS`` maps a name to a ``RewardEntry``: a builder taking a ``RewardContext`` (the
-dataset, and lazy access to the cached reward classifier), a truthful ``differentiable`` flag
+dataset, lazy access to the cached reward classifier, the run's prompt texts and the folders
+of reward models), a truthful ``differentiable`` flag
 (differentiable rewards have finite, generally non-zero gradients with respect to the
 images; the others are piecewise constant and have zero gradient almost everywhere), and an
 applicability rule (e.g. ``saturation`` needs RGB, the ``shapes_*`` rules need the ``shapes``
@@ -25,19 +47,32 @@ Families:
   (chroma, RGB only), ``compressibility`` (minus the mean quantised-DCT magnitude of 8×8
   blocks, a smooth stand-in for JPEG size; ends in flat images) and ``jpeg_zeros`` (the exact,
   non-differentiable fraction of quantised DCT coefficients that are zero).
+- Prompt alignment: ``clip_score`` and ``pickscore``, the scaled cosine similarity of a
+  CLIP-architecture image embedding and the embedding of the sample's prompt
+  (:mod:`normguard_jax.clip_score`; the model folders come from ``config.reward_models``).
 - Combinations: ``build_combined({"classifier_logprob": 1.0, "contrast": 1.0}, ctx)`` returns
   the weighted sum and every component for logging. ``DEFAULT_WEIGHTS`` pairs a saturating
   alignment term with a proxy that keeps rising, so RL has headroom.
+- Rewards from outside the library: a name ``module:function`` (e.g. ``my_pkg.rewards:
+  aesthetic``) anywhere a reward name is accepted imports ``function`` from ``module``: a
+  ``RewardEntry``, a host reward (:func:`normguard_jax.host_rewards.host_reward`, any NumPy
+  callable, run through ``jax.pure_callback``) or a plain jit-able ``fn(images, request) ->
+  (B,)`` (flagged non-differentiable unless ``fn.differentiable`` is True).
+  ``config.extra_rewards`` (:func:`config_weights`) adds or re-weights any reward from the
+  command line.
 
-The classifier is the only network any reward uses; the quality metrics
-(``normguard_jax.quality``) use other networks.
+The classifier and the CLIP-family models are the only networks rewards use; the quality
+metrics (``normguard_jax.quality``) use other networks.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib
 import math
 from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +81,47 @@ import numpy as np
 from normguard_jax import config_checks
 from normguard_jax.data import shapes
 
-RewardFn = Callable[[jax.Array, jax.Array], jax.Array]
+Request = Union[jax.Array, Mapping[str, jax.Array]]
+RewardFn = Callable[[jax.Array, Request], jax.Array]
+ApplyFn = Callable[[Any, jax.Array, Request], jax.Array]
+
+# Fields of a prompt-set request (the last eight are data.prompts.METADATA_FIELDS).
+REQUEST_FIELDS = ("label", "index", "kind", "count", "colour", "shape", "position", "count_2",
+                  "colour_2", "shape_2")
+
+
+def request_labels(request: Request) -> jax.Array:
+    """(B,) int32 class labels of a request: the array itself, or ``request["label"]`` (-1
+    where a prompt does not ask for one class)."""
+    if isinstance(request, Mapping):
+        if "label" not in request:
+            raise KeyError(f"a prompt request needs a 'label' field, got {sorted(request)}")
+        request = request["label"]
+    return jnp.asarray(request).astype(jnp.int32)
+
+
+def request_index(request: Request) -> jax.Array:
+    """(B,) int32 prompt index of a request: ``request["index"]``, or the label of a
+    class-conditional request (one prompt per class)."""
+    if isinstance(request, Mapping):
+        if "index" not in request:
+            raise KeyError(f"a prompt request needs an 'index' field, got {sorted(request)}")
+        return jnp.asarray(request["index"]).astype(jnp.int32)
+    return request_labels(request)
+
+
+def request_dict(request: Request) -> dict[str, jax.Array]:
+    """The dict form of a request: a prompt request as it is, a label array as
+    ``{"label": labels, "index": labels}``."""
+    if isinstance(request, Mapping):
+        return dict(request)
+    labels = request_labels(request)
+    return {"label": labels, "index": labels}
+
+
+def _only_labelled(value: jax.Array, labels: jax.Array) -> jax.Array:
+    """``value`` where a class was asked for (label >= 0), else 0."""
+    return jnp.where(labels >= 0, value, 0.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,16 +134,31 @@ class RewardContext:
       num_classes: number of real classes.
       nets: ``nets("classifier") -> auxnets.AuxNet``, e.g. an ``auxnets.AuxNetCache``; called
         only by rewards that need the classifier, and only when they are built.
+      prompts: the run's prompt texts in index order (``request["index"]`` rows); for a
+        class-conditional run, one text per class (or None: rewards that read prompt texts
+        then refuse to build).
+      model_dirs: reward name -> model folder (``config.reward_models``), for rewards that
+        load a model (``clip_score``, ``pickscore``).
     """
 
     dataset: str
     image_shape: tuple[int, int, int]
     num_classes: int
     nets: Callable[[str], object]
+    prompts: tuple[str, ...] | None = None
+    model_dirs: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def base_dataset(self) -> str:
         return self.dataset.partition("/")[0]
+
+
+class Built(NamedTuple):
+    """What a builder returns: the pure ``apply(params, images, request) -> (B,)`` and its
+    ``params`` pytree (None when the reward has no parameters)."""
+
+    apply: ApplyFn
+    params: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,28 +166,41 @@ class RewardEntry:
     """A registry entry.
 
     Attributes:
-      build: ``build(ctx) -> reward_fn``.
+      build: ``build(ctx) -> Built``.
       differentiable: whether gradients with respect to the images are informative.
       applies: ``applies(ctx) -> bool``, whether the reward is defined for this dataset.
       description: one line for tables and error messages.
+      requires: what ``applies`` asks of the context, for the message when it says no.
     """
 
-    build: Callable[[RewardContext], RewardFn]
+    build: Callable[[RewardContext], Built]
     differentiable: bool
     applies: Callable[[RewardContext], bool]
     description: str
+    requires: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
 class Reward:
-    """A built reward: ``reward(images, cond) -> (B,)`` float32."""
+    """A built reward: ``apply(params, images, request) -> (B,)`` float32 and its ``params``.
+
+    ``reward(images, request)`` applies it with its own parameters (closing over them: inside
+    a jitted program, pass ``params`` as an argument and call ``apply`` instead). ``params``
+    takes no part in equality and hashing, so a reward can be a static argument.
+    """
 
     name: str
-    fn: RewardFn
+    apply: ApplyFn
     differentiable: bool
+    params: Any = dataclasses.field(default=None, compare=False)
 
-    def __call__(self, images: jax.Array, cond: jax.Array) -> jax.Array:
-        return self.fn(images, cond)
+    def __call__(self, images: jax.Array, request: Request) -> jax.Array:
+        return self.apply(self.params, images, request)
+
+    @property
+    def fn(self) -> RewardFn:
+        """``fn(images, request)``: ``apply`` with the parameters closed over."""
+        return functools.partial(self.apply, self.params)
 
 
 def displayed(images: jax.Array) -> jax.Array:
@@ -201,41 +304,40 @@ def jpeg_zeros(images: jax.Array, cond: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------------------------
 
 
-def _classifier_logits(ctx: RewardContext) -> Callable[[jax.Array], jax.Array]:
-    net = ctx.nets("classifier")
-    apply, params = net.apply, net.params
-    return lambda images: apply(params, displayed(images))
+def _build_classifier(score: Callable[[jax.Array, jax.Array], jax.Array]
+                      ) -> Callable[[RewardContext], Built]:
+    """A builder of ``score(logits (B, K), labels (B,) >= 0) -> (B,)`` on the classifier's
+    logits; the classifier's parameters are the reward's ``params``."""
+
+    def build(ctx: RewardContext) -> Built:
+        net = ctx.nets("classifier")
+        net_apply = net.apply
+
+        @functools.wraps(score)
+        def apply(params, images, request):
+            labels = request_labels(request)
+            logits = net_apply(params, displayed(images))
+            return _only_labelled(score(logits, jnp.maximum(labels, 0)), labels)
+
+        return Built(apply, net.params)
+
+    return build
 
 
-def _build_classifier_logprob(ctx: RewardContext) -> RewardFn:
-    logits_fn = _classifier_logits(ctx)
-
-    def classifier_logprob(images, cond):
-        """log p(cond | image) under the reward classifier, ≤ 0."""
-        log_p = jax.nn.log_softmax(logits_fn(images), axis=-1)
-        return jnp.take_along_axis(log_p, cond[:, None].astype(jnp.int32), axis=-1)[:, 0]
-
-    return classifier_logprob
+def classifier_logprob(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """log p(label | image) under the reward classifier, ≤ 0."""
+    log_p = jax.nn.log_softmax(logits, axis=-1)
+    return jnp.take_along_axis(log_p, labels[:, None], axis=-1)[:, 0]
 
 
-def _build_classifier_prob(ctx: RewardContext) -> RewardFn:
-    log_prob = _build_classifier_logprob(ctx)
-
-    def classifier_prob(images, cond):
-        """p(cond | image) under the reward classifier, in [0, 1] (bounded: no heavy tail)."""
-        return jnp.exp(log_prob(images, cond))
-
-    return classifier_prob
+def classifier_prob(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """p(label | image) under the reward classifier, in [0, 1] (bounded: no heavy tail)."""
+    return jnp.exp(classifier_logprob(logits, labels))
 
 
-def _build_classifier_correct(ctx: RewardContext) -> RewardFn:
-    logits_fn = _classifier_logits(ctx)
-
-    def classifier_correct(images, cond):
-        """1.0 where the classifier's top class is cond, else 0.0."""
-        return (jnp.argmax(logits_fn(images), axis=-1) == cond).astype(jnp.float32)
-
-    return classifier_correct
+def classifier_correct(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """1.0 where the classifier's top class is the label, else 0.0."""
+    return (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -371,46 +473,49 @@ def shapes_scores(images: jax.Array) -> dict[str, jax.Array]:
             "foreground": w}
 
 
-def _shape_and_colour(cond: jax.Array):
-    shape_index, colour_index = shapes.decompose_label(cond.astype(jnp.int32))
-    return shape_index[:, None], colour_index[:, None]
+def _shape_and_colour(request: Request):
+    """(labels (B,), shape index (B, 1), colour index (B, 1)); label -1 rows read class 0."""
+    labels = request_labels(request)
+    shape_index, colour_index = shapes.decompose_label(jnp.maximum(labels, 0))
+    return labels, shape_index[:, None], colour_index[:, None]
 
 
-def shapes_colour(images: jax.Array, cond: jax.Array) -> jax.Array:
+def shapes_colour(images: jax.Array, cond: Request) -> jax.Array:
     """Probability, in [0, 1], that the foreground's colour is the requested class colour
     (softmax of ``shapes_scores``' colour logits)."""
     s = shapes_scores(images)
-    _, c = _shape_and_colour(cond)
-    return jnp.take_along_axis(jax.nn.softmax(s["colour_logits"], -1), c, -1)[:, 0]
+    labels, _, c = _shape_and_colour(cond)
+    p = jnp.take_along_axis(jax.nn.softmax(s["colour_logits"], -1), c, -1)[:, 0]
+    return _only_labelled(p, labels)
 
 
-def shapes_shape(images: jax.Array, cond: jax.Array) -> jax.Array:
+def shapes_shape(images: jax.Array, cond: Request) -> jax.Array:
     """Probability, in [0, 1], that the foreground is the requested shape
     (softmax of the shape IoUs at temperature ``SHAPE_TEMPERATURE``)."""
     s = shapes_scores(images)
-    k, _ = _shape_and_colour(cond)
+    labels, k, _ = _shape_and_colour(cond)
     p = jax.nn.softmax(s["shape_iou"] / SHAPE_TEMPERATURE, -1)
-    return jnp.take_along_axis(p, k, -1)[:, 0]
+    return _only_labelled(jnp.take_along_axis(p, k, -1)[:, 0], labels)
 
 
-def shapes_rule(images: jax.Array, cond: jax.Array) -> jax.Array:
+def shapes_rule(images: jax.Array, cond: Request) -> jax.Array:
     """``shapes_colour · shapes_shape`` in [0, 1]: exact, network-free class alignment."""
     s = shapes_scores(images)
-    k, c = _shape_and_colour(cond)
+    labels, k, c = _shape_and_colour(cond)
     p_colour = jnp.take_along_axis(jax.nn.softmax(s["colour_logits"], -1), c, -1)[:, 0]
     p_shape = jnp.take_along_axis(
         jax.nn.softmax(s["shape_iou"] / SHAPE_TEMPERATURE, -1), k, -1)[:, 0]
-    return p_colour * p_shape
+    return _only_labelled(p_colour * p_shape, labels)
 
 
-def shapes_correct(images: jax.Array, cond: jax.Array) -> jax.Array:
+def shapes_correct(images: jax.Array, cond: Request) -> jax.Array:
     """1.0 where both the best-matching colour and the best-matching shape are the requested
     ones, else 0.0 (the rule's accuracy; not differentiable)."""
     s = shapes_scores(images)
-    k, c = _shape_and_colour(cond)
+    labels, k, c = _shape_and_colour(cond)
     ok = ((jnp.argmax(s["colour_logits"], -1) == c[:, 0])
           & (jnp.argmax(s["shape_iou"], -1) == k[:, 0]))
-    return ok.astype(jnp.float32)
+    return _only_labelled(ok.astype(jnp.float32), labels)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -436,16 +541,40 @@ def _shapes_dataset(ctx: RewardContext) -> bool:
             and ctx.num_classes == shapes.NUM_CLASSES)
 
 
-def _static(fn: RewardFn) -> Callable[[RewardContext], RewardFn]:
-    return lambda ctx: fn
+def _without_params(fn: RewardFn) -> ApplyFn:
+    """``apply(params, images, request)`` of a reward without parameters."""
+
+    @functools.wraps(fn)
+    def apply(params, images, request):
+        del params
+        return fn(images, request)
+
+    return apply
+
+
+def _static(fn: RewardFn) -> Callable[[RewardContext], Built]:
+    """The builder of a reward without parameters."""
+    built = Built(_without_params(fn))
+    return lambda ctx: built
+
+
+def _clip_model(name: str) -> Callable[[RewardContext], bool]:
+    return lambda ctx: _rgb(ctx) and bool(ctx.model_dirs.get(name))
+
+
+def _build_clip(name: str) -> Callable[[RewardContext], Built]:
+    def build(ctx: RewardContext) -> Built:
+        from normguard_jax import clip_score  # pylint: disable=import-outside-toplevel
+        return clip_score.build(name, ctx)
+    return build
 
 
 REWARDS: dict[str, RewardEntry] = {
-    "classifier_logprob": RewardEntry(_build_classifier_logprob, True, _always,
+    "classifier_logprob": RewardEntry(_build_classifier(classifier_logprob), True, _always,
                                       "log p(class | image) under the reward classifier"),
-    "classifier_prob": RewardEntry(_build_classifier_prob, True, _always,
+    "classifier_prob": RewardEntry(_build_classifier(classifier_prob), True, _always,
                                    "p(class | image) under the reward classifier"),
-    "classifier_correct": RewardEntry(_build_classifier_correct, False, _always,
+    "classifier_correct": RewardEntry(_build_classifier(classifier_correct), False, _always,
                                       "classifier's top class == requested class"),
     "contrast": RewardEntry(_static(contrast), True, _always, "pixel standard deviation"),
     "stroke_weight": RewardEntry(_static(stroke_weight), True, _always,
@@ -463,6 +592,12 @@ REWARDS: dict[str, RewardEntry] = {
                                "rule: p(colour) * p(shape)"),
     "shapes_correct": RewardEntry(_static(shapes_correct), False, _shapes_dataset,
                                   "rule: colour and shape both correct"),
+    "clip_score": RewardEntry(_build_clip("clip_score"), True, _clip_model("clip_score"),
+                              "CLIP: logit scale x cos(image, prompt) embeddings",
+                              "RGB images and a model folder in config.reward_models.clip_score"),
+    "pickscore": RewardEntry(_build_clip("pickscore"), True, _clip_model("pickscore"),
+                             "PickScore (CLIP architecture): logit scale x cos(image, prompt)",
+                             "RGB images and a model folder in config.reward_models.pickscore"),
 }
 
 # Default combined rewards for RL: a saturating alignment term plus a proxy with headroom.
@@ -476,29 +611,81 @@ DEFAULT_WEIGHTS: dict[str, dict[str, float]] = {
 
 
 def applicable(ctx: RewardContext) -> list[str]:
-    """Names of the rewards defined for ``ctx``'s dataset, in registry order."""
+    """Names of the registry rewards defined for ``ctx``, in registry order."""
     return [name for name, entry in REWARDS.items() if entry.applies(ctx)]
 
 
+class UnknownRewardError(ValueError):
+    """A reward name that is neither registered nor an importable ``module:function``."""
+
+
+def lookup(name: str) -> RewardEntry:
+    """The entry of a reward name: a key of ``REWARDS``, or ``module:function`` naming (after
+    importing ``module``) a ``RewardEntry``, or a plain jit-able ``fn(images, request) ->
+    (B,)`` (differentiable only if ``fn.differentiable`` is True); a host reward is a
+    ``RewardEntry`` (``host_rewards.host_reward``).
+
+    Raises:
+      UnknownRewardError: an unknown name (with the closest registered names), a module that
+        does not import, or an attribute that is missing or not a reward.
+    """
+    if name in REWARDS:
+        return REWARDS[name]
+    module_name, sep, attr = name.partition(":")
+    if not sep:
+        raise UnknownRewardError(
+            f"is not a reward{config_checks.suggest(name, REWARDS)}; registered rewards: "
+            f"{sorted(REWARDS)}, or name one outside the library as module:function")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise UnknownRewardError(f"names module {module_name!r}, which does not import: {e}"
+                                 ) from None
+    obj = module
+    for part in attr.split("."):
+        if not part or not hasattr(obj, part):
+            raise UnknownRewardError(f"names {attr!r}, which module {module_name!r} does not "
+                                     "define") from None
+        obj = getattr(obj, part)
+    if isinstance(obj, RewardEntry):
+        return obj
+    if callable(obj):
+        return RewardEntry(_static(obj), bool(getattr(obj, "differentiable", False)), _always,
+                           f"{name} (from outside the library)")
+    raise UnknownRewardError(f"names a {type(obj).__name__}, not a reward function or "
+                             "RewardEntry")
+
+
 def build_reward(name: str, ctx: RewardContext) -> Reward:
-    """Builds one registry reward for ``ctx`` (loading the classifier if it needs it).
+    """Builds one reward (a registry name or ``module:function``, see :func:`lookup`) for
+    ``ctx``, loading the network it needs, if any.
 
     Raises:
       ValueError: unknown name, or a reward that is not defined for this dataset.
     """
-    if name not in REWARDS:
-        raise ValueError(f"unknown reward {name!r}; choose one of {sorted(REWARDS)}")
-    entry = REWARDS[name]
+    try:
+        entry = lookup(name)
+    except UnknownRewardError as e:
+        raise UnknownRewardError(f"unknown reward {name!r}: it {e}") from None
     if not entry.applies(ctx):
         raise ValueError(f"reward {name!r} ({entry.description}) is not defined for dataset "
-                         f"{ctx.dataset!r} with images {tuple(ctx.image_shape)}; "
-                         f"available: {applicable(ctx)}")
-    return Reward(name=name, fn=entry.build(ctx), differentiable=entry.differentiable)
+                         f"{ctx.dataset!r} with images {tuple(ctx.image_shape)}"
+                         f"{_requirement(entry)}; available: {applicable(ctx)}")
+    built = entry.build(ctx)
+    return Reward(name=name, apply=built.apply, differentiable=entry.differentiable,
+                  params=built.params)
+
+
+def _requirement(entry: RewardEntry) -> str:
+    return f" (it needs {entry.requires})" if entry.requires else ""
 
 
 @dataclasses.dataclass(frozen=True)
 class CombinedReward:
     """``Σ_k w_k · reward_k``; calling it returns ``(total (B,), {name: (B,)})``.
+
+    ``apply(params, images, request)`` is the pure form, ``params`` the tuple of the
+    components' parameters (pass it as an argument of a jitted program).
 
     Attributes:
       weights: (name, weight) pairs, in the order given.
@@ -513,72 +700,138 @@ class CombinedReward:
         """True when every component with a non-zero weight is differentiable."""
         return all(r.differentiable for r, (_, w) in zip(self.rewards, self.weights) if w != 0)
 
-    def __call__(self, images: jax.Array, cond: jax.Array
-                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        components = {r.name: r.fn(images, cond) for r in self.rewards}
+    @property
+    def params(self) -> tuple:
+        """The components' parameters, in order (None for a reward without any)."""
+        return tuple(r.params for r in self.rewards)
+
+    def apply(self, params: tuple, images: jax.Array, request: Request
+              ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """``(total (B,), {name: (B,)})`` with the components' ``params``."""
+        components = {r.name: r.apply(p, images, request) for r, p in zip(self.rewards, params)}
         total = jnp.zeros(images.shape[:1], jnp.float32)
         for name, weight in self.weights:
             total = total + jnp.float32(weight) * components[name]
         return total, components
 
+    def __call__(self, images: jax.Array, request: Request
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        return self.apply(self.params, images, request)
 
-def check_weights(weights: Mapping[str, float], ctx: RewardContext, path: str = "rewards"
-                  ) -> None:
-    """Validates a ``rewards`` config block before anything is built.
+
+def parse_weights(spec: str, path: str = "extra_rewards") -> dict[str, float]:
+    """``"name=weight,name=weight"`` -> ``{name: weight}`` (names: registry names or
+    ``module:function``; spaces around items are ignored; "" -> {}).
 
     Raises:
-      config_checks.ConfigError: naming ``config.<path>.<name>`` for an unknown or inapplicable
-        reward or a non-finite weight, or ``config.<path>`` when it is empty or all zero.
+      config_checks.ConfigError: naming ``config.<path>`` for an item that is not
+        ``name=number``.
     """
+    weights = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, sep, value = item.rpartition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = None
+        if not sep or not name.strip() or weight is None:
+            raise config_checks.ConfigError(
+                f"config.{path} must be comma-separated name=weight items (e.g. "
+                f"'shapes_rule=1,my_pkg.rewards:aesthetic=0.5'), got item {item!r}")
+        weights[name.strip()] = weight
+    return weights
+
+
+def config_weights(config) -> tuple[dict[str, float], dict[str, str]]:
+    """The reward weights of a job config: ``config.rewards`` (name -> weight, from the config
+    file or ``--config.rewards.<name>=w`` for a name the file sets) updated by
+    ``config.extra_rewards`` (``"name=w,..."``: any registry name or ``module:function``, so
+    any reward can be added from the command line).
+
+    Returns:
+      ``(weights, fields)``: name -> weight, and name -> the config field it came from (for
+      error messages).
+    """
+    weights = {name: w for name, w in config.rewards.items()}
+    fields = {name: f"config.rewards.{name}" for name in weights}
+    for name, w in parse_weights(config.extra_rewards).items():
+        weights[name] = w
+        fields[name] = f"config.extra_rewards ({name})"
+    return weights, fields
+
+
+def check_weights(weights: Mapping[str, float], ctx: RewardContext, path: str = "rewards",
+                  fields: Mapping[str, str] | None = None) -> None:
+    """Validates reward weights before anything is built.
+
+    Args:
+      weights: name -> weight.
+      ctx: what the rewards would be built for.
+      path: the config block, for messages.
+      fields: name -> config field it came from (:func:`config_weights`); default
+        ``config.<path>.<name>``.
+
+    Raises:
+      config_checks.ConfigError: naming the field of an unknown (with the closest names) or
+        inapplicable reward or of a non-finite weight, or ``config.<path>`` when all weights
+        are zero.
+    """
+    fields = dict(fields or {})
     if not weights or not any(w != 0 for w in weights.values()):
         raise config_checks.ConfigError(
             f"config.{path} must give at least one reward a non-zero weight, got "
             f"{dict(weights)!r}; choose from {applicable(ctx)}")
     for name, weight in weights.items():
-        if name not in REWARDS:
+        field = fields.get(name, f"config.{path}.{name}")
+        try:
+            entry = lookup(name)
+        except UnknownRewardError as e:
+            raise config_checks.ConfigError(f"{field} {e}") from None
+        if not entry.applies(ctx):
             raise config_checks.ConfigError(
-                f"config.{path}.{name} is not a reward; choose from {sorted(REWARDS)}")
-        if not REWARDS[name].applies(ctx):
-            raise config_checks.ConfigError(
-                f"config.{path}.{name} is not defined for dataset {ctx.dataset!r}; "
-                f"choose from {applicable(ctx)}")
+                f"{field} is not defined for dataset {ctx.dataset!r} with images "
+                f"{tuple(ctx.image_shape)}{_requirement(entry)}; choose from {applicable(ctx)}")
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(
                 weight):
-            raise config_checks.ConfigError(
-                f"config.{path}.{name} must be a finite number, got {weight!r}")
+            raise config_checks.ConfigError(f"{field} must be a finite number, got {weight!r}")
 
 
-def build_combined(weights: Mapping[str, float], ctx: RewardContext) -> CombinedReward:
-    """Builds the weighted sum of registry rewards (validated with ``check_weights``)."""
-    check_weights(weights, ctx)
+def build_combined(weights: Mapping[str, float], ctx: RewardContext,
+                   fields: Mapping[str, str] | None = None) -> CombinedReward:
+    """Builds the weighted sum of rewards (validated with ``check_weights``)."""
+    check_weights(weights, ctx, fields=fields)
     items = tuple((name, float(w)) for name, w in weights.items())
     return CombinedReward(weights=items, rewards=tuple(build_reward(n, ctx) for n, _ in items))
 
 
 def score_images(rewards: Mapping[str, Reward], images, labels, batch_size: int = 250
                  ) -> dict[str, np.ndarray]:
-    """Every reward on a whole set, in jitted batches.
+    """Every reward on a whole set, in jitted batches (each reward's parameters are an
+    argument of its program, not a constant of it).
 
     Args:
       rewards: name -> built reward.
       images: (N, H, W, C) float32.
-      labels: (N,) int32.
+      labels: (N,) int32 labels, or a prompt request: a dict of (N,) int32 arrays.
       batch_size: images per call (the last batch is padded so each reward compiles once).
 
     Returns:
       name -> (N,) float32 NumPy array.
     """
     images = np.asarray(images, np.float32)
-    labels = np.asarray(labels, np.int32)
+    request = (jax.tree.map(lambda a: np.asarray(a, np.int32), dict(labels))
+               if isinstance(labels, Mapping) else np.asarray(labels, np.int32))
     n = len(images)
-    fns = {name: jax.jit(r.fn) for name, r in rewards.items()}
+    fns = {name: jax.jit(r.apply) for name, r in rewards.items()}
     out = {name: [] for name in rewards}
     for start in range(0, n, batch_size):
-        x, y = images[start:start + batch_size], labels[start:start + batch_size]
+        x = images[start:start + batch_size]
+        y = jax.tree.map(lambda a, s=start: a[s:s + batch_size], request)
         pad = batch_size - len(x) if n > batch_size else 0
         if pad:
-            x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
-            y = np.concatenate([y, np.repeat(y[-1:], pad, axis=0)])
+            x, y = jax.tree.map(lambda a: np.concatenate([a, np.repeat(a[-1:], pad, axis=0)]),
+                                (x, y))
         for name, fn in fns.items():
-            out[name].append(np.asarray(fn(jnp.asarray(x), jnp.asarray(y)))[:len(x) - pad])
+            value = fn(rewards[name].params, jnp.asarray(x), jax.tree.map(jnp.asarray, y))
+            out[name].append(np.asarray(value)[:len(x) - pad])
     return {name: np.concatenate(v) for name, v in out.items()}

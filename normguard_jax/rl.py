@@ -150,6 +150,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     c.check_intervals(config)
     for name in c.get_field(config, "rewards"):   # names are checked once the dataset is known
         c.number(config, f"rewards.{name}", 0)
+    rewards.parse_weights(c.get_field(config, "extra_rewards"))
     c.check_optim(config)
     c.check_sample(config)
     c.check_mesh(config, num_devices)
@@ -186,8 +187,8 @@ def build_optimizer(config: ml_collections.ConfigDict):
 # ----------------------------------------------------------------------------------------------
 
 
-def rollout(params, labels, key, *, velocity, image_shape, sigmas, method, noise_level,
-            sde_window, guidance_scale, null_class, reward_fn, group_size, adv_clip,
+def rollout(params, labels, key, reward_params=None, *, velocity, image_shape, sigmas, method,
+            noise_level, sde_window, guidance_scale, null_class, reward_fn, group_size, adv_clip,
             global_std, keep_trajectory) -> tuple[Rollout, dict]:
     """Samples K images per prompt, scores them and computes their advantages.
 
@@ -195,9 +196,12 @@ def rollout(params, labels, key, *, velocity, image_shape, sigmas, method, noise
       params: policy θ.
       labels: (N,) int32, group-contiguous (N = G·K).
       key: typed key of this iteration's rollout.
+      reward_params: the reward's parameters (``CombinedReward.params``), an argument rather
+        than a constant of the compiled program.
       velocity, image_shape, sigmas, method, noise_level, sde_window, guidance_scale,
         null_class: sampler settings (static).
-      reward_fn: ``(images, labels) -> ((N,), components)``.
+      reward_fn: ``(reward_params, images, labels) -> ((N,), components)``, e.g.
+        ``CombinedReward.apply``.
       group_size: K. adv_clip, global_std: advantage options.
       keep_trajectory: keep states and log-probs (Flow-GRPO) or only the final images.
 
@@ -211,7 +215,7 @@ def rollout(params, labels, key, *, velocity, image_shape, sigmas, method, noise
     traj = sampling.sample(vfn, x, sigmas, jax.random.fold_in(key, 1), method=method,
                            noise_level=noise_level, sde_window=sde_window)
     images = traj.states[-1]
-    total, components = reward_fn(images, labels)
+    total, components = reward_fn(reward_params, images, labels)
     adv = advantages.group_advantages(total.reshape(-1, group_size), global_std=global_std,
                                       clip=adv_clip).reshape(-1)
     return Rollout(labels=labels, images=images, rewards=total, advantages=adv,
@@ -333,9 +337,27 @@ def train_iteration(state: RLState, ref_params, *, programs: Programs, num_class
     return state, metrics, jnp.sum(stacked["skipped"])
 
 
+class BoundProgram(NamedTuple):
+    """A jitted program with its trailing arguments bound: ``program(*args)`` calls
+    ``jitted(*args, *bound)``, and ``lower(*args)`` lowers it the same way (e.g. the rollout
+    with the reward's parameters, passed as arguments rather than compiled in as constants)."""
+
+    jitted: Callable
+    bound: tuple
+
+    def __call__(self, *args):
+        return self.jitted(*args, *self.bound)
+
+    def lower(self, *args):
+        return self.jitted.lower(*args, *self.bound)
+
+
 def build_programs(config: ml_collections.ConfigDict, base: generators.Pretrained, mesh,
-                   reward_fn, optimizer) -> Programs:
-    """Jits the rollout, batch, update and θ_old programs of the configured run on ``mesh``."""
+                   reward_fn: rewards.CombinedReward, optimizer) -> Programs:
+    """Jits the rollout, batch, update and θ_old programs of the configured run on ``mesh``.
+
+    The reward's parameters (``reward_fn.params``) are placed on the mesh once and bound as
+    arguments of the rollout and batch programs (:class:`BoundProgram`)."""
     method = METHODS[config.method]
     objective_cfg = objective_config(config, base.num_classes)
     objective = normguard.with_normguard(method.make_objective(objective_cfg),
@@ -344,17 +366,22 @@ def build_programs(config: ml_collections.ConfigDict, base: generators.Pretraine
     sigmas = jnp.asarray(flow.inference_sigmas(config.rollout.num_steps, config.rollout.shift))
     window = trained_steps(config)
     noise_level = None if config.rollout.noise_level < 0 else config.rollout.noise_level
+    reward_params = jax.device_put(reward_fn.params, repl)
     rollout_fn = jax.jit(functools.partial(
         rollout, velocity=base.velocity, image_shape=base.image_shape, sigmas=sigmas,
         method=config.rollout.sampler, noise_level=noise_level,
         sde_window=(window[0], window[-1] + 1), guidance_scale=config.rollout.guidance_scale,
-        null_class=base.num_classes, reward_fn=reward_fn, group_size=config.rollout.group_size,
-        adv_clip=config.advantages.clip, global_std=config.advantages.global_std,
-        keep_trajectory=method.needs_trajectory),
-        in_shardings=(repl, data_sh, repl))
-    batch_fn = jax.jit(functools.partial(
-        method.training_batch, spec=batch_spec(config, sigma_sampler_for(config, sigmas),
-                                                velocity=base.velocity, reward_fn=reward_fn)))
+        null_class=base.num_classes, reward_fn=reward_fn.apply,
+        group_size=config.rollout.group_size, adv_clip=config.advantages.clip,
+        global_std=config.advantages.global_std, keep_trajectory=method.needs_trajectory),
+        in_shardings=(repl, data_sh, repl, repl))
+    spec = batch_spec(config, sigma_sampler_for(config, sigmas), velocity=base.velocity)
+
+    def training_batch(ro, key, reward_params):
+        bound = functools.partial(reward_fn.apply, reward_params)
+        return method.training_batch(ro, key, spec=dataclasses.replace(spec, reward_fn=bound))
+
+    batch_fn = jax.jit(training_batch)
     update_fn = jax.jit(functools.partial(update, objective=objective, optimizer=optimizer,
                                           velocity=base.velocity),
                         in_shardings=(repl, repl, repl, repl, data_sh, repl, repl),
@@ -362,7 +389,8 @@ def build_programs(config: ml_collections.ConfigDict, base: generators.Pretraine
     decay = dict(zip(("flat", "rate", "max_decay"),
                      OLD_POLICY_DECAY_PRESETS[config.train.old_policy]))
     old_update_fn = jax.jit(functools.partial(update_old_params, **decay))
-    return Programs(rollout=rollout_fn, batch=batch_fn, update=update_fn,
+    return Programs(rollout=BoundProgram(rollout_fn, (reward_params,)),
+                    batch=BoundProgram(batch_fn, (reward_params,)), update=update_fn,
                     old_update=old_update_fn, place=lambda tree: jax.device_put(tree, data_sh),
                     rollout_policy=rollout_policy(config),
                     needs_rollout_params=getattr(objective_cfg, "needs_rollout_params", False))
@@ -377,7 +405,8 @@ def _reward_context(config, base):
     nets = auxnets.AuxNetCache(base.config.data.name, aux_dir=config.aux_dir,
                                data_dir=base.config.data.data_dir or None)
     return rewards.RewardContext(dataset=base.config.data.name, image_shape=base.image_shape,
-                                 num_classes=base.num_classes, nets=nets)
+                                 num_classes=base.num_classes, nets=nets,
+                                 model_dirs=dict(config.reward_models))
 
 
 def _check_resume_compatible(manager, config: ml_collections.ConfigDict, workdir: str,
@@ -471,7 +500,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, hooks: Iterable[Hook],
     _check_resume_compatible(manager, config, workdir, allowed)
     base = generators.load_pretrained(config.base.workdir, use_ema=config.base.use_ema)
     base_fingerprint = checkpointing.fingerprint(base.params)
-    reward_fn = rewards.build_combined(dict(config.rewards), _reward_context(config, base))
+    weights, fields = rewards.config_weights(config)
+    reward_fn = rewards.build_combined(weights, _reward_context(config, base), fields=fields)
     optimizer, schedule = build_optimizer(config)
     programs = build_programs(config, base, mesh, reward_fn, optimizer)
     repl = sharding.replicated(mesh)

@@ -9,6 +9,7 @@ moved as documented, and every update skipped (θ bit-identical) when a reward i
 
 import functools
 import os
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +33,18 @@ def toy_reward(images, labels):
     return brightness, {"brightness": brightness}
 
 
+class Unparametrised(NamedTuple):
+    """A reward ``fn(images, labels) -> ((N,), components)`` in the form the RL programs take
+    (``rewards.CombinedReward``'s ``params`` and ``apply(params, images, request)``)."""
+
+    fn: Callable
+    params: Any = None
+
+    def apply(self, params, images, labels):
+        del params
+        return self.fn(images, labels)
+
+
 def tiny_config(name):
     config = load_config_file(f"rl_{name}.py")
     config.rollout.update(prompts_per_iter=4, group_size=4, num_steps=3, guidance_scale=1.0)
@@ -51,7 +64,8 @@ def toy_rollout(config, method):
     ro, _ = rl.rollout(jx(P_THETA), labels, jax.random.key(0), velocity=toy_velocity,
                        image_shape=SHAPE, sigmas=sigmas, method=config.rollout.sampler,
                        noise_level=None, sde_window=(window[0], window[-1] + 1),
-                       guidance_scale=1.0, null_class=NULL, reward_fn=toy_reward,
+                       guidance_scale=1.0, null_class=NULL,
+                       reward_fn=Unparametrised(toy_reward).apply,
                        group_size=config.rollout.group_size, adv_clip=5.0, global_std=False,
                        keep_trajectory=method.needs_trajectory)
     assert ro.images.shape == (n,) + SHAPE
@@ -110,7 +124,7 @@ def _iteration_setup(reward_fn=toy_reward):
                                  image_shape=SHAPE, num_classes=NUM_CLASSES, step=0)
     mesh = sharding.make_mesh(-1, 1)
     optimizer, schedule = rl.build_optimizer(config)
-    programs = rl.build_programs(config, base, mesh, reward_fn, optimizer)
+    programs = rl.build_programs(config, base, mesh, Unparametrised(reward_fn), optimizer)
     state0 = rl_state.initial_state(base.params, optimizer, config.seed)
     run = functools.partial(
         rl.train_iteration, ref_params=jx(P_REF), programs=programs, num_classes=NUM_CLASSES,

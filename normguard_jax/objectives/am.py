@@ -289,10 +289,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise err("config.rollout.guidance_scale must be 1 for adjoint matching (the tilt and "
                   f"the lean adjoint are of the conditional base model), got {r.guidance_scale}")
     accepted = sorted(n for n, e in rewards.REWARDS.items() if e.differentiable)
-    for name, weight in config.rewards.items():
-        entry = rewards.REWARDS.get(name)
-        if entry is not None and weight != 0 and not entry.differentiable:
-            raise err(f"config.rewards.{name} is not differentiable (its gradient is zero almost "
+    weights, fields = rewards.config_weights(config)
+    for name, weight in weights.items():
+        try:
+            entry = rewards.lookup(name)
+        except rewards.UnknownRewardError:
+            continue   # reported with the dataset's rewards when the run builds them
+        if weight != 0 and not entry.differentiable:
+            raise err(f"{fields[name]} is not differentiable (its gradient is zero almost "
                       f"everywhere) and adjoint matching needs ∇r; set it to 0 or use "
                       f"differentiable rewards: {accepted}")
 
