@@ -44,7 +44,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     c.integer(config, "metrics.knn_k", 1)
     c.number(config, "metrics.range_tolerance", 0)
     c.integer(config, "metrics.batch_size", 1)
-    rewards.parse_weights(c.get_field(config, "extra_rewards"))
+    c.get_field(config, "extra_rewards")
+    rewards.check_names(config)
     if config.metrics.knn_k >= config.sample.per_class * 2:
         raise c.ConfigError(f"config.metrics.knn_k={config.metrics.knn_k} needs more samples "
                             f"than config.sample.per_class={config.sample.per_class} gives")

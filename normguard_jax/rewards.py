@@ -760,6 +760,21 @@ def config_weights(config) -> tuple[dict[str, float], dict[str, str]]:
     return weights, fields
 
 
+def check_names(config) -> None:
+    """Checks, before any model is loaded, that every reward of a job config
+    (:func:`config_weights`) is a registered name or an importable ``module:function``.
+
+    Raises:
+      config_checks.ConfigError: naming the field, with the closest registered name.
+    """
+    weights, fields = config_weights(config)
+    for name in weights:
+        try:
+            lookup(name)
+        except UnknownRewardError as e:
+            raise config_checks.ConfigError(f"{fields[name]} {e}") from None
+
+
 def check_weights(weights: Mapping[str, float], ctx: RewardContext, path: str = "rewards",
                   fields: Mapping[str, str] | None = None) -> None:
     """Validates reward weights before anything is built.

@@ -150,7 +150,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     c.check_intervals(config)
     for name in c.get_field(config, "rewards"):   # names are checked once the dataset is known
         c.number(config, f"rewards.{name}", 0)
-    rewards.parse_weights(c.get_field(config, "extra_rewards"))
+    c.get_field(config, "extra_rewards")
+    rewards.check_names(config)
     c.check_optim(config)
     c.check_sample(config)
     c.check_mesh(config, num_devices)

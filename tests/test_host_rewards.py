@@ -1,7 +1,7 @@
 """Host rewards: NumPy callables inside jitted programs, and a clear error for each failure."""
 
+import re
 import sys
-import textwrap
 import time
 
 import jax
@@ -11,6 +11,7 @@ import pytest
 
 from normguard_jax import host_rewards, rewards, sharding
 
+from conftest import REPO
 from test_rewards import context
 
 B, SHAPE = 8, (8, 8, 3)
@@ -133,15 +134,11 @@ def test_bad_host_reward_settings_are_refused():
 
 
 def test_a_host_reward_named_as_module_function(tmp_path, monkeypatch):
-    (tmp_path / "my_host_rewards.py").write_text(textwrap.dedent('''
-        import numpy as np
-        from normguard_jax import host_rewards
-
-        def _ink(images, request):
-            return (images > 128).mean(axis=(1, 2, 3))
-
-        ink = host_rewards.host_reward(_ink, images="uint8", timeout=30)
-    '''))
+    """The README's host-reward example, as its own module."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S)
+                if "host_rewards.host_reward(" in b]
+    (tmp_path / "my_host_rewards.py").write_text(block)
     monkeypatch.syspath_prepend(str(tmp_path))
     try:
         ctx = _ctx()

@@ -240,6 +240,21 @@ def test_bad_extra_rewards_name_the_field(external_module, spec, message):
         rewards.check_weights(weights, ctx, fields=fields)
 
 
+def test_unknown_names_fail_in_validate_before_any_model_is_loaded():
+    config = load_config_file("rl_nft.py")
+    config.extra_rewards = "stroke_wieght=1"
+    with pytest.raises(config_checks.ConfigError,
+                       match=r"config.extra_rewards \(stroke_wieght\) is not a reward; did you "
+                             r"mean 'stroke_weight'\?"):
+        rl.validate(config, num_devices=1)
+    evaluate_config = load_config_file("evaluate.py")
+    evaluate_config.checkpoint = "somewhere"
+    evaluate_config.rewards.contrst = 1.0
+    from normguard_jax import evaluate
+    with pytest.raises(config_checks.ConfigError, match=r"config.rewards.contrst is not a "):
+        evaluate.validate(evaluate_config)
+
+
 def test_unknown_rewards_in_the_file_block_suggest_the_closest_name():
     ctx = context("digits_sklearn", (8, 8, 1), 10)
     with pytest.raises(config_checks.ConfigError,
