@@ -29,6 +29,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import nnx
 
 from normguard_jax import config_checks, rewards
@@ -51,9 +52,14 @@ def class_prompts(ctx: rewards.RewardContext) -> tuple[str, ...] | None:
 
 
 def tokenize(folder: str, texts, max_length: int) -> np.ndarray:
-    """(P, max_length) int32 ids from the folder's tokenizer (padded and truncated)."""
+    """(P, max_length) int32 ids from the folder's tokenizer (padded and truncated; a warning
+    names the prompts that are cut)."""
     import transformers  # pylint: disable=import-outside-toplevel  (the hf extra)
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    cut = [t for t, ids in zip(texts, tokenizer(list(texts))["input_ids"]) if len(ids) > max_length]
+    if cut:
+        logging.warning("%d of %d prompts are longer than the CLIP text tower's %d tokens and are "
+                        "truncated, e.g. %r", len(cut), len(texts), max_length, cut[0])
     ids = tokenizer(list(texts), padding="max_length", max_length=max_length, truncation=True,
                     return_tensors="np")["input_ids"]
     return np.asarray(ids, np.int32)

@@ -202,6 +202,14 @@ def test_class_conditional_shapes_runs_use_class_names(folder):
                                with_names(jnp.asarray(x), labels), rtol=1e-5)
 
 
+def test_long_prompts_are_truncated_with_a_warning(folder, caplog):
+    from normguard_jax import clip_score
+    long = "a red circle " * 5
+    ids = clip_score.tokenize(folder[0], ["a red circle", long], TEXT_LENGTH)
+    assert ids.shape == (2, TEXT_LENGTH)
+    assert any("1 of 2 prompts are longer" in r.getMessage() for r in caplog.records)
+
+
 def test_clip_score_needs_a_folder_and_prompts(folder):
     ctx = reward_context("", name="clip_score")
     assert "clip_score" not in rewards.applicable(ctx)

@@ -150,3 +150,31 @@ def test_a_host_reward_named_as_module_function(tmp_path, monkeypatch):
         np.testing.assert_allclose(total, ink, rtol=1e-6)
     finally:
         sys.modules.pop("my_host_rewards", None)
+
+
+def test_host_reward_inside_the_sharded_rl_rollout():
+    """The RL rollout program (batch sharded over 8 devices) calls the host reward once on
+    the whole batch and returns its scores."""
+    from normguard_jax import generators, rl
+    from test_methods import tiny_config
+    from test_objectives import NULL, P_THETA, SHAPE as TOY_SHAPE, jx, toy_velocity
+
+    calls = []
+
+    def mean_pixel(x, request):
+        calls.append(len(x))
+        return x.mean(axis=(1, 2, 3)) + request["label"]
+
+    config = tiny_config("nft")
+    base = generators.Pretrained(velocity=toy_velocity, params=jx(P_THETA), config=None,
+                                 image_shape=TOY_SHAPE, num_classes=NULL, step=0)
+    mesh = sharding.make_mesh(-1, 1)
+    assert mesh.size == 8
+    combined = rewards.CombinedReward((("test_reward", 1.0),), (_build(mean_pixel),))
+    programs = rl.build_programs(config, base, mesh, combined, rl.build_optimizer(config)[0])
+    n = config.rollout.prompts_per_iter * config.rollout.group_size
+    labels = programs.place(jnp.arange(n, dtype=jnp.int32) % NULL)
+    ro, parts = programs.rollout(jx(P_THETA), labels, jax.random.key(0))
+    want = np.clip(np.asarray(ro.images), -1, 1).mean(axis=(1, 2, 3)) + np.asarray(labels)
+    np.testing.assert_allclose(ro.rewards, want, rtol=1e-5, atol=1e-6)
+    assert calls == [n]

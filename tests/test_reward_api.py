@@ -12,7 +12,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from normguard_jax import config_checks, generators, rewards, rl, sharding
+from normguard_jax import config_checks, flow, generators, rewards, rl, sharding
 from normguard_jax.data import prompts, shapes
 
 from conftest import REPO, load_config_file
@@ -129,7 +129,6 @@ def test_rollout_takes_the_reward_parameters_as_arguments():
 
 
 def _sigmas(config):
-    from normguard_jax import flow
     return jnp.asarray(flow.inference_sigmas(config.rollout.num_steps, config.rollout.shift))
 
 
