@@ -164,6 +164,7 @@ def no_nets(name):
     raise AssertionError(f"the CLIP rewards use no cached net, asked for {name!r}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["clip_score", "pickscore"])
 def test_clip_score_reward_is_the_models_logit_for_each_samples_prompt(folder, name):
     path, model, tokenizer, processor = folder
