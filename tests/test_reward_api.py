@@ -272,3 +272,13 @@ def test_adjoint_matching_refuses_a_non_differentiable_extra_reward(external_mod
                        match=rf"config.extra_rewards \({external_module}:brightness\) is not "
                              "differentiable"):
         rl.validate(config, num_devices=1)
+
+
+def test_runs_recorded_before_the_new_reward_fields_resume():
+    config = load_config_file("rl_nft.py")
+    recorded = config.to_dict()
+    del recorded["extra_rewards"], recorded["reward_models"]
+    assert config_checks.changed_fields(recorded, config) == {}
+    config.extra_rewards = "stroke_weight=1"
+    assert config_checks.changed_fields(recorded, config) == {
+        "extra_rewards": ["(absent)", "stroke_weight=1"]}
