@@ -48,11 +48,14 @@ def make(dataset: str, arch: str) -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict()
     c.train.steps = 1200        # optimizer steps in the whole run.
     c.train.batch_size = 128    # global batch, split over all devices and processes.
-    c.train.log_every = 50      # scalars (loss, grad/param norm, lr, steps/s) every N steps.
+    c.train.log_every = 50      # scalars (loss, grad/param norm, lr, steps/s) every N steps;
+                                # the host reads the device only then (and at checkpoints).
     c.train.sample_every = 300  # sample grid (TensorBoard + PNG) every N steps and at the end.
-    c.train.checkpoint_every = 200  # checkpoint interval; also saved at the end and on SIGTERM.
+    c.train.checkpoint_every = 200  # checkpoint interval; also at the end, on SIGTERM and on a
+                                    # TPU preemption notice.
     c.train.keep_checkpoints = 3    # how many recent checkpoints to keep.
-    c.train.max_nonfinite = 5   # stop after this many skipped (non-finite) updates in a row.
+    c.train.max_nonfinite = 5   # stop after this many skipped (non-finite) updates in a row
+                                # (found at the next log or checkpoint step).
 
     c.sample = ml_collections.ConfigDict()
     c.sample.num_steps = 20     # ODE steps for the sample grids.

@@ -75,12 +75,14 @@ def make(method: str, objective: dict) -> ml_collections.ConfigDict:
     c.train.renoise_draws = 1       # NFT/AWM/RAM: noise/σ draws per rollout sample (rows = D·G·K).
     c.train.sigma_sampler = "schedule"  # σ of re-noised batches: schedule | uniform | logit_normal.
     c.train.old_policy = "nft"      # θ_old EMA preset (rl_state.OLD_POLICY_DECAY_PRESETS).
-    c.train.log_every = 5           # iterations between scalar logs.
+    c.train.log_every = 5           # iterations between scalar logs (and device reads).
     c.train.sample_every = 50       # iterations between fixed-seed sample grids.
-    c.train.checkpoint_every = 10   # iterations between checkpoints (also at the end, on SIGTERM).
+    c.train.checkpoint_every = 10   # iterations between checkpoints (also at the end, on SIGTERM
+                                    # and on a TPU preemption notice).
     c.train.keep_checkpoints = 3    # checkpoints kept.
     c.train.max_nonfinite = 5       # stop after this many iterations in a row with a skipped
-                                    # (non-finite loss, gradient or reward) update.
+                                    # (non-finite loss, gradient or reward) update; found at the
+                                    # next log or checkpoint iteration.
 
     c.sample = ml_collections.ConfigDict()
     c.sample.num_steps = 20         # ODE steps of the sample grids.

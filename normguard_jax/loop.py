@@ -1,21 +1,35 @@
 """The one run loop: pretraining and RL plug their unit of work (a step, an iteration) into it.
 
-:func:`run` owns everything around the unit: the Orbax checkpoint manager, SIGTERM and Ctrl-C,
-the count of skipped (non-finite) updates, scalar logs with progress (steps/s, ETA), fixed-seed
-sample grids, and the final save. What it guarantees:
+:func:`run` owns everything around the unit: the Orbax checkpoint manager, TPU preemption
+notices, SIGTERM and Ctrl-C, the count of skipped (non-finite) updates, scalar logs with
+progress (steps/s, ETA), fixed-seed sample grids, and the final save. What it guarantees:
 
 - after unit ``n`` (1-based) a checkpoint at ``n`` is saved when ``n`` is a multiple of the
-  manager's interval, and always at the end, on SIGTERM and on Ctrl-C (each step saved once);
-- SIGTERM on any process checkpoints the last completed unit and returns; Ctrl-C lets the unit
-  in progress finish, checkpoints it and raises ``KeyboardInterrupt`` (a second Ctrl-C, or one
-  outside the loop's polling, raises at once after a best-effort checkpoint);
+  manager's interval, and always at the end, on a preemption notice, on SIGTERM and on Ctrl-C
+  (each step saved once);
+- a preemption notice (Orbax's ``CheckpointManager.reached_preemption``: JAX's preemption sync
+  point, which every process reaches at the same unit) checkpoints that unit and returns;
+- SIGTERM checkpoints the last completed unit and returns; Ctrl-C lets the unit in progress
+  finish, checkpoints it and raises ``KeyboardInterrupt`` (a second Ctrl-C, or one outside the
+  loop's polling, raises at once after a best-effort checkpoint). With one process the signal
+  is seen after the unit in progress; with several, the processes agree on it at the next
+  log or checkpoint unit (a signal on any process stops all of them at the same unit);
 - ``max_nonfinite`` units in a row with skipped updates stop the run with
-  :class:`nonfinite.NonFiniteError`; the checkpoints written so far hold the last good state;
-- scalars are written every ``log_every`` units, at the end, and at every unit with a skip.
+  :class:`nonfinite.NonFiniteError` naming them; the checkpoints written so far hold the last
+  good state;
+- scalars (the unit's metrics and ``skipped_total``) are written every ``log_every`` units and
+  at the end.
+
+No host sync between logs: the loop reads nothing from the device except at log units,
+checkpoints, sample grids and the end. The skip count stays on the device
+(:class:`nonfinite.DeviceSkipCounter`) and is read at those points, so a run of skips long
+enough to stop the run is found at the next of them (at once with ``log_every=1``), and a
+checkpoint is never written after it. Between reads the host keeps dispatching units; the
+runtime bounds how far it runs ahead of the device.
 
 The unit is a function ``unit(state, index) -> (state, metrics, skipped)`` with ``index`` the
 0-based unit about to run, ``metrics`` a dict of scalars (device arrays are fine) and ``skipped``
-the number of updates it skipped (an int or a scalar array, read once per unit).
+the number of updates it skipped (an int or a scalar array, never read on its own).
 """
 
 from __future__ import annotations
@@ -80,15 +94,18 @@ def run(state: Any, unit: Unit, *, schedule: Schedule, manager, writer,
     from clu import periodic_actions  # noqa: PLC0415  (imports TensorFlow: see reporting)
     progress = periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
                                                every_steps=schedule.log_every)
-    skips = nonfinite.SkipCounter(schedule.max_nonfinite, schedule.unit_name,
-                                  f"The last good checkpoint is in {manager.directory}.",
-                                  total=skipped_before)
+    skips = nonfinite.DeviceSkipCounter(schedule.max_nonfinite, schedule.unit_name,
+                                        f"The last good checkpoint is in {manager.directory}.",
+                                        total=skipped_before)
     saved = {"step": saved_step}
+    several = jax.process_count() > 1
 
     def checkpoint(step: int, force: bool):
-        if saved["step"] == step:
+        if saved["step"] == step or not (force or manager.should_save(step)):
             return
-        if checkpointing.save(manager, step, state, meta(step, skips.total), force=force):
+        skipped_total = skips.read(step)
+        skips.check()                      # no checkpoint after a stopping run of skips
+        if checkpointing.save(manager, step, state, meta(step, skipped_total), force=force):
             saved["step"] = step
 
     if schedule.samples_at_start and start == 0:
@@ -100,24 +117,33 @@ def run(state: Any, unit: Unit, *, schedule: Schedule, manager, writer,
             for index in range(start, total):
                 state, metrics, skipped = unit(state, index)
                 done = index + 1
-                progress(done)
-                # One scalar read per unit; replicated, so every process takes the same branch.
-                skipped = int(jax.device_get(skipped))
-                if done % schedule.log_every == 0 or done == total or skipped:
-                    scalars = dict(jax.device_get(metrics), skipped_total=skips.total + skipped)
+                skips.record(done, skipped)         # on the device: no transfer
+                log = done % schedule.log_every == 0 or done == total
+                if log:   # read first, so that progress times finished units
+                    scalars = dict(_fetch(metrics), skipped_total=skips.read(done))
+                    progress(done)
                     writer.write_scalars(done, scalars)
-                skips.record(done, skipped)
+                    skips.check()
+                else:
+                    progress(done)
                 for hook in hooks:
                     hook(done, state, metrics)
-                checkpoint(done, force=False)
+                # Host-side only (JAX's preemption sync point); every process agrees on it.
+                preempted = manager.reached_preemption(done)
+                checkpoint(done, force=preempted)
                 if done % schedule.sample_every == 0 and done != total:
                     write_samples(state, done)
-                if distributed.any_process(stop.requested):
-                    logging.warning("%s: checkpointing %s %d and stopping.",
-                                    "Ctrl-C" if stop.interrupted else "SIGTERM",
+                stopping = stop.requested
+                if several:   # agree at log and checkpoint units only: a gather waits for them
+                    stopping = (log or saved["step"] == done) and distributed.any_process(
+                        stopping)
+                if preempted or stopping:
+                    reason = ("preemption notice" if preempted else
+                              "Ctrl-C" if stop.interrupted else "SIGTERM")
+                    logging.warning("%s: checkpointing %s %d and stopping.", reason,
                                     schedule.unit_name, done)
                     checkpoint(done, force=True)
-                    if stop.interrupted:
+                    if stop.interrupted and not preempted:
                         raise KeyboardInterrupt
                     break
             else:
@@ -138,6 +164,11 @@ def run(state: Any, unit: Unit, *, schedule: Schedule, manager, writer,
     logging.info("Ran %ss %d..%d in %.1f s", schedule.unit_name, start, done, time.time() - t0)
     manager.close()
     return state
+
+
+def _fetch(tree: Any) -> Any:
+    """The loop's one device-to-host read of a pytree (at log units)."""
+    return jax.device_get(tree)
 
 
 def _position(state) -> jax.Array:
