@@ -24,17 +24,20 @@
 #       Simulate several hosts on one machine: N CPU processes with a coordinator on
 #       127.0.0.1 (collectives over Gloo). This is what tests/test_multihost.py checks.
 #
-# The workdir must be one folder that every host sees at the same path (an NFS/Filestore mount,
-# or a bucket mounted with gcsfuse, e.g. /mnt/bucket/runs/nft): checkpoints are written by all
-# hosts into it, logs by process 0, and a restarted job resumes from the newest checkpoint.
+# The workdir must be one folder that every host sees at the same path: a bucket URL
+# (gs://bucket/runs/nft; not locked against a second run), an NFS/Filestore mount or a gcsfuse
+# mount. Checkpoints are written by all hosts into it, logs by process 0, and a restarted job
+# resumes from the newest checkpoint.
 #
-# Preemption: a SIGTERM to any process makes every process checkpoint the step it reached and
-# exit 0; rerunning the same command resumes. Spot / preemptible TPUs: wrap `tpu` in a retry loop.
+# Preemption: a TPU preemption or maintenance notice (Orbax's reached_preemption) makes every
+# process checkpoint the same step and exit 0; so does a SIGTERM to any process (all stop at the
+# next log or checkpoint step). Rerunning the same command resumes. Spot / preemptible TPUs:
+# wrap `tpu` in a retry loop.
 #
 # Examples
 #   experiments/tpu_vm.sh tpu-setup my-v4-32 us-central2-b
 #   experiments/tpu_vm.sh tpu my-v4-32 us-central2-b configs/pretrain_mnist_unet.py \
-#       /mnt/bucket/pretrain_mnist_unet --config.model.dtype=bfloat16
+#       gs://my-bucket/pretrain_mnist_unet --config.model.dtype=bfloat16
 #   experiments/tpu_vm.sh gpu configs/rl_nft.py workdir/rl_nft --config.normguard.weight=0.1
 #   experiments/tpu_vm.sh cpu-local 2 4 configs/pretrain_mnist_dit.py /tmp/two_hosts \
 #       --config.data.name=digits_sklearn --config.model.size=tiny --config.train.steps=20

@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -43,7 +42,7 @@ import optax
 from absl import logging
 from flax import nnx
 
-from normguard_jax import file_lock
+from normguard_jax import file_lock, paths
 from normguard_jax import checkpointing, data, degradations, models
 from normguard_jax.models import small_nets
 
@@ -341,13 +340,12 @@ def load_or_train(net: str, dataset: str, *, aux_dir: str, data_dir: str | None,
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     spec = PRESETS[preset][net]
     directory = cache_dir(aux_dir, dataset, net)
-    meta_path = os.path.join(directory, "meta.json")
-    params_path = os.path.abspath(os.path.join(directory, "params"))
+    meta_path = paths.path(directory) / "meta.json"
+    params_path = paths.path(directory) / "params"
     netdef = NETS[net]
     with file_lock.exclusive(directory + ".lock"):
-        if os.path.exists(meta_path):
-            with open(meta_path, encoding="utf-8") as f:
-                meta = json.load(f)
+        if meta_path.exists():
+            meta = json.loads(meta_path.read_text())
             if meta["spec"] != spec.to_json():
                 raise ValueError(
                     f"{directory} holds a {net} trained with spec {meta['spec']}, not the "
@@ -358,8 +356,8 @@ def load_or_train(net: str, dataset: str, *, aux_dir: str, data_dir: str | None,
             logging.info("Loaded %s for %s from %s: %s", net, dataset, directory,
                          {k: v for k, v in meta.items() if k.startswith("heldout")})
         else:
-            if os.path.exists(params_path):  # an interrupted earlier write
-                shutil.rmtree(params_path)
+            if params_path.exists():  # an interrupted earlier write
+                params_path.rmtree()
             train_split = data.load_split(dataset, "train", data_dir)
             test_split = data.load_split(dataset, "test", data_dir)
             graphdef, params, record = train(net, spec, train_split, test_split)
@@ -368,10 +366,9 @@ def load_or_train(net: str, dataset: str, *, aux_dir: str, data_dir: str | None,
                     "num_classes": int(train_split.num_classes), **record}
             meta = json.loads(json.dumps(meta, sort_keys=True))  # exactly what a reload gives
             checkpointing.save_tree(params_path, params)
-            tmp = meta_path + ".tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(meta, f, indent=1, sort_keys=True)
-            os.replace(tmp, meta_path)
+            tmp = meta_path.with_name(meta_path.name + ".tmp")
+            tmp.write_text(json.dumps(meta, indent=1, sort_keys=True))
+            tmp.replace(meta_path)
             logging.info("Trained %s for %s in %.1f s: %s", net, dataset, record["train_seconds"],
                          {k: v for k, v in record.items() if k.startswith("heldout")})
     apply = small_nets.make_apply(graphdef, netdef.apply_method)

@@ -18,6 +18,10 @@ workdir then moves the unreadable steps aside, into ``<workdir>/unreadable_check
 move anything. When no step is readable nothing is moved and the run stops with an error.
 
 A workdir belongs to one run at a time: :func:`workdir_lock` refuses a second process at once.
+
+A workdir may be a local folder or an object-store URL such as ``gs://bucket/run``
+(:mod:`normguard_jax.paths`): Orbax writes there directly. On an object store there is no
+workdir lock and a move aside is a copy then a delete (see :mod:`paths`).
 """
 
 from __future__ import annotations
@@ -29,7 +33,6 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
 import socket
 import sys
 import time
@@ -40,7 +43,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from normguard_jax import config_checks
+from normguard_jax import config_checks, paths
 
 FOLDER = "checkpoints"  # a run's checkpoint folder inside its workdir.
 UNREADABLE_FOLDER = "unreadable_checkpoints"  # where unreadable steps are moved, beside FOLDER.
@@ -48,20 +51,20 @@ LOCK_FILE = "lock"      # the workdir lock (see workdir_lock).
 
 
 def directory(workdir: str) -> str:
-    """The checkpoint folder of a run's ``workdir``."""
+    """The checkpoint folder of a run's ``workdir`` (a local path or a URL, like ``workdir``)."""
     return os.path.join(workdir, FOLDER)
 
 
 def has_checkpoints(workdir: str) -> bool:
     """Whether ``workdir`` has a checkpoint folder (it may still hold no finished step)."""
-    return os.path.isdir(directory(workdir))
+    return paths.path(directory(workdir)).is_dir()
 
 
 def steps(workdir: str) -> list[int]:
     """The finished checkpoint steps of ``workdir``, oldest first ([] without any)."""
     if not has_checkpoints(workdir):
         return []
-    manager = ocp.CheckpointManager(os.path.abspath(directory(workdir)))
+    manager = ocp.CheckpointManager(paths.absolute(directory(workdir)))
     try:
         return sorted(manager.all_steps())
     finally:
@@ -87,7 +90,7 @@ def make_manager(directory: str, *, max_to_keep: int = 3, save_interval_steps: i
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
         enable_async_checkpointing=asynchronous, create=True)
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+    return ocp.CheckpointManager(paths.absolute(directory), options=options)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict, *,
@@ -161,15 +164,14 @@ def _read(manager: ocp.CheckpointManager, step: int, **items):
 def move_aside(manager: ocp.CheckpointManager, steps) -> list[str]:
     """Moves checkpoint ``steps`` out of the manager's folder into :data:`UNREADABLE_FOLDER`
     beside it (process 0 moves, every process waits); returns the new paths."""
-    directory = str(manager.directory)
-    target = os.path.join(os.path.dirname(directory), UNREADABLE_FOLDER)
+    directory = paths.path(manager.directory)
+    target = directory.parent / UNREADABLE_FOLDER
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     moved = []
     for step in steps:
-        dest = os.path.join(target, f"{step}-{stamp}")
+        dest = str(target / f"{step}-{stamp}")
         if jax.process_index() == 0:
-            os.makedirs(target, exist_ok=True)
-            shutil.move(os.path.join(directory, str(step)), dest)
+            paths.move_tree(directory / str(step), dest)
             logging.warning("Moved the unreadable checkpoint of step %d to %s (kept for "
                             "inspection); the run will write that step again.", step, dest)
         moved.append(dest)
@@ -243,7 +245,7 @@ def restore_state(directory: str, step: int, template: Any) -> Any:
 
 
 def _reader(workdir: str) -> ocp.CheckpointManager:
-    return ocp.CheckpointManager(os.path.abspath(directory(workdir)))
+    return ocp.CheckpointManager(paths.absolute(directory(workdir)))
 
 
 def read_meta(workdir: str, step: Optional[int] = None) -> tuple[int, dict]:
@@ -388,9 +390,18 @@ def workdir_lock(workdir: str):
     process of this host refuses, anything else is taken over with a warning. Processes of a
     multi-process run each lock their own file (``lock.<process index>``).
 
+    On an object store (a ``gs://``… workdir) nothing is locked and nothing is written: objects
+    have no locks, and a lock object would outlive a preempted holder and block its resume. A
+    warning says that the workdir is not protected; the body runs with ``None``.
+
     Raises:
       WorkdirInUseError: naming the holder.
     """
+    if not paths.is_local(workdir):
+        logging.warning("%s is on an object store, which has no file locks: this run does not "
+                        "lock it, and a second run started on it would not be refused.", workdir)
+        yield None
+        return
     path = _lock_path(workdir)
     os.makedirs(workdir, exist_ok=True)
     handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - closed in the finally below
@@ -441,11 +452,11 @@ def workdir_lock(workdir: str):
 def save_tree(path: str, tree: Any) -> None:
     """Writes a plain pytree of arrays (e.g. an auxiliary net's parameters) to ``path``."""
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(os.path.abspath(path), tree)
+        checkpointer.save(paths.absolute(path), tree)
         checkpointer.wait_until_finished()
 
 
 def load_tree(path: str, template: Any) -> Any:
     """Reads a pytree written by :func:`save_tree` into the layout of ``template``."""
     with ocp.StandardCheckpointer() as checkpointer:
-        return checkpointer.restore(os.path.abspath(path), abstract_like(template))
+        return checkpointer.restore(paths.absolute(path), abstract_like(template))

@@ -22,7 +22,7 @@ from typing import Any, Iterable, Optional
 import ml_collections
 from absl import logging
 
-from normguard_jax import optim
+from normguard_jax import optim, paths
 
 
 class ConfigError(ValueError):
@@ -95,7 +95,8 @@ def divisible(config, path: str, divisor: int, why: str) -> None:
 
 
 def writable_directory(path: str, flag: str = "--workdir") -> None:
-    """Creates directory ``path`` if needed and checks that a file can be written in it.
+    """Creates directory ``path`` (local or a URL such as ``gs://bucket/run``) if needed and
+    checks that a file can be written in it.
 
     Runs before anything is built, so a typo'd or read-only path fails in a second rather than
     after a compiled step, when the first checkpoint is written.
@@ -105,16 +106,20 @@ def writable_directory(path: str, flag: str = "--workdir") -> None:
     """
     if not path:
         raise ConfigError(f"{flag} must be a directory path, got {path!r}")
-    # Unique per host and process: on a pod slice every host probes the same shared folder.
-    probe = os.path.join(path, f".write_probe_{socket.gethostname()}_{os.getpid()}")
     try:
-        os.makedirs(path, exist_ok=True)
-        with open(probe, "w", encoding="utf-8") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
+        folder = paths.path(path)
+    except ValueError as e:
+        raise ConfigError(f"{flag}={path!r} is not a usable directory: {e}") from None
+    # Unique per host and process: on a pod slice every host probes the same shared folder.
+    probe = folder / f".write_probe_{socket.gethostname()}_{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
+    except (OSError, ImportError) as e:   # ImportError: the URL's fsspec backend is missing
+        detail = getattr(e, "strerror", None) or e
         raise ConfigError(f"{flag}={path!r} is not a writable directory "
-                          f"({type(e).__name__}: {e.strerror or e})") from None
+                          f"({type(e).__name__}: {detail})") from None
 
 
 # ----------------------------------------------------------------------------------------------

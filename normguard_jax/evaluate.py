@@ -12,7 +12,6 @@ checkpoint, so a second run writes identical numbers.
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import jax
@@ -22,7 +21,7 @@ import numpy as np
 from absl import logging
 
 from normguard_jax import (auxnets, config_checks, data, diagnostics, generators, quality,
-                           reporting, rewards, sampling)
+                           paths, reporting, rewards, sampling)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -163,7 +162,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                 model_dirs=dict(config.reward_models))
     weights, fields = rewards.config_weights(config)
     rewards.check_weights(weights, ctx, fields=fields)
-    os.makedirs(workdir, exist_ok=True)
+    folder = paths.path(workdir)
+    folder.mkdir(parents=True, exist_ok=True)
     reward_fns = {name: rewards.build_reward(name, ctx)
                   for name in dict.fromkeys([*rewards.applicable(ctx), *weights])}
     combined = rewards.build_combined(weights, ctx, fields=fields)
@@ -192,14 +192,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "real_train": score_set(real_images, real_labels, reward_fns, combined, reference, qnets,
                                 config),
     }
-    with open(os.path.join(workdir, "evaluation.json"), "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.join(workdir, "evaluation.md"), "w", encoding="utf-8") as f:
-        f.write(_markdown(result))
+    (folder / "evaluation.json").write_text(json.dumps(result, indent=1))
+    (folder / "evaluation.md").write_text(_markdown(result))
     shown = min(config.sample.per_class, 8)
     keep = np.concatenate([np.arange(c * config.sample.per_class, c * config.sample.per_class
                                      + shown) for c in range(pre.num_classes)])
-    reporting.save_png(os.path.join(workdir, "samples_eval.png"),
+    reporting.save_png(folder / "samples_eval.png",
                        reporting.image_grid(samples[keep], shown), upscale=2)
     logging.info("Evaluated %s (step %d) in %.1f s:\n%s", config.checkpoint, pre.step,
                  time.time() - t0, _markdown(result))

@@ -11,7 +11,6 @@ the state is replicated, and XLA inserts the gradient all-reduce.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Callable, Iterable
 
 import jax
@@ -21,7 +20,7 @@ import optax
 from absl import logging
 
 from normguard_jax import (checkpointing, config_checks, data, distributed, flow, generators, loop,
-                           models, nonfinite, optim, reporting, sampling, sharding)
+                           models, nonfinite, optim, paths, reporting, sampling, sharding)
 from normguard_jax.objectives.base import Context
 from normguard_jax.objectives.flow_matching import flow_matching_loss, make_flow_matching_batch
 from normguard_jax.train_state import TrainState
@@ -213,8 +212,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, hooks: Iterable[Hook],
 
     writer = reporting.make_writer(workdir)
     if distributed.is_writer() and start == 0:
-        with open(os.path.join(workdir, "parameters.txt"), "w", encoding="utf-8") as f:
-            f.write(summary + "\n")
+        (paths.path(workdir) / "parameters.txt").write_text(summary + "\n")
         writer.write_hparams(_flat_hparams(config))
     grid_labels = jnp.asarray(sampling.class_grid_labels(split.num_classes,
                                                          config.sample.per_class))

@@ -5,6 +5,7 @@ Every run writes, under its workdir:
 - ``metrics.jsonl``: one JSON object per logged step, for scripts and plots;
 - ``samples/<tag>_<step>.png``: the image grids, to look at without TensorBoard.
 Only process 0 writes; other processes get a writer that only logs to the console.
+The workdir may be a local folder or an object-store URL (``gs://…``, :mod:`paths`).
 
 clu's ``metric_writers`` imports TensorFlow (about 10 s on a 2-core CPU), so it is imported
 only when a writer is made: jobs that write no metrics (evaluation, the analyses) start
@@ -24,6 +25,8 @@ from absl import logging as absl_logging
 import numpy as np
 from PIL import Image
 
+from normguard_jax import paths
+
 if TYPE_CHECKING:
     from clu import metric_writers
 
@@ -33,17 +36,27 @@ class JsonlWriter:
 
     Implements every method of clu's ``metric_writers.interface.MetricWriter`` without
     subclassing it, so that this module does not import TensorFlow (see the module docstring).
+    On an object store, where an object cannot be appended to, the file is read once and
+    rewritten whole at every write (a resumed run keeps the earlier rows).
     """
 
     def __init__(self, path: str):
-        self._path = path
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        self._path = paths.path(path)
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        self._rows = None
+        if not paths.is_local(self._path):
+            self._rows = self._path.read_text() if self._path.exists() else ""
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]):
         row = {"step": int(step)}
         row.update({k: float(np.asarray(v)) for k, v in scalars.items()})
-        with open(self._path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        line = json.dumps(row) + "\n"
+        if self._rows is None:
+            with self._path.open("a") as f:
+                f.write(line)
+        else:
+            self._rows += line
+            self._path.write_text(self._rows)
 
     def write_summaries(self, step, values, metadata=None):
         pass
@@ -95,6 +108,7 @@ def make_writer(workdir: str) -> metric_writers.MetricWriter:
     from clu import metric_writers  # noqa: PLC0415  (imports TensorFlow: only when needed)
     if jax.process_index() != 0:
         return metric_writers.create_default_writer(workdir, just_logging=True)
+    workdir = paths.absolute(workdir)   # TensorBoard's writer takes gs:// itself
     return metric_writers.MultiWriter([
         metric_writers.create_default_writer(workdir, asynchronous=False),
         JsonlWriter(os.path.join(workdir, "metrics.jsonl")),
@@ -102,11 +116,11 @@ def make_writer(workdir: str) -> metric_writers.MetricWriter:
 
 
 def read_jsonl(path: str) -> list[dict]:
-    """Reads a ``metrics.jsonl`` file into a list of dicts (empty list if missing)."""
-    if not os.path.exists(path):
+    """Reads a ``metrics.jsonl`` file (local or URL) into a list of dicts (empty if missing)."""
+    path = paths.path(path)
+    if not path.exists():
         return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def image_grid(images, ncols: int | None = None, pad: int = 1) -> np.ndarray:
@@ -136,11 +150,14 @@ def image_grid(images, ncols: int | None = None, pad: int = 1) -> np.ndarray:
 
 
 def save_png(path: str, grid: np.ndarray, upscale: int = 1) -> None:
-    """Writes a uint8 (H, W, 3) array as PNG, optionally enlarged by nearest-neighbour ``upscale``."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    """Writes a uint8 (H, W, 3) array as PNG (local path or URL), optionally enlarged by
+    nearest-neighbour ``upscale``."""
+    path = paths.path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     if upscale > 1:
         grid = np.repeat(np.repeat(grid, upscale, axis=0), upscale, axis=1)
-    Image.fromarray(grid).save(path)
+    with path.open("wb") as f:
+        Image.fromarray(grid).save(f, format="PNG")
 
 
 def write_grid(writer, workdir: str, step: int, tag: str, images, ncols: int) -> str:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Callable, Iterable, NamedTuple
 
 import jax
@@ -32,8 +31,8 @@ import optax
 from absl import logging
 
 from normguard_jax import (advantages, auxnets, checkpointing, config_checks, distributed, flow,
-                           generators, loop, nonfinite, normguard, optim, reporting, rewards,
-                           sampling, sharding)
+                           generators, loop, nonfinite, normguard, optim, paths, reporting,
+                           rewards, sampling, sharding)
 from normguard_jax.objectives import METHODS
 from normguard_jax.objectives.base import BatchSpec, Context, Rollout
 from normguard_jax.rl_state import (OLD_POLICY_DECAY_PRESETS, RLState, initial_state,
@@ -445,9 +444,9 @@ def _check_same_run(meta: dict, config: ml_collections.ConfigDict, workdir: str,
     changes = config_checks.check_resume(meta["config"], config, workdir=workdir, step=step,
                                          allowed=allowed)
     differ = []
-    if "base_workdir" in meta and meta["base_workdir"] != os.path.abspath(config.base.workdir):
+    if "base_workdir" in meta and meta["base_workdir"] != paths.absolute(config.base.workdir):
         differ.append(f"folder {meta['base_workdir']!r} -> "
-                      f"{os.path.abspath(config.base.workdir)!r}")
+                      f"{paths.absolute(config.base.workdir)!r}")
     if base is not None and "base_step" in meta and meta["base_step"] != base.step:
         differ.append(f"step {meta['base_step']} -> {base.step}")
     if (base_fingerprint is not None and "base_fingerprint" in meta
@@ -534,7 +533,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, hooks: Iterable[Hook],
 
     def meta(it: int, skipped_total: int) -> dict:
         return {"config": config.to_dict(), "iteration": int(it),
-                "base_workdir": os.path.abspath(config.base.workdir), "base_step": base.step,
+                "base_workdir": paths.absolute(config.base.workdir), "base_step": base.step,
                 "base_fingerprint": base_fingerprint, "image_shape": list(base.image_shape),
                 "skipped_updates": skipped_total, "history": history}
 

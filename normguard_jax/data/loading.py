@@ -19,7 +19,7 @@ import tempfile
 import numpy as np
 import tensorflow_datasets as tfds
 
-from normguard_jax import file_lock
+from normguard_jax import file_lock, paths
 from normguard_jax.data import digits, shapes
 
 DATASETS: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
@@ -87,7 +87,8 @@ def _scratch_tempdir(data_dir: str):
     dir that it never removes (``DatasetInfo.initialize_from_bucket``, once per process and
     dataset): here it lands in the scratch folder instead.
     """
-    scratch = tempfile.mkdtemp(prefix=".build-", dir=data_dir)
+    # A data dir on an object store gets a local scratch folder.
+    scratch = tempfile.mkdtemp(prefix=".build-", dir=data_dir if paths.is_local(data_dir) else None)
     previous = tempfile.tempdir
     tempfile.tempdir = scratch
     try:
@@ -128,7 +129,7 @@ def prepare(name: str, data_dir: str | os.PathLike | None) -> tfds.core.DatasetB
       DatasetUnavailableError: a catalogue dataset could not be found or downloaded.
     """
     data_dir = tfds.core.constants.DATA_DIR if data_dir is None else os.fspath(data_dir)
-    os.makedirs(data_dir, exist_ok=True)
+    paths.path(data_dir).mkdir(parents=True, exist_ok=True)
     base, config = _parse_name(name)
     with file_lock.exclusive(_lock_path(data_dir, name)):
         if base not in DATASETS:
