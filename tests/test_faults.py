@@ -308,7 +308,7 @@ def test_rl_run_skips_iterations_with_nan_rewards_then_stops(base_workdir, tmp_p
         return rewards.contrast(images, None) + extra
 
     monkeypatch.setitem(rewards.REWARDS, "flaky", rewards.RewardEntry(
-        build=lambda ctx: flaky, differentiable=True, applies=lambda ctx: True,
+        build=rewards._static(flaky), differentiable=True, applies=lambda ctx: True,
         description="contrast, NaN at chosen rollouts"))
     config = load_config_file("rl_nft.py")
     config.base.workdir = base_workdir
