@@ -166,7 +166,8 @@ class RewardEntry:
     """A registry entry.
 
     Attributes:
-      build: ``build(ctx) -> Built``.
+      build: ``build(ctx) -> Built`` (or a plain ``fn(images, request)`` without
+        parameters).
       differentiable: whether gradients with respect to the images are informative.
       applies: ``applies(ctx) -> bool``, whether the reward is defined for this dataset.
       description: one line for tables and error messages.
@@ -672,6 +673,8 @@ def build_reward(name: str, ctx: RewardContext) -> Reward:
                          f"{ctx.dataset!r} with images {tuple(ctx.image_shape)}"
                          f"{_requirement(entry)}; available: {applicable(ctx)}")
     built = entry.build(ctx)
+    if not isinstance(built, Built):      # a plain reward function: no parameters
+        built = Built(_without_params(built))
     return Reward(name=name, apply=built.apply, differentiable=entry.differentiable,
                   params=built.params)
 
