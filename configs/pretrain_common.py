@@ -65,7 +65,8 @@ def make(dataset: str, arch: str) -> ml_collections.ConfigDict:
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1            # data-parallel axis size (-1: all devices / fsdp).
-    c.mesh.fsdp = 1             # parameter-sharding axis size.
+    c.mesh.fsdp = 1             # parameter-sharding axis size (params, EMA, optimizer state).
+    c.mesh.min_shard_size = 2**16  # arrays with fewer elements stay replicated over fsdp.
 
     # Multi-process runs (one process per host); see normguard_jax/distributed.py and
     # experiments/tpu_vm.sh. Neither address nor auto: a single process.

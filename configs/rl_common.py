@@ -92,7 +92,8 @@ def make(method: str, objective: dict) -> ml_collections.ConfigDict:
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1                # data-parallel axis (-1: all devices).
-    c.mesh.fsdp = 1                 # parameter-sharding axis.
+    c.mesh.fsdp = 1                 # parameter-sharding axis (θ, θ_old, θ_ref, optimizer).
+    c.mesh.min_shard_size = 2**16   # arrays with fewer elements stay replicated over fsdp.
 
     # Multi-process runs (one process per host); see normguard_jax/distributed.py and
     # experiments/tpu_vm.sh. Neither address nor auto: a single process.

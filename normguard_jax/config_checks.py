@@ -158,6 +158,7 @@ def check_intervals(config) -> None:
 def check_mesh(config, num_devices: Optional[int] = None) -> None:
     """The ``mesh`` block; with ``num_devices``, also that the axes fit the devices."""
     fsdp = integer(config, "mesh.fsdp", 1)
+    integer(config, "mesh.min_shard_size", 1)
     data = get_field(config, "mesh.data")
     if data != -1:
         integer(config, "mesh.data", 1)
@@ -182,7 +183,7 @@ RESUME_ALLOWED = (
     "train.steps", "train.iterations", "train.log_every", "train.sample_every",
     "train.checkpoint_every", "train.keep_checkpoints", "train.max_nonfinite",
     "sample.num_steps", "sample.shift", "sample.guidance_scale", "sample.per_class",
-    "data.data_dir", "mesh.data", "mesh.fsdp",
+    "data.data_dir", "mesh.data", "mesh.fsdp", "mesh.min_shard_size",
 )
 # Blocks never compared: how the processes of one launch find each other (the coordinator's
 # address changes from launch to launch and process_id from process to process).
@@ -201,6 +202,7 @@ ADDED_FIELDS = {
     "extra_rewards": "",                  # no reward added from the command line
     "reward_models.clip_score": "",       # no CLIP model folder
     "reward_models.pickscore": "",        # no PickScore model folder
+    "mesh.min_shard_size": 2**16,         # layout only: any value computes the same run
 }
 
 

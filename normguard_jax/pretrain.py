@@ -5,7 +5,8 @@ checkpoint in ``<workdir>/checkpoints``. Everything random is a function of ``(c
 step)``, so a run that was interrupted and resumed ends bit-identical to an uninterrupted one.
 
 The train step is one jitted function over a ``Mesh``: the batch is sharded over all devices,
-the state is replicated, and XLA inserts the gradient all-reduce.
+parameters, EMA and optimizer state over the ``fsdp`` axis (:mod:`normguard_jax.sharding`;
+replicated when ``mesh.fsdp = 1``), and XLA inserts the gathers and gradient reductions.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def train_step(state: TrainState, batch: dict, *, velocity, optimizer, schedule,
     deterministic function of ``(seed, step)``.
 
     Args:
-      state: the replicated :class:`TrainState`.
+      state: the :class:`TrainState` (laid out as :func:`jit_train_step` places it).
       batch: ``image`` (B, H, W, C) float32 in [-1, 1] and ``label`` (B,) int32, sharded.
       velocity, optimizer, schedule, sampler: static pieces built from the config.
       null_class, label_dropout, ema_decay: static hyper-parameters.
@@ -105,6 +106,33 @@ def train_step(state: TrainState, batch: dict, *, velocity, optimizer, schedule,
     new_state = state.replace(step=state.step + 1, params=params, ema_params=ema,
                               opt_state=opt_state)
     return new_state, metrics
+
+
+def jit_train_step(config: ml_collections.ConfigDict, mesh, state: TrainState, *, velocity,
+                   optimizer, schedule, null_class: int):
+    """:func:`train_step` jitted on ``mesh`` for the configured run.
+
+    Args:
+      config: the pretraining config (its ``flow``, ``optim`` and ``mesh`` blocks).
+      mesh: the ``(data, fsdp)`` mesh.
+      state: a :class:`TrainState` or its ``jax.ShapeDtypeStruct`` template (shapes only).
+      velocity, optimizer, schedule, null_class: as :func:`train_step` takes them.
+
+    Returns:
+      ``(step_fn, state_shardings)``: ``step_fn(state, batch) -> (state, metrics)`` with the
+      state laid out by ``sharding.tree_shardings`` (donated), the batch sharded over the
+      whole mesh and replicated metrics; ``state_shardings`` is where to ``device_put`` the
+      initial state.
+    """
+    state_sh = sharding.tree_shardings(state, mesh, config.mesh.min_shard_size)
+    step_fn = jax.jit(
+        functools.partial(train_step, velocity=velocity, optimizer=optimizer,
+                          schedule=schedule, sampler=sigma_sampler(config),
+                          null_class=null_class, label_dropout=config.flow.label_dropout,
+                          ema_decay=config.optim.ema_decay),
+        in_shardings=(state_sh, sharding.batch_sharding(mesh)),
+        out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
+    return step_fn, state_sh
 
 
 def _meta(config, split, step: int, skipped_updates: int, history: list) -> dict:
@@ -188,9 +216,11 @@ def _run(config: ml_collections.ConfigDict, workdir: str, hooks: Iterable[Hook],
                  config.data.name, split.image_shape, summary)
     total = config.train.steps
     optimizer, schedule = optim.build_optimizer(config.optim, total)
-    repl = sharding.replicated(mesh)
-    state = jax.device_put(TrainState.create(params, optimizer, jax.random.key(config.seed)),
-                           repl)
+    state = TrainState.create(params, optimizer, jax.random.key(config.seed))
+    step_fn, state_sh = jit_train_step(config, mesh, state, velocity=velocity,
+                                       optimizer=optimizer, schedule=schedule,
+                                       null_class=null_class)
+    state = jax.device_put(state, state_sh)
 
     restored = checkpointing.restore_latest(manager, state, move_unreadable=True)
     skipped_before, history = 0, []
@@ -201,14 +231,6 @@ def _run(config: ml_collections.ConfigDict, workdir: str, hooks: Iterable[Hook],
         history = config_checks.resume_history(meta, resumed_at, changes)
         logging.info("Resumed from step %d in %s", int(state.step), workdir)
     start = int(state.step)
-
-    step_fn = jax.jit(
-        functools.partial(train_step, velocity=velocity, optimizer=optimizer,
-                          schedule=schedule, sampler=sigma_sampler(config),
-                          null_class=null_class, label_dropout=config.flow.label_dropout,
-                          ema_decay=config.optim.ema_decay),
-        in_shardings=(repl, sharding.batch_sharding(mesh)), out_shardings=(repl, repl),
-        donate_argnums=0)
 
     writer = reporting.make_writer(workdir)
     if distributed.is_writer() and start == 0:

@@ -363,6 +363,11 @@ def build_programs(config: ml_collections.ConfigDict, base: generators.Pretraine
     objective = normguard.with_normguard(method.make_objective(objective_cfg),
                                          normguard_config(config, base.num_classes))
     repl, data_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    # θ, θ_old, θ_ref and the optimizer state laid out over the fsdp axis by one rule.
+    param_sh = sharding.tree_shardings(base.params, mesh, config.mesh.min_shard_size)
+    opt_sh = sharding.tree_shardings(jax.eval_shape(optimizer.init, base.params), mesh,
+                                     config.mesh.min_shard_size)
+    needs_rollout_params = getattr(objective_cfg, "needs_rollout_params", False)
     sigmas = jnp.asarray(flow.inference_sigmas(config.rollout.num_steps, config.rollout.shift))
     window = trained_steps(config)
     noise_level = None if config.rollout.noise_level < 0 else config.rollout.noise_level
@@ -374,7 +379,7 @@ def build_programs(config: ml_collections.ConfigDict, base: generators.Pretraine
         null_class=base.num_classes, reward_fn=reward_fn.apply,
         group_size=config.rollout.group_size, adv_clip=config.advantages.clip,
         global_std=config.advantages.global_std, keep_trajectory=method.needs_trajectory),
-        in_shardings=(repl, data_sh, repl, repl))
+        in_shardings=(param_sh, data_sh, repl, repl))
     spec = batch_spec(config, sigma_sampler_for(config, sigmas), velocity=base.velocity)
 
     def training_batch(ro, key, reward_params):
@@ -384,16 +389,18 @@ def build_programs(config: ml_collections.ConfigDict, base: generators.Pretraine
     batch_fn = jax.jit(training_batch)
     update_fn = jax.jit(functools.partial(update, objective=objective, optimizer=optimizer,
                                           velocity=base.velocity),
-                        in_shardings=(repl, repl, repl, repl, data_sh, repl, repl),
-                        out_shardings=(repl, repl, repl), donate_argnums=(0, 1))
+                        in_shardings=(param_sh, opt_sh, param_sh, param_sh, data_sh, repl,
+                                      param_sh if needs_rollout_params else repl),
+                        out_shardings=(param_sh, opt_sh, repl), donate_argnums=(0, 1))
     decay = dict(zip(("flat", "rate", "max_decay"),
                      OLD_POLICY_DECAY_PRESETS[config.train.old_policy]))
-    old_update_fn = jax.jit(functools.partial(update_old_params, **decay))
+    old_update_fn = jax.jit(functools.partial(update_old_params, **decay),
+                            in_shardings=(param_sh, param_sh, repl), out_shardings=param_sh)
     return Programs(rollout=BoundProgram(rollout_fn, (reward_params,)),
                     batch=BoundProgram(batch_fn, (reward_params,)), update=update_fn,
                     old_update=old_update_fn, place=lambda tree: jax.device_put(tree, data_sh),
                     rollout_policy=rollout_policy(config),
-                    needs_rollout_params=getattr(objective_cfg, "needs_rollout_params", False))
+                    needs_rollout_params=needs_rollout_params)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -504,9 +511,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str, hooks: Iterable[Hook],
     reward_fn = rewards.build_combined(weights, _reward_context(config, base), fields=fields)
     optimizer, schedule = build_optimizer(config)
     programs = build_programs(config, base, mesh, reward_fn, optimizer)
-    repl = sharding.replicated(mesh)
-    ref_params = jax.device_put(base.params, repl)
-    state = jax.device_put(initial_state(base.params, optimizer, config.seed), repl)
+    ref_params = sharding.shard_tree(base.params, mesh, config.mesh.min_shard_size)
+    state = sharding.shard_tree(initial_state(base.params, optimizer, config.seed), mesh,
+                                config.mesh.min_shard_size)
 
     restored = checkpointing.restore_latest(manager, state, move_unreadable=True)
     skipped_before, history = 0, []
