@@ -81,7 +81,7 @@ from flax import nnx
 from normguard_jax.models import hf_weights, init_in_own_trace, init_module, make_velocity_fn
 from normguard_jax.models.layers import (
     MLP_RATIO, Attention, FeedForward, Modulation, TimeTextEmbedding, TransformerConfig,
-    attention, call_block, dense, layer_norm, modulate,
+    attention, call_block, dense, layer_norm, modulate, remat_name,
 )
 
 # Base θ of the rotary position angles.
@@ -309,7 +309,8 @@ class Flux(nnx.Module):
       dtype: activation dtype (float32, or bfloat16 on accelerators); norm statistics, the
         rotation and the softmax stay float32; the output is float32.
       param_dtype: parameter dtype.
-      remat: wrap each block in ``nnx.remat`` (less activation memory, one more forward pass).
+      remat: rematerialise each block in the backward pass: a name of
+        ``layers.REMAT_POLICIES`` ("none", "full", "dots") or True ("full") / False ("none").
       rngs: initialisation randomness. Fresh weights: Xavier-uniform kernels, zero biases, unit
         RMSNorm scales, and zero adaLN and output maps (adaLN-Zero: the output starts at 0).
 
@@ -325,13 +326,13 @@ class Flux(nnx.Module):
         *,
         dtype: jnp.dtype = jnp.float32,
         param_dtype: jnp.dtype = jnp.float32,
-        remat: bool = False,
+        remat: bool | str = False,
         rngs: nnx.Rngs,
     ):
         config = FluxConfig.checked(config)
         self.config = config
         self.dtype = dtype
-        self.remat = remat
+        self.remat = remat_name(remat)
         d = config.width
         common = dense(dtype, param_dtype, rngs)
         self.x_embedder = nnx.Linear(config.in_channels, d, **common)
@@ -395,7 +396,7 @@ def abstract_flux(
     *,
     dtype: jnp.dtype = jnp.float32,
     param_dtype: jnp.dtype = jnp.float32,
-    remat: bool = False,
+    remat: bool | str = False,
 ) -> Flux:
     """``nnx.eval_shape(lambda: Flux(config, ...))``: the module with ``jax.ShapeDtypeStruct``
     leaves, nothing computed or allocated, at any size (each block is traced on its own,
@@ -492,7 +493,7 @@ def load_flux(
     *,
     dtype: jnp.dtype = jnp.float32,
     param_dtype: jnp.dtype | None = None,
-    remat: bool = False,
+    remat: bool | str = False,
     shardings: Callable[[tuple], Any] | None = None,
 ) -> tuple[nnx.GraphDef, nnx.State, VelocityFn]:
     """Loads a diffusers ``FluxTransformer2DModel`` folder (e.g. ``FLUX.1-dev/transformer``).

@@ -12,7 +12,7 @@ that both models' name tables map onto the same parameter paths.
                        and optionally of a text stream, and their output maps; the models
                        compose the attention itself (token order, rotary angles).
   ``attention``        softmax attention, logits and softmax in float32.
-  ``call_block``       a block applied as is or rematerialised (``nnx.remat``).
+  ``call_block``       a block applied as is or rematerialised (``nnx.remat``, a policy).
   ``TransformerConfig`` what both models' config dataclasses share: reading a diffusers
                        ``config.json`` dict, the width D and the output channels.
 
@@ -254,15 +254,45 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     return out.reshape(out.shape[0], out.shape[1], -1)
 
 
-def _call(block: nnx.Module, *args: Any) -> Any:
-    return block(*args)
+# What a rematerialised block keeps from its forward pass for the backward
+# (``jax.checkpoint_policies``); everything else is recomputed. ``remat`` takes a name:
+#   "none"  no remat: every activation inside a block is kept (most memory, least compute).
+#   "full"  only the block's inputs are kept; the whole block runs again in the backward.
+#   "dots"  the outputs of weight matmuls (dot products without batch dimensions: every
+#           Linear) are kept; attention, norms, activations and modulations are recomputed.
+# ``True`` and ``False`` mean "full" and "none".
+REMAT_POLICIES: dict[str, Any] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
-# Rematerialised: activations inside a block are recomputed in the backward pass.
-_call_remat = nnx.remat(_call)
+def remat_name(remat: bool | str) -> str:
+    """The :data:`REMAT_POLICIES` name of a ``remat`` argument (``True`` → "full", ``False`` →
+    "none"); raises ValueError for an unknown name."""
+    name = {True: "full", False: "none"}.get(remat, remat) if isinstance(remat, bool) else remat
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"remat={remat!r}: choose True, False or one of {sorted(REMAT_POLICIES)}")
+    return name
 
 
-def call_block(block: nnx.Module, *args: Any, remat: bool) -> Any:
-    """``block(*args)``, under ``nnx.remat`` when ``remat`` (less activation memory, one more
-    forward pass in the backward)."""
-    return (_call_remat if remat else _call)(block, *args)
+def call_block(block: nnx.Module, *args: Any, remat: bool | str) -> Any:
+    """``block(*args)``, rematerialised with the policy named by ``remat`` (see
+    :data:`REMAT_POLICIES`: less activation memory, parts of the forward pass again in the
+    backward).
+
+    The block must not change its own state (true of every transformer block here). It runs
+    as a pure function of its split state under ``jax.checkpoint`` rather than under
+    ``nnx.remat``, which writes the state back after the call and fails when the parameters
+    come from another trace level than the gradient's (e.g. θ_old inside the gradient of θ).
+    """
+    policy = REMAT_POLICIES[remat_name(remat)]
+    if policy is None:
+        return block(*args)
+    graphdef, state = nnx.split(block)
+
+    def pure(state, *args):
+        return nnx.merge(graphdef, state)(*args)
+
+    return jax.checkpoint(pure, policy=policy)(state, *args)

@@ -66,7 +66,7 @@ from flax import nnx
 from normguard_jax.models import hf_weights, init_in_own_trace, init_module, make_velocity_fn
 from normguard_jax.models.layers import (
     Attention, FeedForward, Modulation, TimeTextEmbedding, TransformerConfig, attention,
-    call_block, dense, layer_norm, modulate,
+    call_block, dense, layer_norm, modulate, remat_name,
 )
 
 
@@ -307,7 +307,8 @@ class MMDiT(nnx.Module):
       dtype: activation dtype (float32, or bfloat16 on accelerators); norm statistics and the
         softmax stay float32; the output is float32.
       param_dtype: parameter dtype.
-      remat: wrap each block in ``nnx.remat`` (less activation memory, one more forward pass).
+      remat: rematerialise each block in the backward pass: a name of
+        ``layers.REMAT_POLICIES`` ("none", "full", "dots") or True ("full") / False ("none").
       rngs: initialisation randomness. Fresh weights: Xavier-uniform kernels, zero biases, unit
         RMSNorm scales, and zero adaLN and output maps (adaLN-Zero: the output starts at 0).
 
@@ -322,13 +323,13 @@ class MMDiT(nnx.Module):
         *,
         dtype: jnp.dtype = jnp.float32,
         param_dtype: jnp.dtype = jnp.float32,
-        remat: bool = False,
+        remat: bool | str = False,
         rngs: nnx.Rngs,
     ):
         config = MMDiTConfig.checked(config)
         self.config = config
         self.dtype = dtype
-        self.remat = remat
+        self.remat = remat_name(remat)
         d = config.width
         common = dense(dtype, param_dtype, rngs)
         self.pos_embed = PatchEmbedding(config, dense=common)
@@ -439,7 +440,7 @@ def abstract_mmdit(
     *,
     dtype: jnp.dtype = jnp.float32,
     param_dtype: jnp.dtype = jnp.float32,
-    remat: bool = False,
+    remat: bool | str = False,
 ) -> tuple[nnx.GraphDef, nnx.State]:
     """``(graphdef, params)`` of an ``MMDiT`` with ``jax.ShapeDtypeStruct`` leaves: shapes
     only, nothing computed or allocated (``nnx.eval_shape``), at any size (each block is
@@ -466,7 +467,7 @@ def load_mmdit(
     *,
     dtype: jnp.dtype = jnp.float32,
     param_dtype: jnp.dtype = jnp.float32,
-    remat: bool = False,
+    remat: bool | str = False,
     shardings: Callable[[tuple], Any] | None = None,
 ) -> LoadedMMDiT:
     """Loads a diffusers ``SD3Transformer2DModel`` folder (config.json + safetensors, e.g. the
