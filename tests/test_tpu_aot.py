@@ -1,0 +1,77 @@
+"""benchmarks/tpu_aot.py's pieces on the 8 fake CPU devices at tiny sizes (no libtpu needed):
+the update and sampler programs compile with sharded abstract arguments, the figures have
+every field, each device's argument bytes are the sharded share of the whole, and remat
+trades FLOPs for memory."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from benchmarks import tpu_aot
+
+# SD3.5-M's layout in miniature (RMS q/k norm, dual attention, 16 latent channels).
+TINY = dict(sample_size=16, patch_size=2, in_channels=16, num_layers=3, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=32,
+            pooled_projection_dim=16, out_channels=16, pos_embed_max_size=10,
+            dual_attention_layers=(0, 1), qk_norm="rms_norm")
+SPEC = tpu_aot.ModelSpec("tiny", tpu_aot._mmdit(TINY), (8, 8, 16), (5, 16), 16, False, 4.5,
+                         update_batch=2, sample_batch=2)
+FIELDS = ("compile_s", "argument_bytes", "output_bytes", "temp_bytes", "alias_bytes",
+          "total_bytes", "flops", "bytes_accessed", "intensity")
+
+
+def _per_device_bytes(args):
+    """Bytes of one device's shards of the abstract arguments, from their shardings."""
+    total = 0
+    for leaf in jax.tree.leaves(args):
+        shape = leaf.sharding.shard_shape(leaf.shape)
+        total += math.prod(shape) * jnp.dtype(leaf.dtype).itemsize
+    return total
+
+
+@pytest.mark.slow
+def test_update_figures_on_eight_cpu_devices():
+    devices = jax.devices()
+    assert len(devices) == 8
+    chip = tpu_aot.CHIPS["v5e-8"]
+    rows = {}
+    for remat in ("none", "full"):
+        jitted, args = tpu_aot.build_update(SPEC, devices, remat=remat, min_shard_size=1)
+        rows[remat] = tpu_aot.measure(jitted, args, chip=chip)
+    row = rows["none"]
+    for field in FIELDS + ("hbm_fraction", "compute_s", "memory_s", "roofline_util"):
+        assert field in row and row[field] >= 0, field
+    assert row["total_bytes"] == (row["argument_bytes"] + row["output_bytes"]
+                                  + row["temp_bytes"] - row["alias_bytes"])
+    # θ, the AdamW moments, θ_old, θ_ref and the batch: each device holds its shard only.
+    whole = sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+                for x in jax.tree.leaves(args))
+    assert row["argument_bytes"] == pytest.approx(_per_device_bytes(args), rel=0.02)
+    assert row["argument_bytes"] < 0.15 * whole        # ≈ 1/8 (+ a few replicated scalars)
+    # Parameters and optimizer state are donated: their outputs alias the inputs.
+    assert row["alias_bytes"] > 0.5 * row["argument_bytes"]
+    # Rematerialisation recomputes the forward pass in the backward: more FLOPs.
+    assert rows["full"]["flops"] > 1.1 * row["flops"]
+    assert 0 < row["roofline_util"] <= 1
+    # The README table's line of this cell.
+    cell = dict(row, model="tiny", chip="v5e-8", program="update remat=none", batch_per_device=2)
+    line = tpu_aot.markdown([cell]).splitlines()[-1]
+    assert line.startswith("| tiny | v5e-8 | update remat=none | 2 |")
+    assert f"{100 * row['roofline_util']:.0f} %" in line
+
+
+@pytest.mark.slow
+def test_sampler_figures_count_every_step():
+    jitted, args = tpu_aot.build_sample(SPEC, jax.devices(), num_steps=2, min_shard_size=1)
+    row = tpu_aot.measure(jitted, args, loop_steps=2)
+    assert set(FIELDS) <= set(row) and row["flops"] > 0
+    assert "roofline_util" not in row                  # no chip: no fractions
+    assert row["argument_bytes"] == pytest.approx(_per_device_bytes(args), rel=0.02)
+    # XLA counts the scan's body once: one step's FLOPs are at least those of the two
+    # guided-batch (2B rows) forward passes' largest matmuls, the feed-forward ones.
+    b, tokens = 2 * SPEC.sample_batch, (8 // 2) * (8 // 2)
+    width = TINY["attention_head_dim"] * TINY["num_attention_heads"]
+    ff_flops = 2 * b * tokens * width * 4 * width * 2 * TINY["num_layers"]
+    assert row["flops"] >= 2 * ff_flops
