@@ -43,6 +43,8 @@ def make(dataset: str, arch: str) -> ml_collections.ConfigDict:
     c.optim.eps = 1e-8          # AdamW ε.
     c.optim.weight_decay = 0.0  # decoupled weight decay.
     c.optim.grad_clip = 1.0     # global-norm clipping threshold (0 = off).
+    c.optim.accumulate_steps = 1  # batches whose mean gradient makes one update (optax.MultiSteps);
+                                  # train.steps counts batches, the lr schedule counts updates.
     c.optim.ema_decay = 0.995   # EMA of params (samples, RL base); warmed up as min(d, (1+t)/(10+t)).
 
     c.train = ml_collections.ConfigDict()

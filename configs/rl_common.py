@@ -57,6 +57,23 @@ def make(method: str, objective: dict) -> ml_collections.ConfigDict:
                                      # points (the objective's own velocities; runs recorded
                                      # before this field).
 
+    # LoRA: train low-rank adapters on the base's linear projections instead of all of θ
+    # (normguard_jax/lora.py). θ, θ_old and the optimizer state are then adapter-only, θ_ref is
+    # the base itself and checkpoints hold only the adapter. Flow-GRPO's SD3.5-M: 32, 64.
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0                  # adapter rank r; 0 = off (full fine-tuning).
+    c.lora.alpha = 64.0              # α; the update is (α/r)·A@B.
+    c.lora.targets = "attention"     # lora.TARGET_PRESETS name (attention | attention_mlp) or
+                                     # comma-separated patterns matched as module-path suffixes.
+
+    # Mixed precision. Trainable parameters (θ or the adapter) and the optimizer state stay
+    # float32 (master weights); losses, norms (NormGuard's ‖v‖) and velocities are float32.
+    c.precision = ml_collections.ConfigDict()
+    c.precision.compute = "float32"  # float32 | bfloat16: dtype of the generator's matmuls and
+                                     # activations (parameters are cast where they are used).
+    c.precision.reference = "float32"  # float32 | bfloat16: storage of θ_ref (and, with LoRA,
+                                       # of the frozen base under the adapter): half the memory.
+
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-4               # learning rate (after warm-up).
     c.optim.warmup_steps = 0        # linear warm-up in optimizer steps.
@@ -67,6 +84,8 @@ def make(method: str, objective: dict) -> ml_collections.ConfigDict:
     c.optim.eps = 1e-8              # AdamW ε.
     c.optim.weight_decay = 0.0      # decoupled weight decay.
     c.optim.grad_clip = 1.0         # global-norm clip (0 = off).
+    c.optim.accumulate_steps = 1    # minibatches whose mean gradient makes one update
+                                    # (optax.MultiSteps); the schedule counts updates.
 
     c.train = ml_collections.ConfigDict()
     c.train.iterations = 100        # rollout + update iterations.

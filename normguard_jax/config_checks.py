@@ -138,6 +138,7 @@ def check_optim(config) -> None:
     number(config, "optim.eps", 0, strict_minimum=True)
     number(config, "optim.weight_decay", 0)
     number(config, "optim.grad_clip", 0)
+    integer(config, "optim.accumulate_steps", 1)
 
 
 def check_sample(config, min_per_class: int = 1) -> None:
@@ -203,6 +204,12 @@ ADDED_FIELDS = {
     "reward_models.clip_score": "",       # no CLIP model folder
     "reward_models.pickscore": "",        # no PickScore model folder
     "mesh.min_shard_size": 2**16,         # layout only: any value computes the same run
+    "optim.accumulate_steps": 1,          # one micro-batch per update
+    "precision.compute": "float32",
+    "precision.reference": "float32",
+    "lora.rank": 0,                       # full fine-tuning
+    "lora.alpha": 64.0,
+    "lora.targets": "attention",
 }
 
 

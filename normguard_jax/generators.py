@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from normguard_jax import checkpointing, models, optim
+from normguard_jax import checkpointing, lora, models, optim
 from normguard_jax.rl_state import initial_state
 from normguard_jax.train_state import TrainState
 
@@ -38,6 +38,16 @@ def build_generator(config: ml_collections.ConfigDict, image_shape, num_classes:
         abstract=abstract)
     graphdef, params = models.split_generator(model)
     return graphdef, params, models.make_velocity_fn(graphdef)
+
+
+def base_graphdef(base: "Pretrained", *, dtype: str | None = None) -> nnx.GraphDef:
+    """The graph definition of ``base``'s generator (an abstract build: no arrays), optionally
+    with another compute ``dtype`` ("float32" | "bfloat16"; parameters keep theirs)."""
+    config = ml_collections.ConfigDict(base.config.to_dict())
+    if dtype is not None:
+        config.model.dtype = dtype
+    graphdef, _, _ = build_generator(config, base.image_shape, base.num_classes, abstract=True)
+    return graphdef
 
 
 class Pretrained(NamedTuple):
@@ -101,7 +111,9 @@ def load_policy(workdir: str, *, step: int | None = None, base: Pretrained | Non
 
     Returns ``(policy, base)``: two :class:`Pretrained` sharing the base's velocity function,
     image shape and classes; ``policy.params`` is θ at the checkpoint (the newest readable one
-    unless ``step`` is given, as in :func:`load_pretrained`), ``policy.step`` its iteration,
+    unless ``step`` is given, as in :func:`load_pretrained`; for a LoRA run the adapter merged
+    into the base, :func:`lora.merge`, so it takes the base's velocity function),
+    ``policy.step`` its iteration,
     ``policy.config`` the RL config. The base is read at the exact step the run was trained
     from (no fallback: another θ_ref would be another run). ``base``: the run's base as
     returned by an earlier call on the same workdir; it is used instead of reading the base
@@ -126,13 +138,20 @@ def load_policy(workdir: str, *, step: int | None = None, base: Pretrained | Non
         chosen.append(base if base is not None else loaded[key])
         # The optimizer state's structure does not depend on the schedule's length. Shapes
         # only: building θ_old and the optimizer state for real would allocate them twice.
+        # A LoRA run's θ, θ_old and optimizer state are adapter trees.
         optimizer, _ = optim.build_optimizer(config.optim, 1)
-        return jax.eval_shape(lambda p: initial_state(p, optimizer, config.seed),
+        adapter = lora.from_config(config)
+        trainable = ((lambda p: lora.init(jax.random.key(0), p, adapter)) if adapter.rank
+                     else (lambda p: p))
+        return jax.eval_shape(lambda p: initial_state(trainable(p), optimizer, config.seed),
                               chosen[-1].params)
 
     step, state, meta = checkpointing.restore_run(workdir, step, template)
-    policy = chosen[-1]._replace(params=state.params,
-                                 config=ml_collections.ConfigDict(meta["config"]), step=int(step))
+    config = ml_collections.ConfigDict(meta["config"])
+    adapter = lora.from_config(config)
+    params = (lora.merge(chosen[-1].params, state.params, adapter) if adapter.rank
+              else state.params)
+    policy = chosen[-1]._replace(params=params, config=config, step=int(step))
     return policy, chosen[-1]
 
 

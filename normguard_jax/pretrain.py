@@ -63,7 +63,8 @@ def sigma_sampler(config: ml_collections.ConfigDict):
 
 
 def train_step(state: TrainState, batch: dict, *, velocity, optimizer, schedule, sampler,
-               null_class: int, label_dropout: float, ema_decay: float):
+               null_class: int, label_dropout: float, ema_decay: float,
+               accumulate_steps: int = 1):
     """One flow-matching update, skipped when the loss or a gradient is not finite.
 
     A skipped update returns params, EMA and optimizer state unchanged (bit for bit) and still
@@ -75,6 +76,8 @@ def train_step(state: TrainState, batch: dict, *, velocity, optimizer, schedule,
       batch: ``image`` (B, H, W, C) float32 in [-1, 1] and ``label`` (B,) int32, sharded.
       velocity, optimizer, schedule, sampler: static pieces built from the config.
       null_class, label_dropout, ema_decay: static hyper-parameters.
+      accumulate_steps: micro-steps per optimizer update (``optim.accumulate_steps``); the EMA
+        moves only on the micro-steps that update θ, and its warm-up counts those updates.
 
     Returns:
       ``(new_state, metrics)`` with scalar metrics ``loss``, ``grad_norm``, ``param_norm``,
@@ -89,13 +92,16 @@ def train_step(state: TrainState, batch: dict, *, velocity, optimizer, schedule,
     (loss, _), grads = jax.value_and_grad(flow_matching_loss, has_aux=True)(
         state.params, fm_batch, ctx)
     # EMA warm-up: early on the average must not be dominated by the (zero-output) init.
-    decay = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step))
+    updates_taken = state.step // accumulate_steps
+    decay = jnp.minimum(ema_decay, (1.0 + updates_taken) / (10.0 + updates_taken))
 
     def step(old, grads):
         params, ema, opt_state = old
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return params, optax.incremental_update(params, ema, 1.0 - decay), opt_state
+        ema = optim.if_updated(optimizer, opt_state,
+                               optax.incremental_update(params, ema, 1.0 - decay), ema)
+        return params, ema, opt_state
 
     finite = nonfinite.all_finite(loss, grads)
     params, ema, opt_state = nonfinite.apply_if(
@@ -129,6 +135,7 @@ def jit_train_step(config: ml_collections.ConfigDict, mesh, state: TrainState, *
         functools.partial(train_step, velocity=velocity, optimizer=optimizer,
                           schedule=schedule, sampler=sigma_sampler(config),
                           null_class=null_class, label_dropout=config.flow.label_dropout,
+                          accumulate_steps=optim.accumulate_steps(config.optim),
                           ema_decay=config.optim.ema_decay),
         in_shardings=(state_sh, sharding.batch_sharding(mesh)),
         out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)

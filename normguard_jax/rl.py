@@ -31,8 +31,8 @@ import optax
 from absl import logging
 
 from normguard_jax import (advantages, auxnets, checkpointing, config_checks, distributed, flow,
-                           generators, loop, nonfinite, normguard, optim, paths, reporting,
-                           rewards, sampling, sharding)
+                           generators, lora, loop, models, nonfinite, normguard, optim,
+                           paths, reporting, rewards, sampling, sharding)
 from normguard_jax.objectives import METHODS
 from normguard_jax.objectives.base import BatchSpec, Context, Rollout
 from normguard_jax.rl_state import (OLD_POLICY_DECAY_PRESETS, RLState, initial_state,
@@ -154,6 +154,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     c.check_optim(config)
     c.check_sample(config)
     c.check_mesh(config, num_devices)
+    lora.check_config(config)
+    c.one_of(config, "precision.compute", PRECISIONS)
+    c.one_of(config, "precision.reference", PRECISIONS)
     n = config.rollout.prompts_per_iter * config.rollout.group_size
     if n % num_devices:
         raise c.ConfigError(f"config.rollout.prompts_per_iter * group_size = {n} must be "
@@ -177,7 +180,8 @@ def updates_per_iteration(config: ml_collections.ConfigDict) -> int:
 
 
 def build_optimizer(config: ml_collections.ConfigDict):
-    """``(optimizer, schedule)`` of the run, the schedule spanning all its optimizer steps."""
+    """``(optimizer, schedule)`` of the run, the schedule spanning all its optimizer steps
+    (micro-steps with ``optim.accumulate_steps > 1``: :func:`optim.build_optimizer`)."""
     return optim.build_optimizer(config.optim,
                                  config.train.iterations * updates_per_iteration(config))
 
@@ -222,17 +226,31 @@ def rollout(params, labels, key, reward_params=None, *, velocity, image_shape, s
                    trajectory=traj if keep_trajectory else None), components
 
 
+def full_policy(ref_params, params):
+    """The policy of a full fine-tuning run: θ itself (``ref_params`` unused)."""
+    del ref_params
+    return params
+
+
 def update(params, opt_state, old_params, ref_params, batch, rewards_ok, rollout_params=None, *,
-           objective, optimizer, velocity):
+           objective, optimizer, velocity, policy=full_policy):
     """One optimizer step of ``objective`` on a minibatch; returns (params, opt_state, metrics).
+
+    ``params``, ``old_params``, ``rollout_params`` and ``opt_state`` are the trainable tree (all
+    of θ, or a LoRA adapter); ``policy(ref_params, trainable)`` is what ``velocity`` takes
+    (:func:`full_policy`, or :class:`lora.LoRAParams` over the frozen base θ_ref, which is then
+    an argument of the step and never differentiated).
 
     The step is skipped (``params`` and ``opt_state`` returned unchanged, bit for bit) when
     ``rewards_ok`` (scalar bool: the rollout's rewards were all finite) is false or the loss
     or a gradient is not finite; ``metrics["skipped"]`` is then 1.0, else 0.0.
     """
-    ctx = Context(velocity=velocity, ref_params=ref_params, old_params=old_params,
-                  rollout_params=rollout_params)
-    (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(params, batch, ctx)
+    ctx = Context(velocity=velocity, ref_params=ref_params,
+                  old_params=policy(ref_params, old_params),
+                  rollout_params=(None if rollout_params is None
+                                  else policy(ref_params, rollout_params)))
+    (loss, aux), grads = jax.value_and_grad(
+        lambda p: objective(policy(ref_params, p), batch, ctx), has_aux=True)(params)
     ok = rewards_ok & nonfinite.all_finite(loss, grads)
 
     def step(state, grads):
@@ -267,6 +285,8 @@ class Programs(NamedTuple):
       rollout_policy: "current" (θ samples the rollouts) or "old" (θ_old does).
       needs_rollout_params: pass a copy of θ at rollout time to the updates (AWM's
         ``rollout`` parameter sets).
+      policy: ``(ref_params, trainable) -> the parameters the velocity takes``
+        (:func:`full_policy`, or :class:`lora.LoRAParams`).
     """
 
     rollout: Callable
@@ -276,6 +296,7 @@ class Programs(NamedTuple):
     place: Callable
     rollout_policy: str = "current"
     needs_rollout_params: bool = False
+    policy: Callable = full_policy
 
 
 def train_iteration(state: RLState, ref_params, *, programs: Programs, num_classes: int,
@@ -307,7 +328,8 @@ def train_iteration(state: RLState, ref_params, *, programs: Programs, num_class
     labels = jnp.repeat(jax.random.randint(jax.random.fold_in(key_it, 0), (prompts,), 0,
                                            num_classes), group_size).astype(jnp.int32)
     sampler_params = state.old_params if programs.rollout_policy == "old" else state.params
-    ro, components = programs.rollout(sampler_params, programs.place(labels),
+    ro, components = programs.rollout(programs.policy(ref_params, sampler_params),
+                                      programs.place(labels),
                                       jax.random.fold_in(key_it, 1))
     # θ at rollout time, for objectives that read ctx.rollout_params (θ itself is donated).
     rollout_params = (jax.tree.map(jnp.copy, state.params) if programs.needs_rollout_params
@@ -357,15 +379,20 @@ def build_programs(config: ml_collections.ConfigDict, base: generators.Pretraine
     """Jits the rollout, batch, update and θ_old programs of the configured run on ``mesh``.
 
     The reward's parameters (``reward_fn.params``) are placed on the mesh once and bound as
-    arguments of the rollout and batch programs (:class:`BoundProgram`)."""
+    arguments of the rollout and batch programs (:class:`BoundProgram`). ``base.velocity``
+    must take the run's policy parameters (:func:`run_velocity`)."""
     method = METHODS[config.method]
     objective_cfg = objective_config(config, base.num_classes)
     objective = normguard.with_normguard(method.make_objective(objective_cfg),
                                          normguard_config(config, base.num_classes))
     repl, data_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
     # θ, θ_old, θ_ref and the optimizer state laid out over the fsdp axis by one rule.
-    param_sh = sharding.tree_shardings(base.params, mesh, config.mesh.min_shard_size)
-    opt_sh = sharding.tree_shardings(jax.eval_shape(optimizer.init, base.params), mesh,
+    # The trainable tree is θ or, with LoRA, the adapter; θ_ref is the base.
+    policy = lora.LoRAParams if lora.from_config(config).rank else full_policy
+    trainable = jax.eval_shape(lambda: trainable_init(config, base.params))
+    ref_sh = sharding.tree_shardings(base.params, mesh, config.mesh.min_shard_size)
+    train_sh = sharding.tree_shardings(trainable, mesh, config.mesh.min_shard_size)
+    opt_sh = sharding.tree_shardings(jax.eval_shape(optimizer.init, trainable), mesh,
                                      config.mesh.min_shard_size)
     needs_rollout_params = getattr(objective_cfg, "needs_rollout_params", False)
     sigmas = jnp.asarray(flow.inference_sigmas(config.rollout.num_steps, config.rollout.shift))
@@ -379,7 +406,7 @@ def build_programs(config: ml_collections.ConfigDict, base: generators.Pretraine
         null_class=base.num_classes, reward_fn=reward_fn.apply,
         group_size=config.rollout.group_size, adv_clip=config.advantages.clip,
         global_std=config.advantages.global_std, keep_trajectory=method.needs_trajectory),
-        in_shardings=(param_sh, data_sh, repl, repl))
+        in_shardings=(policy(ref_sh, train_sh), data_sh, repl, repl))
     spec = batch_spec(config, sigma_sampler_for(config, sigmas), velocity=base.velocity)
 
     def training_batch(ro, key, reward_params):
@@ -388,24 +415,75 @@ def build_programs(config: ml_collections.ConfigDict, base: generators.Pretraine
 
     batch_fn = jax.jit(training_batch)
     update_fn = jax.jit(functools.partial(update, objective=objective, optimizer=optimizer,
-                                          velocity=base.velocity),
-                        in_shardings=(param_sh, opt_sh, param_sh, param_sh, data_sh, repl,
-                                      param_sh if needs_rollout_params else repl),
-                        out_shardings=(param_sh, opt_sh, repl), donate_argnums=(0, 1))
+                                          velocity=base.velocity, policy=policy),
+                        in_shardings=(train_sh, opt_sh, train_sh, ref_sh, data_sh, repl,
+                                      train_sh if needs_rollout_params else repl),
+                        out_shardings=(train_sh, opt_sh, repl), donate_argnums=(0, 1))
     decay = dict(zip(("flat", "rate", "max_decay"),
                      OLD_POLICY_DECAY_PRESETS[config.train.old_policy]))
-    old_update_fn = jax.jit(functools.partial(update_old_params, **decay),
-                            in_shardings=(param_sh, param_sh, repl), out_shardings=param_sh)
+    # The EMA schedule counts optimizer updates, not accumulated micro-steps.
+    k = optim.accumulate_steps(config.optim)
+    old_update_fn = jax.jit(lambda old, new, steps: update_old_params(old, new, steps // k,
+                                                                       **decay),
+                            in_shardings=(train_sh, train_sh, repl), out_shardings=train_sh)
     return Programs(rollout=BoundProgram(rollout_fn, (reward_params,)),
                     batch=BoundProgram(batch_fn, (reward_params,)), update=update_fn,
                     old_update=old_update_fn, place=lambda tree: jax.device_put(tree, data_sh),
                     rollout_policy=rollout_policy(config),
-                    needs_rollout_params=needs_rollout_params)
+                    needs_rollout_params=needs_rollout_params, policy=policy)
 
 
 # ----------------------------------------------------------------------------------------------
 # The run.
 # ----------------------------------------------------------------------------------------------
+
+
+PRECISIONS = ("float32", "bfloat16")
+
+
+def precision(config: ml_collections.ConfigDict) -> tuple[str, str]:
+    """``(compute, reference)`` dtypes of ``config.precision`` (float32 in runs recorded before
+    the block existed)."""
+    block = config.precision if "precision" in config else {}
+    return block.get("compute", "float32"), block.get("reference", "float32")
+
+
+def run_velocity(config: ml_collections.ConfigDict, base: generators.Pretrained) -> Callable:
+    """The velocity function of the run: the base's; with ``config.lora.rank > 0`` one that
+    also takes :class:`lora.LoRAParams` (θ_ref stays the plain base tree); with
+    ``config.precision.compute = "bfloat16"`` the base's graph with bfloat16 compute (every
+    layer casts its float32 parameters and its input to bfloat16 where it uses them; the
+    models' norm statistics, attention softmax and returned velocity stay float32)."""
+    cfg = lora.from_config(config)
+    compute, _ = precision(config)
+    if not cfg.rank and compute == base.config.model.dtype:
+        return base.velocity
+    graphdef = generators.base_graphdef(base, dtype=compute)
+    return lora.make_velocity_fn(graphdef, cfg) if cfg.rank else models.make_velocity_fn(graphdef)
+
+
+def reference_params(config: ml_collections.ConfigDict, base_params):
+    """θ_ref as the run stores it: the base parameters, cast to bfloat16 with
+    ``config.precision.reference = "bfloat16"`` (half the memory; with LoRA this is also the
+    frozen part of the policy)."""
+    _, reference = precision(config)
+    if reference == "float32":
+        return base_params
+    return jax.tree.map(lambda a: a.astype(reference)
+                        if jnp.issubdtype(a.dtype, jnp.floating) else a, base_params)
+
+
+def trainable_init(config: ml_collections.ConfigDict, base_params):
+    """θ at iteration 0: the base parameters, or a fresh LoRA adapter over them (from the
+    seed; B = 0, so the policy equals the base)."""
+    cfg = lora.from_config(config)
+    if not cfg.rank:
+        return base_params
+    try:
+        return lora.init(jax.random.fold_in(jax.random.key(config.seed), 2**31 - 2),
+                         base_params, cfg)
+    except ValueError as e:
+        raise config_checks.ConfigError(f"config.{e}") from None
 
 
 def _reward_context(config, base):
@@ -510,10 +588,12 @@ def _run(config: ml_collections.ConfigDict, workdir: str, hooks: Iterable[Hook],
     weights, fields = rewards.config_weights(config)
     reward_fn = rewards.build_combined(weights, _reward_context(config, base), fields=fields)
     optimizer, schedule = build_optimizer(config)
+    base = base._replace(velocity=run_velocity(config, base))
     programs = build_programs(config, base, mesh, reward_fn, optimizer)
-    ref_params = sharding.shard_tree(base.params, mesh, config.mesh.min_shard_size)
-    state = sharding.shard_tree(initial_state(base.params, optimizer, config.seed), mesh,
-                                config.mesh.min_shard_size)
+    ref_params = sharding.shard_tree(reference_params(config, base.params), mesh,
+                                     config.mesh.min_shard_size)
+    state = sharding.shard_tree(initial_state(trainable_init(config, base.params), optimizer,
+                                              config.seed), mesh, config.mesh.min_shard_size)
 
     restored = checkpointing.restore_latest(manager, state, move_unreadable=True)
     skipped_before, history = 0, []
@@ -533,9 +613,10 @@ def _run(config: ml_collections.ConfigDict, workdir: str, hooks: Iterable[Hook],
 
     def write_samples(state: RLState, it: int):
         images = sampling.generate_images(
-            base.velocity, state.params, grid_labels, grid_key, image_shape=base.image_shape,
-            num_steps=config.sample.num_steps, shift=config.sample.shift,
-            guidance_scale=config.sample.guidance_scale, null_class=base.num_classes)
+            base.velocity, programs.policy(ref_params, state.params), grid_labels, grid_key,
+            image_shape=base.image_shape, num_steps=config.sample.num_steps,
+            shift=config.sample.shift, guidance_scale=config.sample.guidance_scale,
+            null_class=base.num_classes)
         reporting.write_grid(writer, workdir, it, "samples", images, config.sample.per_class)
 
     def meta(it: int, skipped_total: int) -> dict:
