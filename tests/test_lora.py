@@ -198,4 +198,5 @@ def test_adapted_gradient_keeps_no_copy_of_the_kernels():
 
     kernel_bytes = 4 * sum(k.size for p, k in lora._kernels(params).items()
                            if lora.matches(p, cfg.patterns))
-    assert temp_bytes(separate) < 0.25 * kernel_bytes < kernel_bytes < temp_bytes(merged)
+    # The merged form needs at least ~one more copy of the adapted kernels.
+    assert temp_bytes(merged) > temp_bytes(separate) + 0.75 * kernel_bytes
