@@ -10,7 +10,7 @@ import ml_collections
 
 def make(dataset: str, arch: str) -> ml_collections.ConfigDict:
     """Returns the pretraining config for ``dataset`` (a name in normguard_jax.data.DATASETS)
-    and ``arch`` ("dit" or "unet")."""
+    and ``arch`` ("dit", "unet" or "mmdit")."""
     c = ml_collections.ConfigDict()
     c.job = "pretrain"          # which run() main.py dispatches to.
     c.seed = 0                  # one seed for init, data order, noise and σ draws.
@@ -19,9 +19,12 @@ def make(dataset: str, arch: str) -> ml_collections.ConfigDict:
     c.data.name = dataset       # dataset name: digits_mnist | digits_sklearn | shapes | any TFDS name.
     c.data.data_dir = ""        # TFDS data dir; "" = TFDS default ($TFDS_DATA_DIR or ~/tensorflow_datasets).
     c.data.split = "train"      # split trained on; "test" is held out for metrics.
+    c.data.captions = ""        # "" = class labels; "shapes" = each image conditioned on one of its
+                                # class's captions (text models: model.arch="mmdit").
 
     c.model = ml_collections.ConfigDict()
-    c.model.arch = arch         # generator architecture: "dit" (patch transformer) | "unet".
+    c.model.arch = arch         # generator architecture: "dit" (patch transformer) | "unet" |
+                                # "mmdit" (text-conditioned, needs data.captions).
     c.model.size = "small"      # preset from normguard_jax.models.SIZES: "tiny" (tests) | "small".
     c.model.dtype = "float32"   # compute dtype: "float32" | "bfloat16" (TPU); params stay float32.
     c.model.remat = False       # rematerialise blocks in the backward pass (less memory, more compute).

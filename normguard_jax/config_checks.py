@@ -210,6 +210,7 @@ ADDED_FIELDS = {
     "lora.rank": 0,                       # full fine-tuning
     "lora.alpha": 64.0,
     "lora.targets": "attention",
+    "data.captions": "",                  # class labels, no captions
 }
 
 

@@ -16,25 +16,42 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from normguard_jax import checkpointing, lora, models, optim
+from normguard_jax import checkpointing, conditioning, lora, models, optim
 from normguard_jax.rl_state import initial_state
 from normguard_jax.train_state import TrainState
 
 
 def build_generator(config: ml_collections.ConfigDict, image_shape, num_classes: int, *,
-                    abstract: bool = False):
+                    cond_shapes=None, abstract: bool = False):
     """``(graphdef, params, velocity)`` of the configured generator, initialised from the seed.
 
     Args:
       config: a pretraining config (fields ``model.*`` and ``seed``).
       image_shape: (H, W, C).
       num_classes: real classes; the null (unconditional) label is ``num_classes``.
+      cond_shapes: text generators (``models.TEXT_GENERATORS``): the per-prompt shapes of the
+        conditioning, ``{"text": (L, D), "pooled": (P,)}``
+        (``conditioning.PromptTable.cond_shapes``); None for class-conditional ones.
       abstract: params are ``jax.ShapeDtypeStruct`` leaves (a template to restore into).
+
+    Raises:
+      ValueError: a text generator without ``cond_shapes``, or a class-conditional one with.
     """
+    arch = config.model.arch
+    extra = {}
+    if arch in models.TEXT_GENERATORS:
+        if cond_shapes is None:
+            raise ValueError(f"model.arch={arch!r} is conditioned on text: give it captions "
+                             "(config.data.captions) or prompt embeddings")
+        extra = dict(text_dim=int(cond_shapes["text"][-1]),
+                     pooled_dim=int(cond_shapes["pooled"][-1]))
+    elif cond_shapes is not None:
+        raise ValueError(f"model.arch={arch!r} is class-conditional; text conditioning needs "
+                         f"one of {models.TEXT_GENERATORS}")
     model = models.init_module(lambda: models.build_generator(
-        config.model.arch, image_shape=tuple(image_shape), num_classes=num_classes,
+        arch, image_shape=tuple(image_shape), num_classes=num_classes,
         rngs=nnx.Rngs(config.seed), dtype=jnp.dtype(config.model.dtype),
-        remat=config.model.remat, **models.SIZES[config.model.arch][config.model.size]),
+        remat=config.model.remat, **models.SIZES[arch][config.model.size], **extra),
         abstract=abstract)
     graphdef, params = models.split_generator(model)
     return graphdef, params, models.make_velocity_fn(graphdef)
@@ -46,8 +63,16 @@ def base_graphdef(base: "Pretrained", *, dtype: str | None = None) -> nnx.GraphD
     config = ml_collections.ConfigDict(base.config.to_dict())
     if dtype is not None:
         config.model.dtype = dtype
-    graphdef, _, _ = build_generator(config, base.image_shape, base.num_classes, abstract=True)
+    graphdef, _, _ = build_generator(config, base.image_shape, base.num_classes,
+                                     cond_shapes=cond_shapes(base.conditioning), abstract=True)
     return graphdef
+
+
+def cond_shapes(spec) -> dict | None:
+    """The per-prompt conditioning shapes a model record stores (None: class labels)."""
+    if not spec or spec.get("kind", "class") == "class":
+        return None
+    return {k: tuple(v) for k, v in spec["cond_shapes"].items()}
 
 
 class Pretrained(NamedTuple):
@@ -60,6 +85,10 @@ class Pretrained(NamedTuple):
       image_shape: (H, W, C).
       num_classes: number of real classes (the null class is ``num_classes``).
       step: the checkpoint's step (pretraining) or iteration (RL).
+      conditioning: the model's conditioning record (``conditioning.class_spec()``,
+        ``caption_spec`` or ``embeddings_spec`` plus its ``cond_shapes``); None for
+        class-conditional models recorded before it existed.
+      class_names: the names of the classes (may be empty).
     """
 
     velocity: Callable
@@ -68,6 +97,16 @@ class Pretrained(NamedTuple):
     image_shape: tuple
     num_classes: int
     step: int
+    conditioning: dict | None = None
+    class_names: tuple = ()
+
+
+def prompt_table(pre: Pretrained, split: str = "train") -> conditioning.PromptTable:
+    """The prompts a generator is conditioned on, one split ("train": RL rollouts; "test":
+    evaluation): its classes, or its captions / prompt embeddings with the empty prompt as the
+    null conditioning (:func:`conditioning.table`)."""
+    return conditioning.table(pre.conditioning, split, num_classes=pre.num_classes,
+                              class_names=pre.class_names or None)
 
 
 def is_rl_workdir(workdir: str, step: int | None = None) -> bool:
@@ -91,6 +130,7 @@ def load_pretrained(workdir: str, *, use_ema: bool = True, step: int | None = No
     def template(meta):
         config = ml_collections.ConfigDict(meta["config"])
         _, params, fn = build_generator(config, meta["image_shape"], meta["num_classes"],
+                                        cond_shapes=cond_shapes(meta.get("conditioning")),
                                         abstract=True)
         velocity.append(fn)
         optimizer, _ = optim.build_optimizer(config.optim, config.train.steps)
@@ -102,7 +142,9 @@ def load_pretrained(workdir: str, *, use_ema: bool = True, step: int | None = No
                       params=state.ema_params if use_ema else state.params,
                       config=ml_collections.ConfigDict(meta["config"]),
                       image_shape=tuple(meta["image_shape"]),
-                      num_classes=int(meta["num_classes"]), step=int(step))
+                      num_classes=int(meta["num_classes"]), step=int(step),
+                      conditioning=meta.get("conditioning"),
+                      class_names=tuple(meta.get("class_names", ())))
 
 
 def load_policy(workdir: str, *, step: int | None = None, base: Pretrained | None = None

@@ -1,4 +1,9 @@
-"""Pretraining of a class-conditional flow-matching generator (the RL base model).
+"""Pretraining of a flow-matching generator (the RL base model), class- or text-conditional.
+
+Class-conditional models train on the dataset's labels. With ``config.data.captions`` (a
+text generator, ``models.TEXT_GENERATORS``) every image is trained on the embeddings of one of
+its class's captions, drawn per step (:func:`caption_batch`), with the empty prompt as the
+dropped-out (CFG) conditioning; the checkpoints record how to rebuild the prompt tables.
 
 ``run(config, workdir)`` trains, logs and checkpoints; it resumes automatically from the newest
 checkpoint in ``<workdir>/checkpoints``. Everything random is a function of ``(config.seed,
@@ -17,11 +22,13 @@ from typing import Callable, Iterable
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from absl import logging
 
-from normguard_jax import (checkpointing, config_checks, data, distributed, flow, generators, loop,
-                           models, nonfinite, optim, paths, reporting, sampling, sharding)
+from normguard_jax import (checkpointing, conditioning, config_checks, data, distributed, flow,
+                           generators, loop, models, nonfinite, optim, paths, reporting,
+                           sampling, sharding)
 from normguard_jax.objectives.base import Context
 from normguard_jax.objectives.flow_matching import flow_matching_loss, make_flow_matching_batch
 from normguard_jax.train_state import TrainState
@@ -44,6 +51,17 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     c.number(config, "flow.logit_mean")
     c.number(config, "flow.train_shift", 0, strict_minimum=True)
     c.number(config, "flow.label_dropout", 0, 1)
+    captions = c.get_field(config, "data.captions") if "captions" in config.data else ""
+    if captions and captions not in conditioning.CAPTION_SETS:
+        raise c.ConfigError(f"config.data.captions={captions!r}: one of "
+                            f"{conditioning.CAPTION_SETS}, or '' for class labels")
+    text_model = config.model.arch in models.TEXT_GENERATORS
+    if text_model and not captions:
+        raise c.ConfigError(f"config.model.arch={config.model.arch!r} is conditioned on text: "
+                            f"set config.data.captions (one of {conditioning.CAPTION_SETS})")
+    if captions and not text_model:
+        raise c.ConfigError(f"config.data.captions={captions!r} needs a text-conditioned "
+                            f"config.model.arch (one of {models.TEXT_GENERATORS})")
     c.check_optim(config)
     c.number(config, "optim.ema_decay", 0, 1)
     c.integer(config, "train.steps", 1)
@@ -62,8 +80,8 @@ def sigma_sampler(config: ml_collections.ConfigDict):
     return functools.partial(flow.TIMESTEP_SAMPLERS[config.flow.sigma_sampler], **kwargs)
 
 
-def train_step(state: TrainState, batch: dict, *, velocity, optimizer, schedule, sampler,
-               null_class: int, label_dropout: float, ema_decay: float,
+def train_step(state: TrainState, batch: dict, null=None, *, velocity, optimizer, schedule,
+               sampler, null_class: int, label_dropout: float, ema_decay: float,
                accumulate_steps: int = 1):
     """One flow-matching update, skipped when the loss or a gradient is not finite.
 
@@ -73,7 +91,12 @@ def train_step(state: TrainState, batch: dict, *, velocity, optimizer, schedule,
 
     Args:
       state: the :class:`TrainState` (laid out as :func:`jit_train_step` places it).
-      batch: ``image`` (B, H, W, C) float32 in [-1, 1] and ``label`` (B,) int32, sharded.
+      batch: ``image`` (B, H, W, C) float32 in [-1, 1] and ``label`` (B,) int32, sharded;
+        for a text-conditioned model also ``cond`` (``{"text": (B, L, D), "pooled": (B, P)}``,
+        the embeddings of each image's caption), which is then what the model is trained on.
+      null: the unconditional conditioning of a text model (the empty prompt's
+        ``{"text": (1, L, D), "pooled": (1, P)}``), an argument; None for class labels, whose
+        null is ``null_class``.
       velocity, optimizer, schedule, sampler: static pieces built from the config.
       null_class, label_dropout, ema_decay: static hyper-parameters.
       accumulate_steps: micro-steps per optimizer update (``optim.accumulate_steps``); the EMA
@@ -85,8 +108,9 @@ def train_step(state: TrainState, batch: dict, *, velocity, optimizer, schedule,
       skipped because of a non-finite value, else 0).
     """
     key = jax.random.fold_in(state.key(), state.step)
-    fm_batch = make_flow_matching_batch(key, batch["image"], batch["label"],
-                                        sigma_sampler=sampler, null_class=null_class,
+    cond = batch["cond"] if "cond" in batch else batch["label"]
+    fm_batch = make_flow_matching_batch(key, batch["image"], cond, sigma_sampler=sampler,
+                                        null_class=null_class if null is None else null,
                                         label_dropout=label_dropout)
     ctx = Context(velocity=velocity)
     (loss, _), grads = jax.value_and_grad(flow_matching_loss, has_aux=True)(
@@ -125,10 +149,10 @@ def jit_train_step(config: ml_collections.ConfigDict, mesh, state: TrainState, *
       velocity, optimizer, schedule, null_class: as :func:`train_step` takes them.
 
     Returns:
-      ``(step_fn, state_shardings)``: ``step_fn(state, batch) -> (state, metrics)`` with the
-      state laid out by ``sharding.tree_shardings`` (donated), the batch sharded over the
-      whole mesh and replicated metrics; ``state_shardings`` is where to ``device_put`` the
-      initial state.
+      ``(step_fn, state_shardings)``: ``step_fn(state, batch, null=None) -> (state, metrics)``
+      with the state laid out by ``sharding.tree_shardings`` (donated), the batch sharded over
+      the whole mesh, the (text) null conditioning and the metrics replicated;
+      ``state_shardings`` is where to ``device_put`` the initial state.
     """
     state_sh = sharding.tree_shardings(state, mesh, config.mesh.min_shard_size)
     step_fn = jax.jit(
@@ -137,16 +161,40 @@ def jit_train_step(config: ml_collections.ConfigDict, mesh, state: TrainState, *
                           null_class=null_class, label_dropout=config.flow.label_dropout,
                           accumulate_steps=optim.accumulate_steps(config.optim),
                           ema_decay=config.optim.ema_decay),
-        in_shardings=(state_sh, sharding.batch_sharding(mesh)),
+        in_shardings=(state_sh, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
         out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
     return step_fn, state_sh
 
 
-def _meta(config, split, step: int, skipped_updates: int, history: list) -> dict:
+def _meta(config, split, step: int, skipped_updates: int, history: list, spec: dict) -> dict:
     return {"config": config.to_dict(), "step": int(step), "data_position": int(step),
             "image_shape": list(split.image_shape), "num_classes": int(split.num_classes),
             "class_names": list(split.class_names), "skipped_updates": int(skipped_updates),
-            "history": history}
+            "history": history, "conditioning": spec}
+
+
+def conditioning_of(config: ml_collections.ConfigDict, split
+                    ) -> tuple[conditioning.PromptTable, dict]:
+    """``(table, record)`` of a pretraining run: the class table, or the train captions of
+    ``config.data.captions`` embedded by the word encoder; the record (with the conditioning
+    shapes) goes into every checkpoint so that RL and evaluation rebuild the same tables."""
+    captions = config.data.get("captions", "")
+    spec = conditioning.caption_spec(captions) if captions else conditioning.class_spec()
+    table = conditioning.table(spec, "train", num_classes=split.num_classes,
+                               class_names=split.class_names)
+    if not table.is_class:
+        spec = dict(spec, cond_shapes={k: list(v) for k, v in table.cond_shapes().items()})
+    return table, spec
+
+
+def caption_batch(table: conditioning.PromptTable, labels, seed: int, step: int,
+                  process_index: int) -> dict:
+    """The conditioning of one local batch of a captioned run: for each image a caption of its
+    class drawn uniformly, a deterministic function of ``(seed, step, process_index)``.
+
+    Returns ``{"text": (B, L, D), "pooled": (B, P)}`` NumPy arrays."""
+    rng = np.random.default_rng([seed, step, process_index, 0x0CA9])
+    return table.cond(table.draw_for_classes(rng, np.asarray(labels)))
 
 
 def _check_resume_compatible(meta: dict, config, split, workdir: str, step: int,
@@ -216,8 +264,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str, hooks: Iterable[Hook],
     if latest is not None:
         _check_resume_compatible(latest[1], config, split, workdir, latest[0], allowed)
 
-    graphdef, params, velocity = generators.build_generator(config, split.image_shape,
-                                                            split.num_classes)
+    table, spec = conditioning_of(config, split)
+    graphdef, params, velocity = generators.build_generator(
+        config, split.image_shape, split.num_classes, cond_shapes=table.cond_shapes())
     summary = models.parameter_summary(params)
     logging.info("Generator %s/%s on %s %s:\n%s", config.model.arch, config.model.size,
                  config.data.name, split.image_shape, summary)
@@ -243,15 +292,16 @@ def _run(config: ml_collections.ConfigDict, workdir: str, hooks: Iterable[Hook],
     if distributed.is_writer() and start == 0:
         (paths.path(workdir) / "parameters.txt").write_text(summary + "\n")
         writer.write_hparams(_flat_hparams(config))
-    grid_labels = jnp.asarray(sampling.class_grid_labels(split.num_classes,
-                                                         config.sample.per_class))
+    grid_cond, grid_null = grid_condition(table, config.sample.per_class)
     grid_key = jax.random.fold_in(jax.random.key(config.seed), 2**31 - 1)  # fixed across runs
+    null = None if table.is_class else table.device_null()
 
     def write_samples(state: TrainState, step: int):
         images = sampling.generate_images(
-            velocity, state.ema_params, grid_labels, grid_key, image_shape=split.image_shape,
+            velocity, state.ema_params, grid_cond, grid_key, image_shape=split.image_shape,
             num_steps=config.sample.num_steps, shift=config.sample.shift,
-            guidance_scale=config.sample.guidance_scale, null_class=null_class)
+            guidance_scale=config.sample.guidance_scale, null_class=null_class,
+            null_condition=grid_null)
         reporting.write_grid(writer, workdir, step, "samples_ema", images,
                              config.sample.per_class)
 
@@ -260,16 +310,30 @@ def _run(config: ml_collections.ConfigDict, workdir: str, hooks: Iterable[Hook],
     def unit(state: TrainState, step: int):
         local = data.local_batch(split, step, config.train.batch_size, config.seed,
                                  p_index, p_count)
-        state, metrics = step_fn(state, sharding.global_batch(local, mesh))
+        if not table.is_class:
+            local["cond"] = caption_batch(table, local["label"], config.seed, step, p_index)
+        state, metrics = step_fn(state, sharding.global_batch(local, mesh), null)
         return state, metrics, metrics["skipped"]
 
     schedule_ = loop.Schedule(total=total, log_every=config.train.log_every,
                               sample_every=config.train.sample_every,
                               max_nonfinite=config.train.max_nonfinite, unit_name="step")
     return loop.run(state, unit, schedule=schedule_, manager=manager, writer=writer,
-                    meta=lambda step, skipped: _meta(config, split, step, skipped, history),
+                    meta=lambda step, skipped: _meta(config, split, step, skipped, history,
+                                                     spec),
                     write_samples=write_samples, skipped_before=skipped_before,
                     saved_step=start if restored is not None else None, hooks=hooks)
+
+
+def grid_condition(table: conditioning.PromptTable, per_class: int):
+    """``(cond, null_condition)`` of a sample grid with one row per class and ``per_class``
+    columns: class labels, or per class its prompts in turn (``PromptTable.for_classes``),
+    with the empty prompt as the null conditioning (None for class labels)."""
+    classes = sampling.class_grid_labels(table.num_classes, per_class)
+    if table.is_class:
+        return jnp.asarray(classes), None
+    return jax.tree.map(jnp.asarray, table.cond(table.for_classes(classes))), \
+        table.device_null()
 
 
 def _flat_hparams(config: ml_collections.ConfigDict) -> dict:

@@ -713,9 +713,10 @@ def conditional_velocity_fn(velocity, params, cond, *, guidance_scale: float,
     Args:
       velocity: pure ``velocity(params, x, sigma, cond)``.
       params: generator parameters.
-      cond: (B,) int32 labels.
+      cond: (B,) int32 labels, or a conditioning pytree.
       guidance_scale: CFG scale w (1.0 = plain conditional velocity, one model call).
-      null_class: the unconditional label.
+      null_class: the unconditional label, or for a pytree the null conditioning
+        (:func:`null_condition`).
       rescale_phi: CFG-rescale φ in [0, 1].
     """
     return functools.partial(guided_velocity, velocity, params, cond=cond,
@@ -734,18 +735,21 @@ def initial_noise(key: jax.Array, batch: int, image_shape) -> jax.Array:
 def generate_images(velocity, params, labels, key, *, image_shape, num_steps: int,
                     shift: float, guidance_scale: float, null_class: int,
                     method: str = "ode", noise_level: float | None = None,
-                    rescale_phi: float = 0.0, renormalize_to=None) -> jax.Array:
-    """Samples one image per label.
+                    rescale_phi: float = 0.0, renormalize_to=None,
+                    null_condition=None) -> jax.Array:
+    """Samples one image per label (or prompt).
 
     Args:
       velocity: pure velocity function (static: hashable).
       params: generator parameters.
-      labels: (B,) int32 class labels.
+      labels: (B,) int32 class labels, or a text conditioning pytree (leading axis B).
       key: typed key; initial noise uses ``fold_in(key, 0)``, sampler noise ``fold_in(key, 1)``.
       image_shape: (H, W, C).
       num_steps: sampler steps on the ``inference_sigmas(num_steps, shift)`` schedule.
       shift: time shift of the schedule.
       guidance_scale, null_class, rescale_phi: classifier-free guidance.
+      null_condition: for a text conditioning, the empty prompt's arrays (leading axis 1), an
+        argument; it replaces ``null_class``.
       method: a key of ``sampling.STEP_FNS`` ("ode", "sde", "cps", "dance").
       noise_level: the stochastic sampler's noise level (None: the method's default).
       renormalize_to: reference parameters θ_ref, or None. When given, the (guided) velocity of
@@ -757,10 +761,11 @@ def generate_images(velocity, params, labels, key, *, image_shape, num_steps: in
     """
     sigmas = jnp.asarray(inference_sigmas(num_steps, shift))
     x = initial_noise(jax.random.fold_in(key, 0), cond_batch_size(labels), image_shape)
+    null = null_class if null_condition is None else null_condition
     vfn = conditional_velocity_fn(velocity, params, labels, guidance_scale=guidance_scale,
-                                  null_class=null_class, rescale_phi=rescale_phi)
+                                  null_class=null, rescale_phi=rescale_phi)
     ref_fn = None if renormalize_to is None else conditional_velocity_fn(
-        velocity, renormalize_to, labels, guidance_scale=guidance_scale, null_class=null_class,
+        velocity, renormalize_to, labels, guidance_scale=guidance_scale, null_class=null,
         rescale_phi=rescale_phi)
     traj = sample(vfn, x, sigmas, jax.random.fold_in(key, 1), method=method,
                            noise_level=noise_level, ref_velocity_fn=ref_fn,

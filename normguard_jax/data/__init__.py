@@ -25,7 +25,7 @@ from normguard_jax.data.pipeline import to_model_range
 from normguard_jax.data.pipeline import to_uint8
 from normguard_jax.data.prompts import Prompt
 from normguard_jax.data.prompts import PromptSet
-from normguard_jax.data.prompts import compositional_prompts
+from normguard_jax.data.prompts import compositional_prompts, shapes_captions
 from normguard_jax.data.prompts import load_prompt_set
 from normguard_jax.data.prompts import load_prompts
 from normguard_jax.data.prompts import prepare_prompts
@@ -39,6 +39,7 @@ __all__ = [
     "Prompt",
     "PromptSet",
     "compositional_prompts",
+    "shapes_captions",
     "global_batch_indices",
     "load_prompt_set",
     "load_prompts",

@@ -156,6 +156,41 @@ def compositional_prompts(seed: int = SEED) -> PromptSet:
     return PromptSet(name="compositional", train=tuple(train), test=tuple(test))
 
 
+# Captions of the `shapes` images (one object): templates over (colour, shape). Per class,
+# `SHAPES_TEST_PER_CLASS` of them (smallest hash) are held out as the test split.
+CAPTION_TEMPLATES = (
+    "a {colour} {shape}",
+    "one {colour} {shape}",
+    "{colour} {shape}",
+    "a single {colour} {shape}",
+    "a {shape} in {colour}",
+    "a {colour} {shape} on a grey background",
+    "a picture of a {colour} {shape}",
+    "the {shape} is {colour}",
+)
+SHAPES_TEST_PER_CLASS = 2
+
+
+def shapes_captions(seed: int = SEED) -> PromptSet:
+    """Captions of the 16 `shapes` classes (8 templates each: 96 train, 32 test).
+
+    Every caption is a count prompt for one object (kind "count", count 1, count_2 0), so its
+    class is `shapes.compose_label(shape, colour)`; each class has 6 train and 2 test
+    captions (the test ones: smallest SHA-256 of `"<seed>|caption|<text>"`).
+    """
+    train, test = [], []
+    for s in range(len(SHAPES)):
+        for c in range(len(COLOURS)):
+            group = [Prompt(text=t.format(colour=COLOURS[c], shape=SHAPES[s]),
+                            kind=KINDS.index("count"), count=1, colour=c, shape=s, count_2=0)
+                     for t in CAPTION_TEMPLATES]
+            ranked = sorted(range(len(group)), key=lambda i: _hash(seed, "caption", group[i].text))
+            held = set(ranked[:SHAPES_TEST_PER_CLASS])
+            train += [p for i, p in enumerate(group) if i not in held]
+            test += [p for i, p in enumerate(group) if i in held]
+    return PromptSet(name="shapes_captions", train=tuple(train), test=tuple(test))
+
+
 def read_prompt_file(path: str | os.PathLike, test_fraction: float = 0.1,
                      seed: int = 0) -> PromptSet:
     """A user's prompt list: one prompt per line (stripped; blank lines and repeats dropped).

@@ -1,4 +1,4 @@
-"""Class-conditional velocity generators and their functional interface.
+"""Velocity generators (class- or text-conditional) and their functional interface.
 
 Every generator is a Flax NNX module ``model(x, sigma, cond) -> v`` whose only state is
 ``nnx.Param``. The library splits it once and then works with the pure function returned by
@@ -13,7 +13,9 @@ Every generator is a Flax NNX module ``model(x, sigma, cond) -> v`` whose only s
 Conventions: x (B, H, W, C) float32 NHWC in [-1, 1]; sigma (B,) float32 in [0, 1] with σ=1
 noise and σ=0 data (the networks embed σ·1000 sinusoidally); cond (B,) int32 in
 [0, num_classes], where ``num_classes`` is the null class (its own embedding row) used by
-classifier-free guidance; v (B, H, W, C) float32 approximates ε - x0.
+classifier-free guidance, or for the text generators (``TEXT_GENERATORS``) the pytree
+``{"text": (B, L, D), "pooled": (B, P)}`` (the null conditioning is the empty prompt's, see
+:mod:`normguard_jax.conditioning`); v (B, H, W, C) float32 approximates ε - x0.
 """
 
 from __future__ import annotations
@@ -30,11 +32,16 @@ from flax import nnx
 
 from normguard_jax.models.dit import DiT
 from normguard_jax.models.embeddings import SIGMA_SCALE
+from normguard_jax.models.pixel_mmdit import pixel_mmdit
 from normguard_jax.models.unet import UNet
 
 VelocityFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
 
-GENERATORS: dict[str, type[nnx.Module]] = {"dit": DiT, "unet": UNet}
+GENERATORS: dict[str, Callable[..., nnx.Module]] = {"dit": DiT, "unet": UNet,
+                                                     "mmdit": pixel_mmdit}
+# Generators conditioned on text (``{"text", "pooled"}``) rather than class labels; they are
+# built with ``text_dim`` and ``pooled_dim`` from the prompt table's embeddings.
+TEXT_GENERATORS = ("mmdit",)
 
 # Size presets, passed as ``**SIZES[name][size]`` to ``build_generator``.
 # "tiny": tests (tens of thousands of parameters, compiles in about a second).
@@ -62,6 +69,12 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
             patch_size=4, hidden_dim=128, depth=4, num_heads=4, mlp_ratio=2.0, freq_dim=128,
             refine_channels=16, input_skip=True, stem_channels=16, class_init_std=1.0,
         ),
+    },
+    # The text-conditioned MMDiT (models/pixel_mmdit.py), 32×32 RGB in 4×4 patches (64 image
+    # tokens + 8 text tokens). "small": 4 joint blocks of width 128, 2.3M parameters.
+    "mmdit": {
+        "tiny": dict(patch_size=2, num_heads=2, head_dim=8, depth=2),
+        "small": dict(patch_size=4, num_heads=4, head_dim=32, depth=4),
     },
     "unet": {
         "tiny": dict(
@@ -114,12 +127,12 @@ def build_generator(
     """Instantiates the generator registered under ``name`` in ``GENERATORS``.
 
     Args:
-      name: a key of ``GENERATORS`` ("dit" or "unet").
+      name: a key of ``GENERATORS`` ("dit", "unet", or the text-conditioned "mmdit").
       image_shape: (H, W, C) of the images it will see.
       num_classes: number of real classes; the null class is index ``num_classes``.
       rngs: initialisation randomness, e.g. ``nnx.Rngs(0)``.
       **size_kwargs: architecture sizes (see ``SIZES``), plus ``dtype``, ``param_dtype``,
-        ``remat``.
+        ``remat``; text generators also ``text_dim`` and ``pooled_dim``.
 
     Returns:
       The module; at initialisation its output is exactly zero.
@@ -241,6 +254,7 @@ __all__ = [
     "GENERATORS",
     "SIGMA_SCALE",
     "SIZES",
+    "TEXT_GENERATORS",
     "DiT",
     "UNet",
     "VelocityFn",
