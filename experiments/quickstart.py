@@ -39,6 +39,8 @@ COLUMNS = (
     ("p(class) ↑", ("generated", "rewards", "classifier_prob"), "{:.3f}"),
     ("log p(class) ↑", ("generated", "rewards", "classifier_logprob"), "{:.3f}"),
     ("contrast ↑", ("generated", "rewards", "contrast"), "{:.3f}"),
+    ("shapes rule ↑", ("generated", "rewards", "shapes_rule"), "{:.3f}"),
+    ("colour and shape right ↑", ("generated", "rewards", "shapes_correct"), "{:.3f}"),
     ("FD ↓", ("generated", "quality", "fd"), "{:.2f}"),
     ("judged real ↑", ("generated", "quality", "realism"), "{:.3f}"),
     ("precision ↑", ("generated", "quality", "precision"), "{:.3f}"),
@@ -134,11 +136,14 @@ def _lookup(result: dict, path: tuple[str, ...]):
 
 
 def table(results: dict[str, dict]) -> str:
-    """Markdown table, one row per evaluated model (``results``: name -> evaluation.json)."""
-    lines = tables.header(["model", *(label for label, _, _ in COLUMNS)], left=1)
+    """Markdown table, one row per evaluated model (``results``: name -> evaluation.json);
+    columns that no result has (e.g. the shapes rewards of a digits run) are left out."""
+    columns = [col for col in COLUMNS
+               if any(_lookup(r, col[1]) is not None for r in results.values())]
+    lines = tables.header(["model", *(label for label, _, _ in columns)], left=1)
     for name, result in results.items():
         lines.append(tables.row([name, *(tables.fmt(_lookup(result, path), spec)
-                                         for _, path, spec in COLUMNS)]))
+                                         for _, path, spec in columns)]))
     return "\n".join(lines)
 
 
@@ -149,7 +154,10 @@ def _markdown(config, results: dict, seconds: dict) -> str:
         "# Quickstart: RL post-training with and without NormGuard",
         "",
         f"Base: `{config.pretrain.model.arch}`/`{config.pretrain.model.size}` on "
-        f"`{config.pretrain.data.name}`, {config.pretrain.train.steps} flow-matching steps. "
+        f"`{config.pretrain.data.name}`"
+        + (f" with captions `{config.pretrain.data.captions}` (word encoder)"
+           if config.pretrain.data.get("captions") else "")
+        + f", {config.pretrain.train.steps} flow-matching steps. "
         f"RL: `{r.method}`, {r.train.iterations} iterations of {r.rollout.prompts_per_iter} "
         f"prompts × {r.rollout.group_size} samples ({r.rollout.sampler}, "
         f"{r.rollout.num_steps} steps, CFG {r.rollout.guidance_scale}), reward "

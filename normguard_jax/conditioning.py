@@ -153,6 +153,24 @@ class PromptTable:
         return jax.tree.map(jnp.asarray, self.null)
 
 
+GRID_PROMPTS = 8   # rows of a sample grid of a table without classes (one per prompt)
+
+
+def grid_condition(table: PromptTable, per_class: int):
+    """``(cond, null_condition)`` of the fixed-seed sample grids: one row per class with
+    ``per_class`` columns (class labels, or each class's prompts in turn); a text table
+    without class labels (e.g. a user's prompt file): its first ``GRID_PROMPTS`` prompts.
+    ``null_condition`` is the empty prompt (None for class labels)."""
+    if table.is_class or table.labelled():
+        rows = np.repeat(np.arange(table.num_classes, dtype=np.int32), per_class)
+        index = rows if table.is_class else table.for_classes(rows)
+    else:
+        index = np.repeat(np.arange(min(GRID_PROMPTS, len(table)), dtype=np.int32), per_class)
+    if table.is_class:
+        return jnp.asarray(index), None
+    return jax.tree.map(jnp.asarray, table.cond(index)), table.device_null()
+
+
 def class_table(num_classes: int, class_names=None) -> PromptTable:
     """The table of a class-conditional model: prompt ``i`` is class ``i``."""
     names = tuple(class_names) if class_names is not None else tuple(

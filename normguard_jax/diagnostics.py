@@ -29,14 +29,14 @@ from normguard_jax import flow, normguard, sampling
     "velocity", "image_shape", "num_steps", "shift", "guidance_scale", "null_class"))
 def velocity_norm_ratios(velocity, params, ref_params, labels, key, *, image_shape,
                          num_steps: int, shift: float, guidance_scale: float,
-                         null_class: int) -> jax.Array:
+                         null_class: int, null_condition=None) -> jax.Array:
     """Per-step, per-sample ρ_k = ‖v_θ(x_k)‖ / ‖v_ref(x_k)‖ on θ's own ODE trajectory.
 
     Args:
       velocity: pure ``velocity(params, x, sigma, cond)`` (static).
       params: fine-tuned parameters θ (drive the trajectory).
       ref_params: reference parameters θ_ref (evaluated on θ's states).
-      labels: (B,) int32 class labels.
+      labels: (B,) int32 class labels, or a text conditioning pytree (leading axis B).
       key: typed key; the initial noise is ``fold_in(key, 0)`` as in
         :func:`sampling.generate_images`, so the states are those of the sample grids.
       image_shape: (H, W, C).
@@ -44,6 +44,8 @@ def velocity_norm_ratios(velocity, params, ref_params, labels, key, *, image_sha
       shift: schedule time shift.
       guidance_scale: CFG scale applied to both θ and θ_ref (1 = conditional velocity).
       null_class: the unconditional label.
+      null_condition: a text model's null conditioning (an argument; replaces
+        ``null_class``).
 
     Returns:
       (num_steps, B) float32 ratios; step k is the velocity at σ_k (k = 0 is pure noise).
@@ -51,8 +53,9 @@ def velocity_norm_ratios(velocity, params, ref_params, labels, key, *, image_sha
     sigmas = jnp.asarray(flow.inference_sigmas(num_steps, shift))
     batch = sampling.cond_batch_size(labels)
     x = sampling.initial_noise(jax.random.fold_in(key, 0), batch, image_shape)
-    guided = functools.partial(sampling.conditional_velocity_fn, velocity, cond=labels,
-                               guidance_scale=guidance_scale, null_class=null_class)
+    guided = functools.partial(
+        sampling.conditional_velocity_fn, velocity, cond=labels, guidance_scale=guidance_scale,
+        null_class=null_class if null_condition is None else null_condition)
     traj = sampling.sample(guided(params), x, sigmas, jax.random.fold_in(key, 1), method="ode",
                            return_velocities=True)
     ref_fn = guided(ref_params)

@@ -1,6 +1,7 @@
 """The ``evaluate`` job: every reward and every quality metric of one generator checkpoint.
 
-``run(config, workdir)`` samples ``per_class`` images of every class at fixed seeds, scores them
+``run(config, workdir)`` samples ``per_class`` images of every class at fixed seeds (a
+text-conditioned model: asked for with its held-out test prompts of that class), scores them
 with every reward defined for the dataset (``rewards.REWARDS``) and the configured combined
 reward, computes the quality metrics of :mod:`normguard_jax.quality` against the held-out
 split, does the same for an equally sized, class-balanced set of real training images (the
@@ -20,8 +21,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from normguard_jax import (auxnets, config_checks, data, diagnostics, generators, quality,
-                           paths, reporting, rewards, sampling)
+from normguard_jax import (auxnets, conditioning, config_checks, data, diagnostics, generators,
+                           paths, quality, reporting, rewards, sampling)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -51,11 +52,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def generate_set(pre: generators.Pretrained, labels: np.ndarray, sample: ml_collections.ConfigDict,
-                 seed: int, renormalize_to=None) -> np.ndarray:
+                 seed: int, renormalize_to=None,
+                 table: conditioning.PromptTable | None = None) -> np.ndarray:
     """Samples one image per label in batches of ``sample.batch_size``.
 
     Batch i uses ``fold_in(key(seed), i)`` (the last batch is padded with repeats of its last
-    label, and the extra images dropped).
+    label, and the extra images dropped). With a text ``table`` each label is asked for with
+    its class's prompts in turn (:meth:`conditioning.PromptTable.for_classes`: the held-out
+    captions of a captioned base), the empty prompt as the null conditioning.
 
     Returns:
       (N, H, W, C) float32, raw (not clipped).
@@ -67,14 +71,24 @@ def generate_set(pre: generators.Pretrained, labels: np.ndarray, sample: ml_coll
     for i, start in enumerate(range(0, len(labels), bs)):
         chunk = labels[start:start + bs]
         padded = np.concatenate([chunk, np.repeat(chunk[-1:], bs - len(chunk))])
+        cond, null = _condition(table, padded, labels[:start])
         images = sampling.generate_images(
-            pre.velocity, pre.params, jnp.asarray(padded), jax.random.fold_in(
-                jax.random.key(seed), i),
+            pre.velocity, pre.params, cond, jax.random.fold_in(jax.random.key(seed), i),
             image_shape=tuple(pre.image_shape), num_steps=sample.num_steps, shift=sample.shift,
             guidance_scale=sample.guidance_scale, null_class=pre.num_classes,
-            method=sample.method, noise_level=noise_level, renormalize_to=renormalize_to)
+            method=sample.method, noise_level=noise_level, renormalize_to=renormalize_to,
+            null_condition=null)
         out.append(np.asarray(images)[:len(chunk)])
     return np.concatenate(out)
+
+
+def _condition(table, labels: np.ndarray, before: np.ndarray):
+    """``(cond, null_condition)`` of a batch of class labels (``before``: the labels of the
+    earlier batches, so each class keeps cycling through its prompts across batches)."""
+    if table is None or table.is_class:
+        return jnp.asarray(labels), None
+    index = table.for_classes(np.concatenate([before, labels]))[len(before):]
+    return jax.tree.map(jnp.asarray, table.cond(index)), table.device_null()
 
 
 def first_per_class(split: data.ImageSplit, per_class: int) -> tuple[np.ndarray, np.ndarray]:
@@ -128,7 +142,8 @@ def _markdown(result: dict) -> str:
 
 
 def norm_ratio_summary(pre: generators.Pretrained, ref: generators.Pretrained | None,
-                       labels: np.ndarray, sample: ml_collections.ConfigDict, seed: int) -> dict:
+                       labels: np.ndarray, sample: ml_collections.ConfigDict, seed: int,
+                       table: conditioning.PromptTable | None = None) -> dict:
     """Mean ρ = ‖v_θ‖/‖v_ref‖ over samples, per ODE step and overall (1 without a reference).
 
     Uses the first batch of ``labels`` (at most ``sample.batch_size``) with the batch-0 key of
@@ -136,11 +151,12 @@ def norm_ratio_summary(pre: generators.Pretrained, ref: generators.Pretrained | 
     """
     if ref is None:
         return {"mean": 1.0, "per_step": [1.0] * sample.num_steps}
-    chunk = jnp.asarray(np.asarray(labels, np.int32)[:sample.batch_size])
+    chunk, null = _condition(table, np.asarray(labels, np.int32)[:sample.batch_size],
+                             np.zeros(0, np.int32))
     ratios = diagnostics.velocity_norm_ratios(
         pre.velocity, pre.params, ref.params, chunk, jax.random.fold_in(jax.random.key(seed), 0),
         image_shape=tuple(pre.image_shape), num_steps=sample.num_steps, shift=sample.shift,
-        guidance_scale=sample.guidance_scale, null_class=pre.num_classes)
+        guidance_scale=sample.guidance_scale, null_class=pre.num_classes, null_condition=null)
     per_step = np.asarray(jnp.mean(ratios, axis=1))
     return {"mean": float(per_step.mean()), "per_step": [float(r) for r in per_step]}
 
@@ -173,17 +189,24 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                           k=config.metrics.knn_k)
 
     labels = sampling.class_grid_labels(pre.num_classes, config.sample.per_class)
+    table = generators.prompt_table(ref or pre, "test")
+    if not table.labelled():
+        raise config_checks.ConfigError(
+            f"{config.checkpoint!r} is conditioned on prompts without classes; this evaluation "
+            "scores per class (its test prompts must cover every class)")
     if config.sample.renormalize and ref is None:
         raise config_checks.ConfigError(
             "config.sample.renormalize needs an RL checkpoint (its base is the reference), got "
             f"the pretraining workdir {config.checkpoint!r}")
     samples = generate_set(pre, labels, config.sample, config.seed,
-                           renormalize_to=ref.params if config.sample.renormalize else None)
+                           renormalize_to=ref.params if config.sample.renormalize else None,
+                           table=table)
     real_images, real_labels = first_per_class(data.load_split(dataset, "train", data_dir),
                                                config.sample.per_class)
     result = {
         "checkpoint": config.checkpoint, "step": int(pre.step), "dataset": dataset,
-        "norm_ratio": norm_ratio_summary(pre, ref, labels, config.sample, config.seed),
+        "norm_ratio": norm_ratio_summary(pre, ref, labels, config.sample, config.seed, table),
+        "prompts": "classes" if table.is_class else "held-out prompts of each class",
         "num_samples": int(len(samples)), "reference_size": int(reference.size),
         "combined_weights": weights, "config": config.to_dict(),
         "aux_nets": {name: {k: v for k, v in net.meta.items() if k.startswith("heldout")}

@@ -292,7 +292,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, hooks: Iterable[Hook],
     if distributed.is_writer() and start == 0:
         (paths.path(workdir) / "parameters.txt").write_text(summary + "\n")
         writer.write_hparams(_flat_hparams(config))
-    grid_cond, grid_null = grid_condition(table, config.sample.per_class)
+    grid_cond, grid_null = conditioning.grid_condition(table, config.sample.per_class)
     grid_key = jax.random.fold_in(jax.random.key(config.seed), 2**31 - 1)  # fixed across runs
     null = None if table.is_class else table.device_null()
 
@@ -323,17 +323,6 @@ def _run(config: ml_collections.ConfigDict, workdir: str, hooks: Iterable[Hook],
                                                      spec),
                     write_samples=write_samples, skipped_before=skipped_before,
                     saved_step=start if restored is not None else None, hooks=hooks)
-
-
-def grid_condition(table: conditioning.PromptTable, per_class: int):
-    """``(cond, null_condition)`` of a sample grid with one row per class and ``per_class``
-    columns: class labels, or per class its prompts in turn (``PromptTable.for_classes``),
-    with the empty prompt as the null conditioning (None for class labels)."""
-    classes = sampling.class_grid_labels(table.num_classes, per_class)
-    if table.is_class:
-        return jnp.asarray(classes), None
-    return jax.tree.map(jnp.asarray, table.cond(table.for_classes(classes))), \
-        table.device_null()
 
 
 def _flat_hparams(config: ml_collections.ConfigDict) -> dict:

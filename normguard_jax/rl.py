@@ -4,7 +4,9 @@
 the objectives of :mod:`normguard_jax.objectives`, optionally wrapped by NormGuard. One
 iteration:
 
-1. prompts: G class labels drawn from ``fold_in(key, iteration)``, each repeated K times;
+1. prompts: G prompts of the base's train table (its classes, captions or prompt embeddings,
+   :mod:`normguard_jax.conditioning`) drawn from ``fold_in(key, iteration)``, each repeated K
+   times;
 2. rollouts from the current policy θ, or from θ_old where the method's reference samples with
    its old / EMA policy (``config.rollout.policy``), with the configured sampler, steps and
    CFG (one jitted ``lax.scan``), batch sharded over the mesh;
@@ -27,12 +29,13 @@ from typing import Callable, Iterable, NamedTuple
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from absl import logging
 
-from normguard_jax import (advantages, auxnets, checkpointing, config_checks, distributed, flow,
-                           generators, lora, loop, models, nonfinite, normguard, optim,
-                           paths, reporting, rewards, sampling, sharding)
+from normguard_jax import (advantages, auxnets, checkpointing, conditioning, config_checks,
+                           distributed, flow, generators, lora, loop, models, nonfinite,
+                           normguard, optim, paths, reporting, rewards, sampling, sharding)
 from normguard_jax.objectives import METHODS
 from normguard_jax.objectives.base import BatchSpec, Context, Rollout
 from normguard_jax.rl_state import (OLD_POLICY_DECAY_PRESETS, RLState, initial_state,
@@ -191,20 +194,26 @@ def build_optimizer(config: ml_collections.ConfigDict):
 # ----------------------------------------------------------------------------------------------
 
 
-def rollout(params, labels, key, reward_params=None, *, velocity, image_shape, sigmas, method,
-            noise_level, sde_window, guidance_scale, null_class, reward_fn, group_size, adv_clip,
-            global_std, keep_trajectory) -> tuple[Rollout, dict]:
+def rollout(params, labels, key, reward_params=None, requests=None, null=None, *, velocity,
+            image_shape, sigmas, method, noise_level, sde_window, guidance_scale, null_class,
+            reward_fn, group_size, adv_clip, global_std, keep_trajectory
+            ) -> tuple[Rollout, dict]:
     """Samples K images per prompt, scores them and computes their advantages.
 
     Args:
       params: policy θ.
-      labels: (N,) int32, group-contiguous (N = G·K).
+      labels: the conditioning, group-contiguous (N = G·K): (N,) int32 class labels or a
+        text conditioning pytree (``{"text": (N, L, D), "pooled": (N, P)}``).
       key: typed key of this iteration's rollout.
       reward_params: the reward's parameters (``CombinedReward.params``), an argument rather
         than a constant of the compiled program.
+      requests: what the reward is asked to check (``PromptTable.request``); None: ``labels``
+        (class labels are their own request).
+      null: the null conditioning of a text model (the empty prompt, leading axis 1), an
+        argument that replaces ``null_class``; None for class labels.
       velocity, image_shape, sigmas, method, noise_level, sde_window, guidance_scale,
         null_class: sampler settings (static).
-      reward_fn: ``(reward_params, images, labels) -> ((N,), components)``, e.g.
+      reward_fn: ``(reward_params, images, requests) -> ((N,), components)``, e.g.
         ``CombinedReward.apply``.
       group_size: K. adv_clip, global_std: advantage options.
       keep_trajectory: keep states and log-probs (Flow-GRPO) or only the final images.
@@ -214,16 +223,18 @@ def rollout(params, labels, key, reward_params=None, *, velocity, image_shape, s
     """
     x = sampling.initial_noise(jax.random.fold_in(key, 0), sampling.cond_batch_size(labels),
                                image_shape)
-    vfn = sampling.conditional_velocity_fn(velocity, params, labels,
-                                           guidance_scale=guidance_scale, null_class=null_class)
+    vfn = sampling.conditional_velocity_fn(
+        velocity, params, labels, guidance_scale=guidance_scale,
+        null_class=null_class if null is None else null)
     traj = sampling.sample(vfn, x, sigmas, jax.random.fold_in(key, 1), method=method,
                            noise_level=noise_level, sde_window=sde_window)
     images = traj.states[-1]
-    total, components = reward_fn(reward_params, images, labels)
+    total, components = reward_fn(reward_params, images,
+                                  labels if requests is None else requests)
     adv = advantages.group_advantages(total.reshape(-1, group_size), global_std=global_std,
                                       clip=adv_clip).reshape(-1)
     return Rollout(labels=labels, images=images, rewards=total, advantages=adv,
-                   trajectory=traj if keep_trajectory else None), components
+                   trajectory=traj if keep_trajectory else None, requests=requests), components
 
 
 def full_policy(ref_params, params):
@@ -232,8 +243,8 @@ def full_policy(ref_params, params):
     return params
 
 
-def update(params, opt_state, old_params, ref_params, batch, rewards_ok, rollout_params=None, *,
-           objective, optimizer, velocity, policy=full_policy):
+def update(params, opt_state, old_params, ref_params, batch, rewards_ok, rollout_params=None,
+           null=None, *, objective, optimizer, velocity, policy=full_policy):
     """One optimizer step of ``objective`` on a minibatch; returns (params, opt_state, metrics).
 
     ``params``, ``old_params``, ``rollout_params`` and ``opt_state`` are the trainable tree (all
@@ -244,11 +255,15 @@ def update(params, opt_state, old_params, ref_params, batch, rewards_ok, rollout
     The step is skipped (``params`` and ``opt_state`` returned unchanged, bit for bit) when
     ``rewards_ok`` (scalar bool: the rollout's rewards were all finite) is false or the loss
     or a gradient is not finite; ``metrics["skipped"]`` is then 1.0, else 0.0.
+
+    ``null``: the null conditioning of a text model (``Context.null_condition``: guided
+    velocities of Flow-GRPO and NormGuard), None for class labels.
     """
     ctx = Context(velocity=velocity, ref_params=ref_params,
                   old_params=policy(ref_params, old_params),
                   rollout_params=(None if rollout_params is None
-                                  else policy(ref_params, rollout_params)))
+                                  else policy(ref_params, rollout_params)),
+                  null_condition=null)
     (loss, aux), grads = jax.value_and_grad(
         lambda p: objective(policy(ref_params, p), batch, ctx), has_aux=True)(params)
     ok = rewards_ok & nonfinite.all_finite(loss, grads)
@@ -276,10 +291,11 @@ class Programs(NamedTuple):
     """The compiled pieces of one RL iteration (built once per run by :func:`build_programs`).
 
     Attributes:
-      rollout: ``(params, labels, key) -> (Rollout, reward components)``.
+      rollout: ``(params, cond, key, requests=None, null=None) -> (Rollout, reward
+        components)``, see :func:`rollout`.
       batch: ``(rollout, key) -> dict`` of training rows.
       update: ``(params, opt_state, old_params, ref_params, minibatch, rewards_ok,
-        rollout_params) -> (params, opt_state, metrics)``, see :func:`update`.
+        rollout_params, null) -> (params, opt_state, metrics)``, see :func:`update`.
       old_update: ``(old_params, params, updates) -> old_params``, the θ_old EMA.
       place: puts a host or device batch on the mesh's data sharding.
       rollout_policy: "current" (θ samples the rollouts) or "old" (θ_old does).
@@ -297,11 +313,29 @@ class Programs(NamedTuple):
     rollout_policy: str = "current"
     needs_rollout_params: bool = False
     policy: Callable = full_policy
+    null: object = None
 
 
-def train_iteration(state: RLState, ref_params, *, programs: Programs, num_classes: int,
-                    prompts: int, group_size: int, inner_epochs: int, rows: int,
-                    minibatch_size: int, schedule) -> tuple[RLState, dict, jax.Array]:
+def draw_prompts(key, table: conditioning.PromptTable | None, num_classes: int | None,
+                 prompts: int, group_size: int):
+    """``(cond, requests)`` of one iteration: G prompt indices drawn uniformly with ``key``,
+    each repeated K times (group-contiguous). A class table's conditioning and request are the
+    (N,) int32 labels themselves (``requests`` is then None); a text table's are its
+    embeddings and its request dict (:class:`conditioning.PromptTable`)."""
+    n = len(table) if table is not None else num_classes
+    index = jnp.repeat(jax.random.randint(key, (prompts,), 0, n), group_size).astype(jnp.int32)
+    if table is None or table.is_class:
+        return index, None
+    # Text embeddings are gathered on the host (a real model's table can hold GBs of T5
+    # states); only the N rows drawn are sent to the devices.
+    index = np.asarray(jax.device_get(index))
+    return table.cond(index), table.request(index)
+
+
+def train_iteration(state: RLState, ref_params, *, programs: Programs, prompts: int,
+                    group_size: int, inner_epochs: int, rows: int, minibatch_size: int,
+                    schedule, table: conditioning.PromptTable | None = None,
+                    num_classes: int | None = None) -> tuple[RLState, dict, jax.Array]:
     """One RL iteration: prompts → rollout → training batch → epochs of updates → θ_old update.
 
     A deterministic function of ``state`` (its key and iteration fix the prompts, the rollout
@@ -311,7 +345,9 @@ def train_iteration(state: RLState, ref_params, *, programs: Programs, num_class
       state: the run's :class:`RLState` before the iteration.
       ref_params: the frozen reference θ_ref.
       programs: the compiled pieces (:class:`Programs`).
-      num_classes: prompts are drawn uniformly from ``[0, num_classes)``.
+      table: the prompts drawn from, uniformly (:func:`draw_prompts`); or ``num_classes``:
+        class labels drawn uniformly from ``[0, num_classes)`` (the same draws as a class
+        table of that many classes).
       prompts, group_size: G and K; the rollout has N = G·K samples.
       inner_epochs: passes over the training rows.
       rows: training rows of the iteration (``Method.rows``).
@@ -325,12 +361,13 @@ def train_iteration(state: RLState, ref_params, *, programs: Programs, num_class
       ``reward/<component>``, ``lr``) and the number of updates skipped for non-finite values.
     """
     key_it = jax.random.fold_in(state.key(), state.iteration)
-    labels = jnp.repeat(jax.random.randint(jax.random.fold_in(key_it, 0), (prompts,), 0,
-                                           num_classes), group_size).astype(jnp.int32)
+    cond, requests = draw_prompts(jax.random.fold_in(key_it, 0), table, num_classes, prompts,
+                                  group_size)
     sampler_params = state.old_params if programs.rollout_policy == "old" else state.params
     ro, components = programs.rollout(programs.policy(ref_params, sampler_params),
-                                      programs.place(labels),
-                                      jax.random.fold_in(key_it, 1))
+                                      programs.place(cond), jax.random.fold_in(key_it, 1),
+                                      None if requests is None else programs.place(requests),
+                                      programs.null)
     # θ at rollout time, for objectives that read ctx.rollout_params (θ itself is donated).
     rollout_params = (jax.tree.map(jnp.copy, state.params) if programs.needs_rollout_params
                       else None)
@@ -345,7 +382,7 @@ def train_iteration(state: RLState, ref_params, *, programs: Programs, num_class
             minibatch = programs.place(jax.tree.map(lambda a, idx=idx: a[idx], batch))
             params, opt_state, m = programs.update(params, opt_state, state.old_params,
                                                    ref_params, minibatch, rewards_ok,
-                                                   rollout_params)
+                                                   rollout_params, programs.null)
             step_metrics.append(m)
     updates = state.updates + len(step_metrics)
     state = state.replace(iteration=state.iteration + 1, updates=updates, params=params,
@@ -360,27 +397,35 @@ def train_iteration(state: RLState, ref_params, *, programs: Programs, num_class
 
 
 class BoundProgram(NamedTuple):
-    """A jitted program with its trailing arguments bound: ``program(*args)`` calls
-    ``jitted(*args, *bound)``, and ``lower(*args)`` lowers it the same way (e.g. the rollout
-    with the reward's parameters, passed as arguments rather than compiled in as constants)."""
+    """A jitted program with some arguments bound: ``program(*args)`` calls
+    ``jitted(*args[:at], *bound, *args[at:])`` (``at=None``: after all of ``args``), and
+    ``lower(*args)`` lowers it the same way (e.g. the rollout with the reward's parameters,
+    passed as arguments rather than compiled in as constants)."""
 
     jitted: Callable
     bound: tuple
+    at: int | None = None
+
+    def _args(self, args):
+        at = len(args) if self.at is None else min(self.at, len(args))
+        return (*args[:at], *self.bound, *args[at:])
 
     def __call__(self, *args):
-        return self.jitted(*args, *self.bound)
+        return self.jitted(*self._args(args))
 
     def lower(self, *args):
-        return self.jitted.lower(*args, *self.bound)
+        return self.jitted.lower(*self._args(args))
 
 
 def build_programs(config: ml_collections.ConfigDict, base: generators.Pretrained, mesh,
-                   reward_fn: rewards.CombinedReward, optimizer) -> Programs:
+                   reward_fn: rewards.CombinedReward, optimizer, null=None) -> Programs:
     """Jits the rollout, batch, update and θ_old programs of the configured run on ``mesh``.
 
     The reward's parameters (``reward_fn.params``) are placed on the mesh once and bound as
     arguments of the rollout and batch programs (:class:`BoundProgram`). ``base.velocity``
-    must take the run's policy parameters (:func:`run_velocity`)."""
+    must take the run's policy parameters (:func:`run_velocity`). ``null``: the text
+    model's null conditioning (``PromptTable.device_null``), placed replicated and passed to
+    the rollout and the updates; None for class labels."""
     method = METHODS[config.method]
     objective_cfg = objective_config(config, base.num_classes)
     objective = normguard.with_normguard(method.make_objective(objective_cfg),
@@ -406,18 +451,19 @@ def build_programs(config: ml_collections.ConfigDict, base: generators.Pretraine
         null_class=base.num_classes, reward_fn=reward_fn.apply,
         group_size=config.rollout.group_size, adv_clip=config.advantages.clip,
         global_std=config.advantages.global_std, keep_trajectory=method.needs_trajectory),
-        in_shardings=(policy(ref_sh, train_sh), data_sh, repl, repl))
+        in_shardings=(policy(ref_sh, train_sh), data_sh, repl, repl, data_sh, repl))
     spec = batch_spec(config, sigma_sampler_for(config, sigmas), velocity=base.velocity)
 
     def training_batch(ro, key, reward_params):
         bound = functools.partial(reward_fn.apply, reward_params)
         return method.training_batch(ro, key, spec=dataclasses.replace(spec, reward_fn=bound))
 
+
     batch_fn = jax.jit(training_batch)
     update_fn = jax.jit(functools.partial(update, objective=objective, optimizer=optimizer,
                                           velocity=base.velocity, policy=policy),
                         in_shardings=(train_sh, opt_sh, train_sh, ref_sh, data_sh, repl,
-                                      train_sh if needs_rollout_params else repl),
+                                      train_sh if needs_rollout_params else repl, repl),
                         out_shardings=(train_sh, opt_sh, repl), donate_argnums=(0, 1))
     decay = dict(zip(("flat", "rate", "max_decay"),
                      OLD_POLICY_DECAY_PRESETS[config.train.old_policy]))
@@ -426,16 +472,19 @@ def build_programs(config: ml_collections.ConfigDict, base: generators.Pretraine
     old_update_fn = jax.jit(lambda old, new, steps: update_old_params(old, new, steps // k,
                                                                        **decay),
                             in_shardings=(train_sh, train_sh, repl), out_shardings=train_sh)
-    return Programs(rollout=BoundProgram(rollout_fn, (reward_params,)),
+    return Programs(rollout=BoundProgram(rollout_fn, (reward_params,), at=3),
                     batch=BoundProgram(batch_fn, (reward_params,)), update=update_fn,
                     old_update=old_update_fn, place=lambda tree: jax.device_put(tree, data_sh),
                     rollout_policy=rollout_policy(config),
-                    needs_rollout_params=needs_rollout_params, policy=policy)
+                    needs_rollout_params=needs_rollout_params, policy=policy,
+                    null=None if null is None else jax.device_put(null, repl))
 
 
 # ----------------------------------------------------------------------------------------------
 # The run.
 # ----------------------------------------------------------------------------------------------
+
+
 
 
 PRECISIONS = ("float32", "bfloat16")
@@ -486,11 +535,12 @@ def trainable_init(config: ml_collections.ConfigDict, base_params):
         raise config_checks.ConfigError(f"config.{e}") from None
 
 
-def _reward_context(config, base):
+def _reward_context(config, base, table: conditioning.PromptTable):
     nets = auxnets.AuxNetCache(base.config.data.name, aux_dir=config.aux_dir,
                                data_dir=base.config.data.data_dir or None)
     return rewards.RewardContext(dataset=base.config.data.name, image_shape=base.image_shape,
                                  num_classes=base.num_classes, nets=nets,
+                                 prompts=tuple(table.texts),
                                  model_dirs=dict(config.reward_models))
 
 
@@ -585,11 +635,14 @@ def _run(config: ml_collections.ConfigDict, workdir: str, hooks: Iterable[Hook],
     _check_resume_compatible(manager, config, workdir, allowed)
     base = generators.load_pretrained(config.base.workdir, use_ema=config.base.use_ema)
     base_fingerprint = checkpointing.fingerprint(base.params)
+    table = generators.prompt_table(base, "train")
     weights, fields = rewards.config_weights(config)
-    reward_fn = rewards.build_combined(weights, _reward_context(config, base), fields=fields)
+    reward_fn = rewards.build_combined(weights, _reward_context(config, base, table),
+                                       fields=fields)
     optimizer, schedule = build_optimizer(config)
     base = base._replace(velocity=run_velocity(config, base))
-    programs = build_programs(config, base, mesh, reward_fn, optimizer)
+    programs = build_programs(config, base, mesh, reward_fn, optimizer,
+                              null=None if table.is_class else table.device_null())
     ref_params = sharding.shard_tree(reference_params(config, base.params), mesh,
                                      config.mesh.min_shard_size)
     state = sharding.shard_tree(initial_state(trainable_init(config, base.params), optimizer,
@@ -607,16 +660,15 @@ def _run(config: ml_collections.ConfigDict, workdir: str, hooks: Iterable[Hook],
     start = int(state.iteration)
 
     writer = reporting.make_writer(workdir)
-    grid_labels = jnp.asarray(sampling.class_grid_labels(base.num_classes,
-                                                         config.sample.per_class))
+    grid_cond, grid_null = conditioning.grid_condition(table, config.sample.per_class)
     grid_key = jax.random.fold_in(jax.random.key(config.seed), 2**31 - 1)
 
     def write_samples(state: RLState, it: int):
         images = sampling.generate_images(
-            base.velocity, programs.policy(ref_params, state.params), grid_labels, grid_key,
+            base.velocity, programs.policy(ref_params, state.params), grid_cond, grid_key,
             image_shape=base.image_shape, num_steps=config.sample.num_steps,
             shift=config.sample.shift, guidance_scale=config.sample.guidance_scale,
-            null_class=base.num_classes)
+            null_class=base.num_classes, null_condition=grid_null)
         reporting.write_grid(writer, workdir, it, "samples", images, config.sample.per_class)
 
     def meta(it: int, skipped_total: int) -> dict:
@@ -628,7 +680,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, hooks: Iterable[Hook],
     def unit(state: RLState, index: int):
         del index  # the state's own iteration counter positions the run
         return train_iteration(
-            state, ref_params, programs=programs, num_classes=base.num_classes,
+            state, ref_params, programs=programs, table=table,
             prompts=config.rollout.prompts_per_iter, group_size=config.rollout.group_size,
             inner_epochs=config.train.inner_epochs, rows=rows_per_iteration(config),
             minibatch_size=config.train.minibatch_size, schedule=schedule)

@@ -73,7 +73,7 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
     # The text-conditioned MMDiT (models/pixel_mmdit.py), 32×32 RGB in 4×4 patches (64 image
     # tokens + 8 text tokens). "small": 4 joint blocks of width 128, 2.3M parameters.
     "mmdit": {
-        "tiny": dict(patch_size=2, num_heads=2, head_dim=8, depth=2),
+        "tiny": dict(patch_size=4, num_heads=2, head_dim=8, depth=2),
         "small": dict(patch_size=4, num_heads=4, head_dim=32, depth=4),
     },
     "unet": {

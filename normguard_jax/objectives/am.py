@@ -196,7 +196,8 @@ def training_batch(rollout: Rollout, key: jax.Array, spec: BatchSpec) -> dict:
     if missing:
         raise ValueError(f"adjoint matching's training batch needs {', '.join(missing)}")
     traj = rollout.trajectory
-    grad_r = reward_gradient(spec.reward_fn, traj.states[-1], rollout.labels)
+    requests = rollout.labels if rollout.requests is None else rollout.requests
+    grad_r = reward_gradient(spec.reward_fn, traj.states[-1], requests)
     adjoints = lean_adjoint(spec.velocity, rollout.ref_params, traj.states, traj.sigmas,
                             rollout.labels, -grad_r, traj.stochastic)
     steps = jnp.asarray(spec.trained_steps, jnp.int32)

@@ -131,6 +131,9 @@ class Rollout(NamedTuple):
       ref_params: the frozen reference θ_ref (the base model), filled by ``rl.train_iteration``
         for batch builders that evaluate the base model (Adjoint Matching's lean adjoint);
         None otherwise (optional, defaults to None).
+      requests: what the reward was asked to check (``conditioning.PromptTable.request``: the
+        request dict of a text table), or None when ``labels`` are class labels and their
+        own request (batch builders that call the reward use it: Adjoint Matching).
     """
 
     labels: jax.Array
@@ -139,6 +142,7 @@ class Rollout(NamedTuple):
     advantages: jax.Array
     trajectory: Optional[sampling.Trajectory]
     ref_params: Any = None
+    requests: Any = None
 
 
 @dataclasses.dataclass(frozen=True)

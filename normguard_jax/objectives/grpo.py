@@ -131,7 +131,8 @@ def _velocity(cfg: GRPOConfig, ctx: Context, params, x, sigma, cond) -> jax.Arra
     if cfg.guided:
         return sampling.guided_velocity(ctx.velocity, params, x, sigma, cond,
                                         guidance_scale=cfg.guidance_scale,
-                                        null_class=cfg.null_class)
+                                        null_class=(cfg.null_class if ctx.null_condition is None
+                                                    else ctx.null_condition))
     return ctx.velocity(params, x, sigma, cond)
 
 
