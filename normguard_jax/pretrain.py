@@ -155,7 +155,7 @@ def jit_train_step(config: ml_collections.ConfigDict, mesh, state: TrainState, *
       ``state_shardings`` is where to ``device_put`` the initial state.
     """
     state_sh = sharding.tree_shardings(state, mesh, config.mesh.min_shard_size)
-    step_fn = jax.jit(
+    jitted = jax.jit(
         functools.partial(train_step, velocity=velocity, optimizer=optimizer,
                           schedule=schedule, sampler=sigma_sampler(config),
                           null_class=null_class, label_dropout=config.flow.label_dropout,
@@ -163,6 +163,9 @@ def jit_train_step(config: ml_collections.ConfigDict, mesh, state: TrainState, *
                           ema_decay=config.optim.ema_decay),
         in_shardings=(state_sh, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
         out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
+
+    def step_fn(state, batch, null=None):
+        return jitted(state, batch, null)
     return step_fn, state_sh
 
 

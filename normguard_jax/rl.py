@@ -295,7 +295,8 @@ class Programs(NamedTuple):
         components)``, see :func:`rollout`.
       batch: ``(rollout, key) -> dict`` of training rows.
       update: ``(params, opt_state, old_params, ref_params, minibatch, rewards_ok,
-        rollout_params, null) -> (params, opt_state, metrics)``, see :func:`update`.
+        rollout_params) -> (params, opt_state, metrics)``, see :func:`update` (the null
+        conditioning bound).
       old_update: ``(old_params, params, updates) -> old_params``, the θ_old EMA.
       place: puts a host or device batch on the mesh's data sharding.
       rollout_policy: "current" (θ samples the rollouts) or "old" (θ_old does).
@@ -364,10 +365,10 @@ def train_iteration(state: RLState, ref_params, *, programs: Programs, prompts: 
     cond, requests = draw_prompts(jax.random.fold_in(key_it, 0), table, num_classes, prompts,
                                   group_size)
     sampler_params = state.old_params if programs.rollout_policy == "old" else state.params
+    text = () if requests is None and programs.null is None else (
+        None if requests is None else programs.place(requests), programs.null)
     ro, components = programs.rollout(programs.policy(ref_params, sampler_params),
-                                      programs.place(cond), jax.random.fold_in(key_it, 1),
-                                      None if requests is None else programs.place(requests),
-                                      programs.null)
+                                      programs.place(cond), jax.random.fold_in(key_it, 1), *text)
     # θ at rollout time, for objectives that read ctx.rollout_params (θ itself is donated).
     rollout_params = (jax.tree.map(jnp.copy, state.params) if programs.needs_rollout_params
                       else None)
@@ -382,7 +383,7 @@ def train_iteration(state: RLState, ref_params, *, programs: Programs, prompts: 
             minibatch = programs.place(jax.tree.map(lambda a, idx=idx: a[idx], batch))
             params, opt_state, m = programs.update(params, opt_state, state.old_params,
                                                    ref_params, minibatch, rewards_ok,
-                                                   rollout_params, programs.null)
+                                                   rollout_params)
             step_metrics.append(m)
     updates = state.updates + len(step_metrics)
     state = state.replace(iteration=state.iteration + 1, updates=updates, params=params,
@@ -400,15 +401,19 @@ class BoundProgram(NamedTuple):
     """A jitted program with some arguments bound: ``program(*args)`` calls
     ``jitted(*args[:at], *bound, *args[at:])`` (``at=None``: after all of ``args``), and
     ``lower(*args)`` lowers it the same way (e.g. the rollout with the reward's parameters,
-    passed as arguments rather than compiled in as constants)."""
+    passed as arguments rather than compiled in as constants). ``arity``: the jitted
+    function's number of positional arguments; trailing ones not given are passed as None."""
 
     jitted: Callable
     bound: tuple
     at: int | None = None
+    arity: int | None = None
 
     def _args(self, args):
         at = len(args) if self.at is None else min(self.at, len(args))
-        return (*args[:at], *self.bound, *args[at:])
+        args = (*args[:at], *self.bound, *args[at:])
+        # Trailing optional arguments left out are None (jit's in_shardings need all of them).
+        return args + (None,) * ((self.arity or len(args)) - len(args))
 
     def __call__(self, *args):
         return self.jitted(*self._args(args))
@@ -472,12 +477,14 @@ def build_programs(config: ml_collections.ConfigDict, base: generators.Pretraine
     old_update_fn = jax.jit(lambda old, new, steps: update_old_params(old, new, steps // k,
                                                                        **decay),
                             in_shardings=(train_sh, train_sh, repl), out_shardings=train_sh)
-    return Programs(rollout=BoundProgram(rollout_fn, (reward_params,), at=3),
-                    batch=BoundProgram(batch_fn, (reward_params,)), update=update_fn,
+    null = None if null is None else jax.device_put(null, repl)
+    return Programs(rollout=BoundProgram(rollout_fn, (reward_params,), at=3, arity=6),
+                    batch=BoundProgram(batch_fn, (reward_params,)),
+                    update=BoundProgram(update_fn, (null,)),
                     old_update=old_update_fn, place=lambda tree: jax.device_put(tree, data_sh),
                     rollout_policy=rollout_policy(config),
                     needs_rollout_params=needs_rollout_params, policy=policy,
-                    null=None if null is None else jax.device_put(null, repl))
+                    null=null)
 
 
 # ----------------------------------------------------------------------------------------------
