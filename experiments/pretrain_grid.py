@@ -32,7 +32,7 @@ from normguard_jax.main import MALLOC_TUNING  # the glibc malloc settings every 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "experiments", "results")
-CELLS = ("mnist_dit", "mnist_unet", "shapes_dit", "shapes_unet")
+CELLS = ("mnist_dit", "mnist_unet", "shapes_dit", "shapes_unet", "shapes_mmdit")
 # Keeps XLA:CPU's large temporaries mapped between steps instead of re-faulting them each call.
 # One line per cell: an honest reading of its final sample grid (does every row show its class?).
 ASSESSMENT = {
@@ -49,6 +49,7 @@ ASSESSMENT = {
                     "and blue but blobby in yellow, squares mostly rounded blobs with a few "
                     "corners, crosses recognisable in yellow and in some blue samples, "
                     "fragmented in red and green"),
+    "shapes_mmdit": ("(to be read off the final grid)"),
 }
 
 
@@ -72,13 +73,15 @@ ALIGNMENT_REWARD = {"digits_mnist": "classifier_correct", "shapes": "shapes_corr
 
 def sample_accuracy(workdir: str, *, per_class: int = 50, num_steps: int = 20,
                     guidance_scale: float | None = None, seed: int = 0,
-                    aux_dir: str = "workdir/aux_nets") -> dict:
+                    aux_dir: str = "workdir/aux_nets", prompts: str = "test") -> dict:
     """Class accuracy of a pretrained generator's samples, judged independently of it.
 
     Draws ``per_class`` samples of every class from the EMA parameters of the newest checkpoint
     in ``workdir`` (``num_steps``-step ODE, shift 3, CFG ``guidance_scale``; None: the
     config's ``sample.guidance_scale``) and scores them with ``ALIGNMENT_REWARD`` of the
-    dataset (the reward classifier is loaded from ``aux_dir``, or trained there once).
+    dataset (the reward classifier is loaded from ``aux_dir``, or trained there once). A
+    text-conditioned model is asked for each class with its ``prompts`` split's captions in
+    turn ("test": the held-out captions, never trained on; "train").
 
     Returns:
       ``{"accuracy": mean, "stderr": binomial standard error, "per_class": [K floats],
@@ -95,7 +98,8 @@ def sample_accuracy(workdir: str, *, per_class: int = 50, num_steps: int = 20,
     sample_cfg = ml_collections.ConfigDict(dict(
         method="ode", num_steps=num_steps, shift=pre.config.sample.shift, guidance_scale=cfg,
         noise_level=-1.0, batch_size=min(len(labels), 200)))
-    images = evaluate.generate_set(pre, labels, sample_cfg, seed)
+    table = generators.prompt_table(pre, prompts)
+    images = evaluate.generate_set(pre, labels, sample_cfg, seed, table=table)
     nets = auxnets.AuxNetCache(dataset, aux_dir=aux_dir, data_dir=pre.config.data.data_dir
                                or None)
     ctx = rewards.RewardContext(dataset, tuple(pre.image_shape), pre.num_classes, nets)
@@ -106,7 +110,8 @@ def sample_accuracy(workdir: str, *, per_class: int = 50, num_steps: int = 20,
     return {"accuracy": acc, "stderr": float(np.sqrt(acc * (1 - acc) / len(correct))),
             "per_class": [float(correct[labels == k].mean()) for k in range(pre.num_classes)],
             "n": int(len(correct)), "step": pre.step, "guidance_scale": float(cfg),
-            "num_steps": num_steps, "reward": name}
+            "num_steps": num_steps, "reward": name,
+            "prompts": "classes" if table.is_class else f"{prompts} captions"}
 
 
 def _rows(path):
@@ -201,7 +206,9 @@ def write_table(summaries: list[dict], command: str) -> str:
     for s in summaries:
         acc = s.get("accuracy")
         acc_cell = "—" if not acc else (
-            f"{acc['accuracy']:.1%} ± {acc['stderr']:.1%} ({acc['reward']}, n={acc['n']})")
+            f"{acc['accuracy']:.1%} ± {acc['stderr']:.1%} ({acc['reward']}, n={acc['n']}"
+            + (f", {acc['prompts']}" if acc.get("prompts", "classes") != "classes" else "")
+            + ")")
         lines.append(
             f"| {s['cell']} | {s['size']} | {s['params']} | {s['batch']} × {s['steps']} "
             f"({s['lr']:g}) | {s['first_loss']:.3f} | "
@@ -216,7 +223,10 @@ def write_table(summaries: list[dict], command: str) -> str:
               "reads as the requested class: for digits the held-out reward classifier "
               "(`classifier_correct`; trained on the train split only), for shapes the exact "
               "rendering rule (`shapes_correct`: best-matching colour and best-matching shape "
-              "both right). Chance is 10 % and 6.25 %.", "",
+              "both right). Chance is 10 % and 6.25 %. The text-conditioned cell (shapes_mmdit) "
+              "is asked for each class with its 2 held-out captions in turn (never trained on); "
+              "its `sample_accuracy_train.json` holds the same measure on the train captions.",
+              "",
               "Assessment of the final grids (by eye):", ""]
     lines += [f"- **{s['cell']}** (CFG {s['guidance']:g}): {s['assessment']}" for s in summaries]
     lines += ["", NOTES]
@@ -238,10 +248,16 @@ def main():
     for cell in cells:
         run_cell(cell, args.workroot, args.accuracy_per_class)
     # The table covers every finished cell, not only those run now, so rerunning one cell
-    # (``--only``) updates its row and keeps the others.
+    # (``--only``) updates its row and keeps the others: cells without a workdir here keep
+    # their committed row (experiments/results/pretrain.json).
     finished = [c for c in CELLS if c in cells or os.path.exists(
         os.path.join(args.workroot, f"pretrain_{c}", "wall_time.json"))]
-    summaries = [run_cell(c, args.workroot, args.accuracy_per_class) for c in finished]
+    committed = {}
+    if os.path.exists(os.path.join(RESULTS, "pretrain.json")):
+        with open(os.path.join(RESULTS, "pretrain.json"), encoding="utf-8") as f:
+            committed = {row["cell"]: row for row in json.load(f)}
+    summaries = [run_cell(c, args.workroot, args.accuracy_per_class) if c in finished
+                 else committed[c] for c in CELLS if c in finished or c in committed]
     command = "python experiments/pretrain_grid.py (or one cell: --only <cell>)"
     with open(os.path.join(RESULTS, "pretrain.md"), "w", encoding="utf-8") as f:
         f.write(write_table(summaries, command))

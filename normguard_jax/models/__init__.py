@@ -71,10 +71,13 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         ),
     },
     # The text-conditioned MMDiT (models/pixel_mmdit.py), 32×32 RGB in 4×4 patches (64 image
-    # tokens + 8 text tokens). "small": 4 joint blocks of width 128, 2.3M parameters.
+    # tokens + 8 text tokens). "small": 4 joint blocks of width 128 with the DiT's 16-channel
+    # conv head and input skip, 2.3M parameters.
     "mmdit": {
-        "tiny": dict(patch_size=4, num_heads=2, head_dim=8, depth=2),
-        "small": dict(patch_size=4, num_heads=4, head_dim=32, depth=4),
+        "tiny": dict(patch_size=4, num_heads=2, head_dim=8, depth=2, refine_channels=4,
+                     input_skip=True),
+        "small": dict(patch_size=4, num_heads=4, head_dim=32, depth=4, refine_channels=16,
+                      input_skip=True),
     },
     "unet": {
         "tiny": dict(
