@@ -7,6 +7,11 @@ For a `shapes` checkpoint, take the shapes combined reward with the config argum
   python -m normguard_jax.main --config=configs/evaluate.py:shapes \
       --config.checkpoint=workdir/pretrain_shapes_dit --workdir=workdir/eval_shapes_dit
 Writes <workdir>/evaluation.json, <workdir>/evaluation.md and <workdir>/samples_eval.png.
+A run on a real model (configs/rl_sd35m.py, configs/rl_flux.py) is evaluated per test prompt
+with PickScore (its folder given):
+  python -m normguard_jax.main --config=configs/evaluate.py:sd35m \
+      --config.checkpoint=workdir/rl_sd35m_nft --config.reward_models.pickscore=/models/PickScore_v1 \
+      --workdir=workdir/eval_sd35m_nft
 Re-running gives identical numbers. The first run on a dataset also trains the reward and
 metric nets into config.aux.dir (about a minute each on 2 CPU cores); later runs reuse them.
 """
@@ -49,11 +54,27 @@ def get_config(reward_set: str = "digits"):
     # normguard_jax.rewards.REWARDS). The defaults ("digits": classifier_logprob + contrast,
     # "shapes": shapes_rule + saturation) pair an alignment term that saturates with a proxy
     # that keeps rising; the config argument picks the set.
-    c.rewards = ml_collections.ConfigDict(rewards.DEFAULT_WEIGHTS[reward_set])
+    c.rewards = ml_collections.ConfigDict({"pickscore": 1.0} if reward_set in REAL_MODELS
+                                          else rewards.DEFAULT_WEIGHTS[reward_set])
     # "name=weight,..." added to (or re-weighting) config.rewards: registered names or
     # module:function rewards from outside the library.
     c.extra_rewards = ""
     c.reward_models = ml_collections.ConfigDict()  # reward name -> model folder.
     c.reward_models.clip_score = ""   # transformers CLIPModel folder (weights + tokenizer).
     c.reward_models.pickscore = ""    # PickScore's CLIPModel folder (same architecture).
+    # Runs on a diffusers pipeline (and text models whose test prompts do not cover every
+    # class) are evaluated per test prompt (evaluate.run_prompts): sample.per_class images of
+    # each prompt, every applicable reward, no per-class image metrics.
+    c.max_prompts = 0           # test prompts evaluated (the first ones); 0 = all.
+    if reward_set in REAL_MODELS:   # the references' evaluation settings (configs/rl_sd35m.py,
+        c.sample.update(REAL_MODELS[reward_set])  # configs/rl_flux.py); reward PickScore.
     return c
+
+
+# Evaluation of the real-model RL runs: `configs/evaluate.py:sd35m` / `:flux` (reward
+# PickScore, its folder in --config.reward_models.pickscore). 40 steps / CFG 4.5 for SD3.5-M,
+# 28 steps with the embedded guidance (no CFG) for FLUX.1-dev, as both references evaluate.
+REAL_MODELS = {
+    "sd35m": dict(num_steps=40, shift=3.0, guidance_scale=4.5, per_class=4, batch_size=16),
+    "flux": dict(num_steps=28, shift=1.88, guidance_scale=1.0, per_class=4, batch_size=16),
+}

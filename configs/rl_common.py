@@ -17,6 +17,24 @@ def make(method: str, objective: dict) -> ml_collections.ConfigDict:
     c.base = ml_collections.ConfigDict()
     c.base.workdir = "workdir/pretrain_mnist_unet"  # pretraining workdir: base model θ_ref = θ_0.
     c.base.use_ema = True       # start from (and regularise towards) the EMA parameters.
+    # A real text-to-image model instead (configs/rl_sd35m.py, configs/rl_flux.py): a local
+    # diffusers pipeline folder (its transformer/ and vae/ subfolders; base.workdir is then
+    # unused). Rewards see the VAE's decode of the latents; prompts come from base.embeddings.
+    c.base.diffusers_dir = ""   # "" = the library pretraining workdir above.
+    c.base.family = "auto"      # sd3 | flux | auto (from transformer/config.json); a mismatch
+                                # with the folder or the embeddings is refused.
+    c.base.embeddings = ""      # embed_prompts workdir of this pipeline's text encoders
+                                # (configs/embed_prompts.py): train prompts for the rollouts,
+                                # test prompts for evaluation, the empty prompt for CFG.
+    c.base.resolution = 512     # image side in pixels; latents are resolution/8 (divisible by
+                                # 8·patch: 16 for SD3 and FLUX).
+    c.base.param_dtype = "float32"  # float32 | bfloat16: dtype the transformer's weights are
+                                    # loaded in (bfloat16 halves θ_ref; full fine-tuning still
+                                    # trains float32 master weights).
+    c.base.guidance = 3.5       # FLUX.1-dev's embedded guidance value (unused by SD3 and by
+                                # FLUX models without a guidance embedding).
+    c.base.remat = "none"       # none | full | dots: rematerialisation of the transformer blocks
+                                # in the backward pass (models.layers.REMAT_POLICIES).
 
     c.rewards = ml_collections.ConfigDict()   # reward name -> weight (normguard_jax.rewards.REWARDS).
     c.rewards.classifier_logprob = 1.0        # alignment: log p(class | image); saturates near 0.

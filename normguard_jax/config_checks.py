@@ -211,6 +211,13 @@ ADDED_FIELDS = {
     "lora.alpha": 64.0,
     "lora.targets": "attention",
     "data.captions": "",                  # class labels, no captions
+    "base.diffusers_dir": "",             # the base is a library pretraining workdir
+    "base.family": "auto",
+    "base.embeddings": "",
+    "base.resolution": 512,
+    "base.param_dtype": "float32",
+    "base.guidance": 3.5,
+    "base.remat": "none",
 }
 
 

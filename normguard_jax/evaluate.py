@@ -161,6 +161,146 @@ def norm_ratio_summary(pre: generators.Pretrained, ref: generators.Pretrained | 
     return {"mean": float(per_step.mean()), "per_step": [float(r) for r in per_step]}
 
 
+def by_prompt(pre: generators.Pretrained, table: conditioning.PromptTable) -> bool:
+    """Whether a generator is evaluated per test prompt (:func:`run_prompts`) rather than per
+    class: a latent generator (a diffusers pipeline: no real images of its prompts to compare
+    with, no classifier), or a text table whose test prompts do not cover every class."""
+    return pre.vae is not None or (not table.is_class and not table.labelled())
+
+
+def generate_prompts(pre: generators.Pretrained, table: conditioning.PromptTable,
+                     index: np.ndarray, sample: ml_collections.ConfigDict, seed: int,
+                     renormalize_to=None) -> np.ndarray:
+    """One image per prompt index (``index`` (N,) rows of ``table``), in batches of
+    ``sample.batch_size`` with the batch-i key ``fold_in(key(seed), i)`` (the last batch padded
+    with repeats), the empty prompt as CFG's null; a latent generator's samples decoded by its
+    VAE. Returns (N, H, W, C) float32 images, raw (not clipped)."""
+    index = np.asarray(index, np.int32)
+    bs = sample.batch_size
+    noise_level = None if sample.noise_level == -1.0 else float(sample.noise_level)
+    out = []
+    for i, start in enumerate(range(0, len(index), bs)):
+        chunk = index[start:start + bs]
+        padded = np.concatenate([chunk, np.repeat(chunk[-1:], bs - len(chunk))])
+        cond = jax.tree.map(jnp.asarray, table.cond(padded))
+        samples = sampling.generate_images(
+            pre.velocity, pre.params, cond, jax.random.fold_in(jax.random.key(seed), i),
+            image_shape=tuple(pre.image_shape), num_steps=sample.num_steps, shift=sample.shift,
+            guidance_scale=sample.guidance_scale, null_class=pre.num_classes,
+            method=sample.method, noise_level=noise_level, renormalize_to=renormalize_to,
+            null_condition=table.device_null())
+        out.append(np.asarray(generators.to_pixels(pre, samples))[:len(chunk)])
+    return np.concatenate(out)
+
+
+def _prompt_markdown(result: dict) -> str:
+    gen = result["generated"]
+    sample = result["config"]["sample"]
+    lines = [
+        f"# Evaluation of `{result['checkpoint']}` (step {result['step']}) on test prompts",
+        "",
+        f"{result['num_prompts']} test prompts × {result['per_prompt']} samples "
+        f"({result['num_samples']} images, {tuple(result['image_shape'])}), sampler "
+        f"`{sample['method']}` with {sample['num_steps']} steps, shift {sample['shift']}, CFG "
+        f"{sample['guidance_scale']}, seed {result['config']['seed']}. Per-class image metrics "
+        "(FD, recall, realism) do not apply: there are no real images of these prompts.",
+        "",
+        "| | generated |",
+        "|---|---:|",
+        f"| combined reward {result['combined_weights']} | {gen['combined_reward']:.4f} |",
+    ]
+    for name, value in gen["rewards"].items():
+        lines.append(f"| reward `{name}` | {value:.4f} |")
+    lines.append(f"| out of range (|x| > 1 + {result['config']['metrics']['range_tolerance']}) |"
+                 f" {gen['out_of_range']:.4f} |")
+    lines.append(f"| ρ = ‖v_θ‖/‖v_ref‖ | {result['norm_ratio']['mean']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_prompts(config: ml_collections.ConfigDict, workdir: str, pre: generators.Pretrained,
+                ref: generators.Pretrained | None, table: conditioning.PromptTable,
+                t0: float | None = None) -> dict:
+    """The evaluation of a generator per test prompt (:func:`by_prompt`).
+
+    Samples ``config.sample.per_class`` images of each of the first ``config.max_prompts``
+    test prompts (0: all) at fixed seeds, scores them with every reward defined for its images
+    (``rewards.applicable``: e.g. CLIP score / PickScore when their folders are given, the
+    pixel proxies; the classifier rewards need a library dataset and do not apply) and the
+    configured combined reward, each asked about the sample's own prompt (its request), and
+    writes ``evaluation.json`` (means, per-prompt means, ρ against the base of an RL run),
+    ``evaluation.md`` and ``samples_eval.png`` (one row per prompt, at most 8 × 8).
+    """
+    t0 = time.time() if t0 is None else t0
+    if config.sample.renormalize and ref is None:
+        raise config_checks.ConfigError(
+            "config.sample.renormalize needs an RL checkpoint (its base is the reference), got "
+            f"{config.checkpoint!r}")
+    max_prompts = int(config.get("max_prompts", 0))
+    count = len(table) if max_prompts <= 0 else min(max_prompts, len(table))
+    if not count:
+        raise config_checks.ConfigError(f"{config.checkpoint!r}: its prompt table has no test "
+                                        "prompts to evaluate")
+    per = int(config.sample.per_class)
+    index = np.repeat(np.arange(count, dtype=np.int32), per)
+    base_config = (ref or pre).config
+    nets = None
+    if pre.vae is None:
+        nets = auxnets.AuxNetCache(base_config.data.name, aux_dir=config.aux.dir,
+                                   data_dir=config.data_dir or base_config.data.data_dir or None,
+                                   preset=config.aux.preset)
+    shape = generators.pixel_shape(pre)
+    ctx = rewards.RewardContext(dataset=base_config.data.name, image_shape=shape,
+                                num_classes=pre.num_classes, nets=nets,
+                                prompts=tuple(table.texts), model_dirs=dict(config.reward_models))
+    weights, fields = rewards.config_weights(config)
+    rewards.check_weights(weights, ctx, fields=fields)
+    folder = paths.path(workdir)
+    folder.mkdir(parents=True, exist_ok=True)
+    reward_fns = {name: rewards.build_reward(name, ctx)
+                  for name in dict.fromkeys([*rewards.applicable(ctx), *weights])}
+    images = generate_prompts(pre, table, index, config.sample, config.seed,
+                              renormalize_to=ref.params if config.sample.renormalize else None)
+    requests = table.request(index)
+    per_image = rewards.score_images(reward_fns, images, requests, config.metrics.batch_size)
+    total = sum(w * per_image[name] for name, w in weights.items())
+    norm_ratio = {"mean": 1.0, "per_step": [1.0] * config.sample.num_steps}
+    if ref is not None:
+        first = index[:config.sample.batch_size]
+        ratios = diagnostics.velocity_norm_ratios(
+            pre.velocity, pre.params, ref.params, jax.tree.map(jnp.asarray, table.cond(first)),
+            jax.random.fold_in(jax.random.key(config.seed), 0),
+            image_shape=tuple(pre.image_shape), num_steps=config.sample.num_steps,
+            shift=config.sample.shift, guidance_scale=config.sample.guidance_scale,
+            null_class=pre.num_classes, null_condition=table.device_null())
+        steps = np.asarray(jnp.mean(ratios, axis=1))
+        norm_ratio = {"mean": float(steps.mean()), "per_step": [float(r) for r in steps]}
+    tol = config.metrics.range_tolerance
+    result = {
+        "checkpoint": config.checkpoint, "step": int(pre.step), "prompts": "test prompts",
+        "num_prompts": int(count), "per_prompt": per, "num_samples": int(len(images)),
+        "image_shape": list(shape), "norm_ratio": norm_ratio, "combined_weights": weights,
+        "config": config.to_dict(),
+        "generated": {
+            "rewards": {k: float(np.mean(v)) for k, v in per_image.items()},
+            "combined_reward": float(np.mean(total)),
+            "out_of_range": float(np.mean(np.abs(images) > 1.0 + tol)),
+        },
+        "per_prompt_rewards": [
+            {"prompt": table.texts[i], **{k: float(np.mean(v[index == i]))
+                                         for k, v in per_image.items()}}
+            for i in range(count)],
+    }
+    (folder / "evaluation.json").write_text(json.dumps(result, indent=1))
+    (folder / "evaluation.md").write_text(_prompt_markdown(result))
+    rows, cols = min(count, 8), min(per, 8)
+    keep = np.concatenate([np.arange(i * per, i * per + cols) for i in range(rows)])
+    reporting.save_png(folder / "samples_eval.png", reporting.image_grid(images[keep], cols),
+                       upscale=1 if shape[0] >= 128 else 2)
+    logging.info("Evaluated %s (step %d) on %d test prompts in %.1f s:\n%s", config.checkpoint,
+                 pre.step, count, time.time() - t0, _prompt_markdown(result))
+    return result
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Evaluates ``config.checkpoint`` (a pretraining or RL workdir); returns the dict written
     to ``evaluation.json``. For an RL workdir the velocity-norm ratio to its base is included."""
@@ -168,6 +308,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     step = None if config.checkpoint_step == -1 else config.checkpoint_step
     t0 = time.time()
     pre, ref = generators.load_generator(config.checkpoint, use_ema=config.use_ema, step=step)
+    table = generators.prompt_table(ref or pre, "test")
+    if by_prompt(pre, table):
+        return run_prompts(config, workdir, pre, ref, table, t0)
     base_config = (ref or pre).config
     dataset = base_config.data.name
     data_dir = config.data_dir or base_config.data.data_dir or None
@@ -190,10 +333,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     labels = sampling.class_grid_labels(pre.num_classes, config.sample.per_class)
     table = generators.prompt_table(ref or pre, "test")
-    if not table.labelled():
-        raise config_checks.ConfigError(
-            f"{config.checkpoint!r} is conditioned on prompts without classes; this evaluation "
-            "scores per class (its test prompts must cover every class)")
     if config.sample.renormalize and ref is None:
         raise config_checks.ConfigError(
             "config.sample.renormalize needs an RL checkpoint (its base is the reference), got "

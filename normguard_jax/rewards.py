@@ -133,7 +133,9 @@ class RewardContext:
       image_shape: (H, W, C).
       num_classes: number of real classes.
       nets: ``nets("classifier") -> auxnets.AuxNet``, e.g. an ``auxnets.AuxNetCache``; called
-        only by rewards that need the classifier, and only when they are built.
+        only by rewards that need the classifier, and only when they are built. None: no
+        classifier exists (a diffusers pipeline's prompts), the classifier rewards do not
+        apply.
       prompts: the run's prompt texts in index order (``request["index"]`` rows); for a
         class-conditional run, one text per class (or None: rewards that read prompt texts
         then refuse to build).
@@ -144,7 +146,7 @@ class RewardContext:
     dataset: str
     image_shape: tuple[int, int, int]
     num_classes: int
-    nets: Callable[[str], object]
+    nets: Callable[[str], object] | None
     prompts: tuple[str, ...] | None = None
     model_dirs: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
@@ -529,6 +531,10 @@ def _always(ctx: RewardContext) -> bool:
     return True
 
 
+def _has_classifier(ctx: RewardContext) -> bool:
+    return ctx.nets is not None
+
+
 def _rgb(ctx: RewardContext) -> bool:
     return ctx.image_shape[-1] == 3
 
@@ -570,13 +576,21 @@ def _build_clip(name: str) -> Callable[[RewardContext], Built]:
     return build
 
 
+_CLASSIFIER_REQUIRES = ("a dataset with a reward classifier (a library base model's; a "
+                        "diffusers pipeline has none)")
+
 REWARDS: dict[str, RewardEntry] = {
-    "classifier_logprob": RewardEntry(_build_classifier(classifier_logprob), True, _always,
-                                      "log p(class | image) under the reward classifier"),
-    "classifier_prob": RewardEntry(_build_classifier(classifier_prob), True, _always,
-                                   "p(class | image) under the reward classifier"),
-    "classifier_correct": RewardEntry(_build_classifier(classifier_correct), False, _always,
-                                      "classifier's top class == requested class"),
+    "classifier_logprob": RewardEntry(_build_classifier(classifier_logprob), True,
+                                      _has_classifier,
+                                      "log p(class | image) under the reward classifier",
+                                      _CLASSIFIER_REQUIRES),
+    "classifier_prob": RewardEntry(_build_classifier(classifier_prob), True, _has_classifier,
+                                   "p(class | image) under the reward classifier",
+                                   _CLASSIFIER_REQUIRES),
+    "classifier_correct": RewardEntry(_build_classifier(classifier_correct), False,
+                                      _has_classifier,
+                                      "classifier's top class == requested class",
+                                      _CLASSIFIER_REQUIRES),
     "contrast": RewardEntry(_static(contrast), True, _always, "pixel standard deviation"),
     "stroke_weight": RewardEntry(_static(stroke_weight), True, _always,
                                  "mean brightness (ink coverage)"),
@@ -720,6 +734,53 @@ class CombinedReward:
     def __call__(self, images: jax.Array, request: Request
                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
         return self.apply(self.params, images, request)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodedReward:
+    """A combined reward of a latent generator's samples: the latents are decoded to images
+    (by the pipeline's VAE) inside the same program, then scored.
+
+    ``params`` is ``(reward params, decoder params)``, so the VAE's weights are an argument of
+    the jitted rollout like the reward's, never a constant of it; ``apply(params, latents,
+    request)`` returns what ``reward.apply`` returns on the decoded images. The decode is
+    differentiable, so a differentiable reward stays one with respect to the latents (Adjoint
+    Matching's reward gradient).
+
+    Attributes:
+      reward: the combined reward of the images.
+      decode: pure ``decode(decoder_params, latents) -> images`` (B, H, W, 3) in about [-1, 1].
+      decoder_params: the decoder's parameters.
+    """
+
+    reward: CombinedReward
+    decode: Callable
+    decoder_params: Any = dataclasses.field(default=None, compare=False)
+
+    @property
+    def weights(self) -> tuple[tuple[str, float], ...]:
+        return self.reward.weights
+
+    @property
+    def rewards(self) -> tuple[Reward, ...]:
+        return self.reward.rewards
+
+    @property
+    def differentiable(self) -> bool:
+        return self.reward.differentiable
+
+    @property
+    def params(self) -> tuple:
+        return (self.reward.params, self.decoder_params)
+
+    def apply(self, params: tuple, latents: jax.Array, request: Request
+              ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        reward_params, decoder_params = params
+        return self.reward.apply(reward_params, self.decode(decoder_params, latents), request)
+
+    def __call__(self, latents: jax.Array, request: Request
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        return self.apply(self.params, latents, request)
 
 
 def parse_weights(spec: str, path: str = "extra_rewards") -> dict[str, float]:

@@ -174,6 +174,18 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     except (TypeError, ValueError) as e:
         raise c.ConfigError(f"config.{e}" if str(e).startswith("normguard.") else str(e)) from None
     distributed.validate(config)
+    if generators.is_diffusers_base(config.base):
+        generators.diffusers_settings(config.base)   # the folders, read as JSON only
+    elif not config.base.workdir:
+        raise c.ConfigError("config.base.workdir is empty: name a pretraining workdir, or a "
+                            "diffusers pipeline folder with config.base.diffusers_dir "
+                            "(configs/rl_sd35m.py, configs/rl_flux.py)")
+    weights, fields = rewards.config_weights(config)
+    for name in ("clip_score", "pickscore"):   # model folders, before any model is loaded
+        if weights.get(name, 0) and not config.reward_models.get(name, ""):
+            raise c.ConfigError(f"{fields[name]}: the {name} reward needs "
+                                f"config.reward_models.{name} (a transformers CLIPModel folder "
+                                "with its tokenizer)")
 
 
 def updates_per_iteration(config: ml_collections.ConfigDict) -> int:
@@ -515,7 +527,8 @@ def run_velocity(config: ml_collections.ConfigDict, base: generators.Pretrained)
     if not cfg.rank and compute == base.config.model.dtype:
         return base.velocity
     graphdef = generators.base_graphdef(base, dtype=compute)
-    return lora.make_velocity_fn(graphdef, cfg) if cfg.rank else models.make_velocity_fn(graphdef)
+    fn = lora.make_velocity_fn(graphdef, cfg) if cfg.rank else models.make_velocity_fn(graphdef)
+    return generators.velocity_of(base, fn)
 
 
 def reference_params(config: ml_collections.ConfigDict, base_params):
@@ -534,7 +547,7 @@ def trainable_init(config: ml_collections.ConfigDict, base_params):
     seed; B = 0, so the policy equals the base)."""
     cfg = lora.from_config(config)
     if not cfg.rank:
-        return base_params
+        return generators.master_weights(base_params)
     try:
         return lora.init(jax.random.fold_in(jax.random.key(config.seed), 2**31 - 2),
                          base_params, cfg)
@@ -543,12 +556,29 @@ def trainable_init(config: ml_collections.ConfigDict, base_params):
 
 
 def _reward_context(config, base, table: conditioning.PromptTable):
-    nets = auxnets.AuxNetCache(base.config.data.name, aux_dir=config.aux_dir,
-                               data_dir=base.config.data.data_dir or None)
-    return rewards.RewardContext(dataset=base.config.data.name, image_shape=base.image_shape,
+    """What the run's rewards are built for: the base's dataset and images (a diffusers
+    pipeline: its decoded pixels, no reward classifier) and the table's prompt texts."""
+    nets = None
+    if base.vae is None:
+        nets = auxnets.AuxNetCache(base.config.data.name, aux_dir=config.aux_dir,
+                                   data_dir=base.config.data.data_dir or None)
+    return rewards.RewardContext(dataset=base.config.data.name,
+                                 image_shape=generators.pixel_shape(base),
                                  num_classes=base.num_classes, nets=nets,
                                  prompts=tuple(table.texts),
                                  model_dirs=dict(config.reward_models))
+
+
+def build_reward(config, base, table: conditioning.PromptTable):
+    """The run's combined reward (``config.rewards`` and ``extra_rewards``); for a latent base
+    (a diffusers pipeline) wrapped so that it decodes the latents with the base's VAE first
+    (:class:`rewards.DecodedReward`: the VAE parameters are an argument of the rollout)."""
+    weights, fields = rewards.config_weights(config)
+    combined = rewards.build_combined(weights, _reward_context(config, base, table),
+                                      fields=fields)
+    if base.vae is None:
+        return combined
+    return rewards.DecodedReward(combined, base.vae.decode, base.vae.params)
 
 
 def _check_resume_compatible(manager, config: ml_collections.ConfigDict, workdir: str,
@@ -567,11 +597,17 @@ def _check_resume_compatible(manager, config: ml_collections.ConfigDict, workdir
         raise config_checks.ConfigError(
             f"config.method={config.method!r} differs from the checkpoint in {workdir} "
             f"({meta['config']['method']!r}); use a new workdir")
-    _, base_meta = checkpointing.read_meta(config.base.workdir)
+    if generators.is_diffusers_base(config.base):
+        shape = generators.diffusers_settings(config.base)["image_shape"]
+        where = f"config.base.diffusers_dir={config.base.diffusers_dir!r}"
+    else:
+        shape = checkpointing.read_meta(config.base.workdir)[1]["image_shape"]
+        where = f"config.base.workdir={config.base.workdir!r}"
+    base_meta = {"image_shape": shape}
     if "image_shape" in meta and tuple(meta["image_shape"]) != tuple(base_meta["image_shape"]):
         raise config_checks.ConfigError(
             f"image shape {tuple(base_meta['image_shape'])} of the base model in "
-            f"config.base.workdir={config.base.workdir!r} differs from the checkpoint's "
+            f"{where} differs from the checkpoint's "
             f"{tuple(meta['image_shape'])} in {workdir}; use a new workdir")
     _check_same_run(meta, config, workdir, step, allowed)
 
@@ -586,9 +622,11 @@ def _check_same_run(meta: dict, config: ml_collections.ConfigDict, workdir: str,
     changes = config_checks.check_resume(meta["config"], config, workdir=workdir, step=step,
                                          allowed=allowed)
     differ = []
-    if "base_workdir" in meta and meta["base_workdir"] != paths.absolute(config.base.workdir):
-        differ.append(f"folder {meta['base_workdir']!r} -> "
-                      f"{paths.absolute(config.base.workdir)!r}")
+    source = generators.base_source(config)
+    field = ("config.base.diffusers_dir" if generators.is_diffusers_base(config.base)
+             else "config.base.workdir")
+    if "base_workdir" in meta and meta["base_workdir"] != source:
+        differ.append(f"folder {meta['base_workdir']!r} -> {source!r}")
     if base is not None and "base_step" in meta and meta["base_step"] != base.step:
         differ.append(f"step {meta['base_step']} -> {base.step}")
     if (base_fingerprint is not None and "base_fingerprint" in meta
@@ -597,7 +635,7 @@ def _check_same_run(meta: dict, config: ml_collections.ConfigDict, workdir: str,
                       f"{meta['base_fingerprint'][:12]} -> {base_fingerprint[:12]})")
     if differ:
         raise config_checks.ConfigError(
-            f"the base model of config.base.workdir={config.base.workdir!r} is not the one the "
+            f"the base model of {field}={source!r} is not the one the "
             f"run in {workdir} (iteration {step}) was trained from: {'; '.join(differ)}. Its "
             "θ_ref would change: use a new workdir")
     return changes
@@ -640,12 +678,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str, hooks: Iterable[Hook],
     manager = checkpointing.open_manager(workdir, max_to_keep=config.train.keep_checkpoints,
                                          save_interval_steps=config.train.checkpoint_every)
     _check_resume_compatible(manager, config, workdir, allowed)
-    base = generators.load_pretrained(config.base.workdir, use_ema=config.base.use_ema)
-    base_fingerprint = checkpointing.fingerprint(base.params)
+    base, base_fingerprint = generators.load_base(config, mesh=mesh)
     table = generators.prompt_table(base, "train")
-    weights, fields = rewards.config_weights(config)
-    reward_fn = rewards.build_combined(weights, _reward_context(config, base, table),
-                                       fields=fields)
+    reward_fn = build_reward(config, base, table)
     optimizer, schedule = build_optimizer(config)
     base = base._replace(velocity=run_velocity(config, base))
     programs = build_programs(config, base, mesh, reward_fn, optimizer,
@@ -676,11 +711,14 @@ def _run(config: ml_collections.ConfigDict, workdir: str, hooks: Iterable[Hook],
             image_shape=base.image_shape, num_steps=config.sample.num_steps,
             shift=config.sample.shift, guidance_scale=config.sample.guidance_scale,
             null_class=base.num_classes, null_condition=grid_null)
-        reporting.write_grid(writer, workdir, it, "samples", images, config.sample.per_class)
+        reporting.write_grid(writer, workdir, it, "samples", generators.to_pixels(base, images),
+                             config.sample.per_class)
 
     def meta(it: int, skipped_total: int) -> dict:
         return {"config": config.to_dict(), "iteration": int(it),
-                "base_workdir": paths.absolute(config.base.workdir), "base_step": base.step,
+                "base_workdir": generators.base_source(config), "base_step": base.step,
+                **({"base_embeddings": paths.absolute(config.base.embeddings)}
+                   if generators.is_diffusers_base(config.base) else {}),
                 "base_fingerprint": base_fingerprint, "image_shape": list(base.image_shape),
                 "skipped_updates": skipped_total, "history": history}
 
