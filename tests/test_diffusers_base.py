@@ -36,15 +36,23 @@ VAE = dict(  # the SD3 VAE's layout (16 latent channels, shift and scale), downs
     layers_per_block=1, latent_channels=16, norm_num_groups=4, scaling_factor=1.5305,
     shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
 RESOLUTION = 32          # latents 8 × 8 × 16 (VAE factor 4 × patch 2 divides 32)
-TEXT_TOKENS = 6
+TEXT_TOKENS = 7          # as tests/test_flux.py (its reference call builds txt_ids of 7)
 PROMPTS = ("a red circle", "two blue squares", "a green cross", "a yellow triangle",
            "three red crosses", "a blue circle left of a green square", "a photo of a cat",
            "an astronaut riding a horse", "a bowl of fruit", "a city at night")
 
 
-def _pipeline(folder, seed):
+FLUX_TRANSFORMER = dict(  # FLUX.1-dev's layout in miniature (guidance embedding)
+    patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+    num_attention_heads=2, joint_attention_dim=12, pooled_projection_dim=10,
+    axes_dims_rope=(4, 6, 6), guidance_embeds=True)
+
+
+def _pipeline(folder, seed, family="sd3"):
     torch.manual_seed(seed)
-    transformer = randomise(diffusers.SD3Transformer2DModel(**TRANSFORMER).float(), seed)
+    transformer = (diffusers.SD3Transformer2DModel(**TRANSFORMER) if family == "sd3"
+                   else diffusers.FluxTransformer2DModel(**FLUX_TRANSFORMER))
+    transformer = randomise(transformer.float(), seed)
     vae = randomise(diffusers.AutoencoderKL(**VAE), seed + 1)
     transformer.save_pretrained(os.path.join(folder, "transformer"), safe_serialization=True)
     vae.save_pretrained(os.path.join(folder, "vae"))
@@ -275,3 +283,75 @@ def test_rl_run_on_a_pipeline_trains_a_lora_resumes_only_on_it_and_evaluates(
     assert [p["prompt"] for p in written["per_prompt_rewards"]] == list(
         generators.prompt_table(base, "test").texts)
     assert (tmp_path / "eval" / "samples_eval.png").is_file()
+
+
+@pytest.fixture(scope="module")
+def flux_pipeline(tmp_path_factory):
+    """(folder, embeddings, torch transformer) of a tiny FLUX.1-dev-layout pipeline."""
+    root = tmp_path_factory.mktemp("diffusers_flux")
+    transformer, _ = _pipeline(str(root / "flux"), seed=2, family="flux")
+    embeddings = make_embeddings(root, family="flux")
+    yield str(root / "flux"), embeddings, transformer
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_flux_pipeline_velocity_embeds_the_configured_guidance(flux_pipeline, pipeline):
+    folder, embeddings, transformer = flux_pipeline
+    config = load_config_file("rl_flux.py", "grpo")
+    config.base.update(diffusers_dir=folder, embeddings=embeddings, resolution=RESOLUTION,
+                       param_dtype="float32", family="auto", guidance=2.5)
+    base = generators.load_diffusers(config.base)
+    assert base.config.model.arch == "flux" and base.image_shape == (8, 8, 16)
+    table = generators.prompt_table(base, "train")
+    x = np.random.default_rng(1).standard_normal((2, 8, 8, 16)).astype(np.float32)
+    sigma = np.array([0.7, 0.2], np.float32)
+    cond = table.cond(np.array([1, 5]))
+    ours = np.asarray(jax.jit(base.velocity)(base.params, jnp.asarray(x), jnp.asarray(sigma),
+                                             jax.tree.map(jnp.asarray, cond)))
+    from test_flux import _diffusers_velocity  # noqa: PLC0415
+    theirs = _diffusers_velocity(transformer, x, sigma,
+                                 {**cond, "guidance": np.full(2, 2.5, np.float32)})
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4 * np.abs(theirs).max())
+    # SD3 embeddings are refused for a FLUX transformer (and the other way round).
+    config.base.embeddings = pipeline[2]
+    with pytest.raises(config_checks.ConfigError, match="holds 'sd3' text embeddings"):
+        generators.diffusers_settings(config.base)
+
+
+@pytest.mark.slow
+def test_rl_run_on_a_flux_pipeline(flux_pipeline, tmp_path):
+    folder, embeddings, _ = flux_pipeline
+    config = load_config_file("rl_flux.py", "grpo")
+    config.base.update(diffusers_dir=folder, embeddings=embeddings, resolution=RESOLUTION)
+    config.rewards = {"contrast": 1.0}
+    config.rollout.update(prompts_per_iter=4, group_size=2, num_steps=2, sde_window_end=2)
+    config.train.update(iterations=2, log_every=1, sample_every=2, checkpoint_every=1,
+                        minibatch_size=8)
+    config.optim.accumulate_steps = 1
+    config.sample.update(num_steps=2, per_class=1)
+    state = rl.run(config, str(tmp_path / "rl"))
+    assert int(state.iteration) == 2
+    ev = load_config_file("evaluate.py", "flux")
+    ev.checkpoint = str(tmp_path / "rl")
+    ev.rewards = {"contrast": 1.0}
+    ev.sample.update(num_steps=2, per_class=2, batch_size=4)
+    result = evaluate.run(ev, str(tmp_path / "eval"))
+    assert result["num_samples"] == 4 and np.isfinite(result["generated"]["combined_reward"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["awm", "dpo", "ram", "am"])
+def test_every_other_method_runs_on_a_pipeline(method, pipeline, tmp_path):
+    """One iteration of each remaining method with configs/rl_sd35m.py's settings (LoRA,
+    bfloat16; Adjoint Matching differentiates the reward through the VAE decode)."""
+    folder, _, embeddings, _, _ = pipeline
+    config = tiny_run_config(method, folder, embeddings, tmp_path)
+    config.train.update(iterations=1, sample_every=1)
+    if method == "dpo":
+        config.train.minibatch_size = 8
+        config.rollout.prompts_per_iter = 8        # 8 pairs: one per prompt
+    seen = []
+    state = rl.run(config, str(tmp_path / "rl"),
+                   hooks=[lambda i, s, m: seen.append(jax.device_get(m))])
+    assert int(state.iteration) == 1
+    assert np.isfinite(seen[-1]["train/loss"]) and np.isfinite(seen[-1]["reward/mean"])
