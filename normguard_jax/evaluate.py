@@ -8,6 +8,11 @@ split, does the same for an equally sized, class-balanced set of real training i
 noise floor of every number at this set size), and writes ``evaluation.json``, ``evaluation.md`` and
 ``samples_eval.png`` into the workdir. Everything is a function of the config and the
 checkpoint, so a second run writes identical numbers.
+
+A generator whose prompts have no real images to compare with (a diffusers pipeline, or a text
+model whose test prompts do not cover every class) is evaluated per test prompt instead
+(:func:`run_prompts`): samples of each prompt, every applicable reward asked about that prompt,
+ρ against the base, no per-class image metrics.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """The RL post-training loop: prompts → grouped rollouts → rewards → advantages → updates.
 
-``run(config, workdir)`` fine-tunes a pretrained generator (``config.base.workdir``) with one of
+``run(config, workdir)`` fine-tunes a pretrained generator (``config.base.workdir``, or a
+diffusers pipeline folder ``config.base.diffusers_dir``: :func:`generators.load_base`) with one of
 the objectives of :mod:`normguard_jax.objectives`, optionally wrapped by NormGuard. One
 iteration:
 
@@ -10,7 +11,8 @@ iteration:
 2. rollouts from the current policy θ, or from θ_old where the method's reference samples with
    its old / EMA policy (``config.rollout.policy``), with the configured sampler, steps and
    CFG (one jitted ``lax.scan``), batch sharded over the mesh;
-3. rewards (a weighted combination from :mod:`normguard_jax.rewards`);
+3. rewards (a weighted combination from :mod:`normguard_jax.rewards`; a latent base's samples
+   are decoded by its VAE first, inside the same program: :func:`build_reward`);
 4. per-prompt advantages;
 5. ``inner_epochs`` passes of jitted, sharded minibatch updates on the method's training batch;
    then the old/EMA policy θ_old is moved towards θ.
