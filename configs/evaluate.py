@@ -12,6 +12,11 @@ with PickScore (its folder given):
   python -m normguard_jax.main --config=configs/evaluate.py:sd35m \
       --config.checkpoint=workdir/rl_sd35m_nft --config.reward_models.pickscore=/models/PickScore_v1 \
       --workdir=workdir/eval_sd35m_nft
+and the base itself, for comparison: the pipeline folder as the checkpoint, with its prompts:
+  python -m normguard_jax.main --config=configs/evaluate.py:sd35m \
+      --config.checkpoint=/models/stable-diffusion-3.5-medium \
+      --config.base.embeddings=workdir/prompts_sd3 \
+      --config.reward_models.pickscore=/models/PickScore_v1 --workdir=workdir/eval_sd35m_base
 Re-running gives identical numbers. The first run on a dataset also trains the reward and
 metric nets into config.aux.dir (about a minute each on 2 CPU cores); later runs reuse them.
 """
@@ -66,8 +71,18 @@ def get_config(reward_set: str = "digits"):
     # class) are evaluated per test prompt (evaluate.run_prompts): sample.per_class images of
     # each prompt, every applicable reward, no per-class image metrics.
     c.max_prompts = 0           # test prompts evaluated (the first ones); 0 = all.
+    # When config.checkpoint is a diffusers pipeline folder (the base model before RL), how to
+    # load it (the fields of an RL config's base block, configs/rl_common.py).
+    c.base = ml_collections.ConfigDict()
+    c.base.family = "auto"      # sd3 | flux | auto (from transformer/config.json).
+    c.base.embeddings = ""      # embed_prompts workdir of its text encoders (test prompts).
+    c.base.resolution = 512     # image side in pixels.
+    c.base.param_dtype = "float32"  # float32 | bfloat16: the transformer's weights.
+    c.base.guidance = 3.5       # FLUX.1-dev's embedded guidance value.
+    c.base.remat = "none"       # unused for sampling (no backward pass).
     if reward_set in REAL_MODELS:   # the references' evaluation settings (configs/rl_sd35m.py,
         c.sample.update(REAL_MODELS[reward_set])  # configs/rl_flux.py); reward PickScore.
+        c.base.param_dtype = "bfloat16"         # as the RL configs load the base.
     return c
 
 

@@ -35,8 +35,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     c = config_checks
     c.integer(config, "seed", 0)
     if not isinstance(config.checkpoint, str) or not config.checkpoint:
-        raise c.ConfigError("config.checkpoint must name a pretraining workdir, got "
-                            f"{config.checkpoint!r}")
+        raise c.ConfigError("config.checkpoint must name a pretraining workdir, an RL workdir "
+                            f"or a diffusers pipeline folder, got {config.checkpoint!r}")
     c.integer(config, "checkpoint_step", -1)
     c.one_of(config, "use_ema", (True, False))
     c.one_of(config, "aux.preset", auxnets.PRESETS)
@@ -312,7 +312,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     validate(config)
     step = None if config.checkpoint_step == -1 else config.checkpoint_step
     t0 = time.time()
-    pre, ref = generators.load_generator(config.checkpoint, use_ema=config.use_ema, step=step)
+    if generators.is_pipeline_folder(config.checkpoint):   # a base model before RL
+        pipeline = ml_collections.ConfigDict(config.base.to_dict())
+        pipeline.diffusers_dir = config.checkpoint
+        pre, ref = generators.load_diffusers(pipeline), None
+    else:
+        pre, ref = generators.load_generator(config.checkpoint, use_ema=config.use_ema,
+                                             step=step)
     table = generators.prompt_table(ref or pre, "test")
     if by_prompt(pre, table):
         return run_prompts(config, workdir, pre, ref, table, t0)

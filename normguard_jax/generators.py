@@ -512,6 +512,11 @@ def _flat_shapes(state) -> dict:
     return traverse_util.flatten_dict(state.to_pure_dict())
 
 
+def is_pipeline_folder(folder: str) -> bool:
+    """Whether ``folder`` looks like a diffusers pipeline (a ``transformer/config.json``)."""
+    return os.path.isfile(os.path.join(str(folder), "transformer", "config.json"))
+
+
 def is_diffusers_base(base_config) -> bool:
     """Whether an RL config's ``base`` block (a ConfigDict or its dict record) names a
     diffusers pipeline (``base.diffusers_dir``; absent in runs recorded before it existed)."""

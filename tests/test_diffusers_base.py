@@ -283,6 +283,12 @@ def test_rl_run_on_a_pipeline_trains_a_lora_resumes_only_on_it_and_evaluates(
     assert [p["prompt"] for p in written["per_prompt_rewards"]] == list(
         generators.prompt_table(base, "test").texts)
     assert (tmp_path / "eval" / "samples_eval.png").is_file()
+    # The pipeline itself (the base before RL) is evaluated the same way, ρ = 1.
+    ev.checkpoint = folder
+    ev.base.update(embeddings=embeddings, resolution=RESOLUTION)
+    base_result = evaluate.run(ev, str(tmp_path / "eval_base"))
+    assert base_result["num_samples"] == 4 and base_result["norm_ratio"]["mean"] == 1.0
+    assert base_result["generated"]["rewards"].keys() == result["generated"]["rewards"].keys()
 
 
 @pytest.fixture(scope="module")
