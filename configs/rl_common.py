@@ -58,6 +58,9 @@ def make(method: str, objective: dict) -> ml_collections.ConfigDict:
                                      # default (the method's reference: old for nft and ram).
     c.rollout.sde_window_start = 0   # first stochastic (trained) step, Flow-GRPO only.
     c.rollout.sde_window_end = -1    # one past the last stochastic step; -1 = num_steps.
+    c.rollout.chunks = 1             # sequential sampler calls per iteration, each on
+                                     # G/chunks whole groups (peak memory of G·K/chunks samples);
+                                     # advantages are computed over all G·K afterwards.
 
     c.advantages = ml_collections.ConfigDict()
     c.advantages.clip = 5.0          # advantages clipped to ±clip.

@@ -38,6 +38,10 @@ def make(method: str, family: str) -> ml_collections.ConfigDict:
     # (Flow-GRPO's global_std=True).
     c.rollout.prompts_per_iter = 48
     c.rollout.group_size = 24
+    # Sampled in 16 sequential calls of 3 prompts × 24 = 72 images (9 per chip on 8 chips, the
+    # references' per-GPU sampling batch of 8-9): the sampler's attention and the VAE decode at
+    # 512² do not fit 1152 images at once.
+    c.rollout.chunks = 16
     c.advantages.global_std = True
     c.advantages.clip = 5.0          # adv_clip_max 5 in both.
 

@@ -211,6 +211,7 @@ ADDED_FIELDS = {
     "lora.alpha": 64.0,
     "lora.targets": "attention",
     "data.captions": "",                  # class labels, no captions
+    "rollout.chunks": 1,                  # all samples of an iteration in one sampler call
     "base.diffusers_dir": "",             # the base is a library pretraining workdir
     "base.family": "auto",
     "base.embeddings": "",

@@ -166,6 +166,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     if n % num_devices:
         raise c.ConfigError(f"config.rollout.prompts_per_iter * group_size = {n} must be "
                             f"divisible by the {num_devices} devices")
+    if "chunks" in config.rollout:
+        chunks = c.integer(config, "rollout.chunks", 1)
+        if config.rollout.prompts_per_iter % chunks or (n // chunks) % num_devices:
+            raise c.ConfigError(
+                f"config.rollout.chunks={chunks} must divide config.rollout.prompts_per_iter="
+                f"{config.rollout.prompts_per_iter} (whole groups per chunk) and leave a "
+                f"number of samples per chunk ({n} / {chunks}) divisible by the {num_devices} "
+                "devices")
     rows = rows_per_iteration(config)
     mb = config.train.minibatch_size
     if mb % num_devices or rows % mb:
@@ -318,6 +326,11 @@ class Programs(NamedTuple):
         ``rollout`` parameter sets).
       policy: ``(ref_params, trainable) -> the parameters the velocity takes``
         (:func:`full_policy`, or :class:`lora.LoRAParams`).
+      null: the text model's null conditioning (None for class labels).
+      rollout_chunks: sequential rollout calls per iteration (``config.rollout.chunks``;
+        :func:`sample_rollout`).
+      advantages: ``(N,) rewards -> (N,) advantages`` over the whole iteration (the chunked
+        rollout recomputes them once every chunk is scored).
     """
 
     rollout: Callable
@@ -329,6 +342,8 @@ class Programs(NamedTuple):
     needs_rollout_params: bool = False
     policy: Callable = full_policy
     null: object = None
+    rollout_chunks: int = 1
+    advantages: Callable | None = None
 
 
 def draw_prompts(key, table: conditioning.PromptTable | None, num_classes: int | None,
@@ -379,10 +394,8 @@ def train_iteration(state: RLState, ref_params, *, programs: Programs, prompts: 
     cond, requests = draw_prompts(jax.random.fold_in(key_it, 0), table, num_classes, prompts,
                                   group_size)
     sampler_params = state.old_params if programs.rollout_policy == "old" else state.params
-    text = () if requests is None and programs.null is None else (
-        None if requests is None else programs.place(requests), programs.null)
-    ro, components = programs.rollout(programs.policy(ref_params, sampler_params),
-                                      programs.place(cond), jax.random.fold_in(key_it, 1), *text)
+    ro, components = sample_rollout(programs, programs.policy(ref_params, sampler_params),
+                                    cond, jax.random.fold_in(key_it, 1), requests)
     # θ at rollout time, for objectives that read ctx.rollout_params (θ itself is donated).
     rollout_params = (jax.tree.map(jnp.copy, state.params) if programs.needs_rollout_params
                       else None)
@@ -498,7 +511,69 @@ def build_programs(config: ml_collections.ConfigDict, base: generators.Pretraine
                     old_update=old_update_fn, place=lambda tree: jax.device_put(tree, data_sh),
                     rollout_policy=rollout_policy(config),
                     needs_rollout_params=needs_rollout_params, policy=policy,
-                    null=null)
+                    null=null,
+                    rollout_chunks=rollout_chunks(config), advantages=jax.jit(functools.partial(
+                        _advantages, group_size=config.rollout.group_size,
+                        adv_clip=config.advantages.clip,
+                        global_std=config.advantages.global_std)))
+
+
+def rollout_chunks(config: ml_collections.ConfigDict) -> int:
+    """``config.rollout.chunks`` (1 in runs recorded before the field existed)."""
+    return int(config.rollout.get("chunks", 1))
+
+
+def _advantages(rewards, *, group_size, adv_clip, global_std):
+    return advantages.group_advantages(rewards.reshape(-1, group_size), global_std=global_std,
+                                       clip=adv_clip).reshape(-1)
+
+
+def _concatenate(rollouts: list) -> Rollout:
+    """One rollout from the rollouts of consecutive chunks of groups (batch axis 0; the
+    trajectory's batch axis is 1, its schedule fields are shared)."""
+    cat = lambda axis: lambda *xs: jnp.concatenate(xs, axis=axis)  # noqa: E731
+    first = rollouts[0]
+    trajectory = None
+    if first.trajectory is not None:
+        parts = [r.trajectory for r in rollouts]
+        trajectory = first.trajectory._replace(**{
+            name: (None if getattr(first.trajectory, name) is None else
+                   cat(1)(*[getattr(t, name) for t in parts]))
+            for name in ("states", "means", "log_probs", "velocities")})
+    stack = lambda name: (None if getattr(first, name) is None else  # noqa: E731
+                          jax.tree.map(cat(0), *[getattr(r, name) for r in rollouts]))
+    return first._replace(labels=stack("labels"), images=stack("images"),
+                          rewards=stack("rewards"), advantages=stack("advantages"),
+                          trajectory=trajectory, requests=stack("requests"))
+
+
+def sample_rollout(programs: Programs, params, cond, key, requests=None):
+    """The iteration's rollout: ``programs.rollout`` on all N samples at once, or with
+    ``programs.rollout_chunks = C > 1`` in C sequential calls of N/C samples (whole groups;
+    chunk c samples with ``fold_in(key, c)``), so that the sampler's and the VAE decode's
+    activations are those of N/C samples. The chunks' rollouts are concatenated and the
+    advantages recomputed over all N rewards (the batch-wide std of ``advantages.global_std``
+    is the whole iteration's, as without chunks). Returns ``(rollout, reward components)``."""
+    chunks = programs.rollout_chunks
+    if chunks == 1:
+        return programs.rollout(params, programs.place(cond), key,
+                                None if requests is None else programs.place(requests),
+                                programs.null)
+    n = len(jax.tree.leaves(cond)[0])
+    size = n // chunks
+    parts, components = [], []
+    for c in range(chunks):
+        take = lambda tree, c=c: (None if tree is None else  # noqa: E731
+                                  jax.tree.map(lambda a: a[c * size:(c + 1) * size], tree))
+        ro, parts_c = programs.rollout(params, programs.place(take(cond)),
+                                       jax.random.fold_in(key, c),
+                                       None if requests is None else
+                                       programs.place(take(requests)), programs.null)
+        parts.append(ro)
+        components.append(parts_c)
+    ro = _concatenate(parts)
+    ro = ro._replace(advantages=programs.advantages(ro.rewards))
+    return ro, jax.tree.map(lambda *xs: jnp.concatenate(xs), *components)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -192,7 +192,7 @@ def tiny_run_config(method, folder, embeddings, workdir_tmp):
     config = load_config_file("rl_sd35m.py", method)
     config.base.update(diffusers_dir=folder, embeddings=embeddings, resolution=RESOLUTION)
     config.rewards = {"contrast": 1.0, "saturation": 0.5}
-    config.rollout.update(prompts_per_iter=4, group_size=2, num_steps=2)
+    config.rollout.update(prompts_per_iter=4, group_size=2, num_steps=2, chunks=1)
     if method == "grpo":
         config.rollout.sde_window_end = 2
     config.train.update(iterations=2, log_every=1, sample_every=2, checkpoint_every=1,
@@ -229,6 +229,26 @@ def test_rollout_scores_the_vae_decode_and_takes_every_weight_as_an_argument(pip
         np.testing.assert_allclose(np.asarray(parts[name]),
                                    np.asarray(fn(jnp.asarray(pixels), requests)),
                                    rtol=2e-4, atol=2e-5)
+    # In chunks (rollout.chunks): chunk c is the rollout of its groups with fold_in(key, c),
+    # the advantages are those of all the rewards together (batch-wide std here).
+    assert config.advantages.global_std
+    cond16, requests16 = rl.draw_prompts(jax.random.key(5), table, None, 8, 2)
+    chunked = programs._replace(rollout_chunks=2)
+    key = jax.random.key(6)
+    ro2, parts2 = rl.sample_rollout(chunked, policy, cond16, key, requests16)
+    assert ro2.images.shape == (16, 8, 8, 16) and parts2["contrast"].shape == (16,)
+    for c in range(2):
+        take = lambda tree, c=c: jax.tree.map(lambda a: a[8 * c:8 * (c + 1)], tree)  # noqa: E731
+        one, _ = rl.sample_rollout(programs, policy, take(cond16), jax.random.fold_in(key, c),
+                                   take(requests16))
+        np.testing.assert_array_equal(np.asarray(ro2.images[8 * c:8 * (c + 1)]),
+                                      np.asarray(one.images))
+        np.testing.assert_array_equal(np.asarray(ro2.rewards[8 * c:8 * (c + 1)]),
+                                      np.asarray(one.rewards))
+    from normguard_jax import advantages  # noqa: PLC0415
+    want = advantages.group_advantages(ro2.rewards.reshape(8, 2), global_std=True, clip=5.0)
+    np.testing.assert_allclose(np.asarray(ro2.advantages), np.asarray(want).reshape(-1),
+                               rtol=1e-6)
     # Neither the transformer, nor the VAE, nor the text embeddings are compiled in: the
     # largest constant is the sinusoidal embedding's 128 frequencies (512 bytes) or the
     # position table of 16 tokens × 16 (1 KiB), far below the smallest weight matrix that a
@@ -330,7 +350,8 @@ def test_rl_run_on_a_flux_pipeline(flux_pipeline, tmp_path):
     config = load_config_file("rl_flux.py", "grpo")
     config.base.update(diffusers_dir=folder, embeddings=embeddings, resolution=RESOLUTION)
     config.rewards = {"contrast": 1.0}
-    config.rollout.update(prompts_per_iter=4, group_size=2, num_steps=2, sde_window_end=2)
+    config.rollout.update(prompts_per_iter=8, group_size=2, num_steps=2, sde_window_end=2,
+                          chunks=2)       # 2 sequential sampler calls of 8 images
     config.train.update(iterations=2, log_every=1, sample_every=2, checkpoint_every=1,
                         minibatch_size=8)
     config.optim.accumulate_steps = 1
