@@ -358,6 +358,10 @@ def test_rl_run_on_a_flux_pipeline(flux_pipeline, tmp_path):
     config.sample.update(num_steps=2, per_class=1)
     state = rl.run(config, str(tmp_path / "rl"))
     assert int(state.iteration) == 2
+    # A resume on the same pipeline passes the fingerprint check and continues the run.
+    config.train.iterations = 3
+    state = rl.run(config, str(tmp_path / "rl"), allow_changed=["train.iterations"])
+    assert int(state.iteration) == 3
     ev = load_config_file("evaluate.py", "flux")
     ev.checkpoint = str(tmp_path / "rl")
     ev.rewards = {"contrast": 1.0}
