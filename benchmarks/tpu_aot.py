@@ -8,14 +8,26 @@ devices and reads ``compiled.memory_analysis()`` and ``compiled.cost_analysis()`
 
 * ``update``: one RL optimizer step, ``rl.update`` with DiffusionNFT's objective
   (``objectives.METHODS["nft"]``) wrapped by NormGuard (``normguard.with_normguard``, λ = 0.1):
-  forward of θ (with gradient), θ_old and θ_ref, backward, AdamW. θ and the optimizer state are
-  float32 (θ is the float32 master), θ_old and θ_ref are stored in bfloat16; activations are
-  bfloat16. Every parameter-like array is sharded over the mesh's ``fsdp`` axis by
-  ``sharding.tree_shardings`` (mesh ``data=1, fsdp=8``), the batch over all devices.
+  forward of θ (with gradient), θ_old and θ_ref, backward, AdamW. The run's precision is
+  ``precision.compute = precision.reference = "bfloat16"``: activations bfloat16, θ_ref stored
+  in bfloat16 (``rl.reference_params``); the trainable tree (``rl.trainable_init``), its θ_old
+  copy and the optimizer state are float32. Two tunings (``--lora``):
+
+  - full fine-tuning: the trainable tree is θ (``policy = rl.full_policy``);
+  - LoRA (rank r > 0, α, targets; default Flow-GRPO's SD3.5-M setting r = 32, α = 64, the
+    ``attention`` preset of ``lora.TARGET_PRESETS``): the trainable tree is the adapter,
+    ``policy = lora.LoRAParams`` over the frozen bfloat16 base θ_ref, velocity
+    ``lora.make_velocity_fn`` (``x@W + (α/r)(x@A)@B``; the base is never differentiated).
+
+  Every parameter-like array is sharded over the mesh's ``fsdp`` axis by
+  ``sharding.tree_shardings`` (mesh ``data=1, fsdp=8``; arrays under 2**16 elements, e.g.
+  the rank-32 adapter factors, stay replicated, as in the RL configs), the batch over all
+  devices.
 * ``sample``: one rollout, ``sampling.sample`` (ODE) over the 10-step training schedule with
   the model's classifier-free guidance (SD3.5: w = 4.5, conditional and unconditional rows in
-  one call; FLUX.1-dev: guidance-distilled, w embedded, one call), θ in bfloat16, sharded the
-  same way.
+  one call; FLUX.1-dev: guidance-distilled, w embedded, one call), with the policy as the RL
+  rollout takes it: θ (float32 master weights, cast by each layer) or the bfloat16 base plus
+  the float32 adapter, sharded the same way.
 
 Figures are per device. Memory: arguments, outputs, temporaries, aliased (donated) bytes and
 ``total = arguments + outputs + temporaries - aliased``, against the device's HBM. Cost: XLA's
@@ -30,9 +42,12 @@ one device each: 16 GiB HBM, 197 TFLOP/s bf16, 819 GB/s); "v4:2x2x1" is a v4-8 (
 the topology lists as 8 devices, one per TensorCore: each device is half a chip (16 GiB of the
 chip's 32 GiB, 137.5 of 275 TFLOP/s, 600 of 1200 GB/s).
 
-Run (in a venv with the ``tpu`` extra; see benchmarks/README.md)::
+Run (in a venv with the ``tpu`` extra; see benchmarks/README.md), one cell per process when the
+host has little memory (an SD3.5-M update compile holds several GiB)::
 
     python -m benchmarks.tpu_aot --out benchmarks/tpu_aot.json
+    python -m benchmarks.tpu_aot --models sd35m --chips v5e-8 --lora 32 --remat full \
+        --programs update --append
 
 The pieces (``build_update``, ``build_sample``, ``measure``) take any device list, so the
 tests compile them for the 8 fake CPU devices at tiny sizes.
@@ -46,17 +61,18 @@ import functools
 import json
 import math
 import os
+import resource
 import sys
 import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+import ml_collections
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from normguard_jax import flow, normguard, rl, sampling, sharding
+from normguard_jax import flow, lora, normguard, rl, sampling, sharding
 from normguard_jax.models import count_params, flux, make_velocity_fn, mmdit
 from normguard_jax.objectives import METHODS
 
@@ -141,10 +157,6 @@ def _struct(shape, dtype, sh: NamedSharding) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=sh)
 
 
-def _cast(tree, dtype):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(dtype)), tree)
-
-
 def _cond(spec: ModelSpec, batch: int, sh: NamedSharding) -> dict:
     cond = {"text": _struct((batch, *spec.text), jnp.bfloat16, sh),
             "pooled": _struct((batch, spec.pooled), jnp.bfloat16, sh)}
@@ -153,25 +165,60 @@ def _cond(spec: ModelSpec, batch: int, sh: NamedSharding) -> dict:
     return cond
 
 
+def run_config(lora_cfg: lora.LoRAConfig | None = None) -> ml_collections.ConfigDict:
+    """The fields of an RL config that :func:`rl.trainable_init` and :func:`rl.reference_params`
+    read: bfloat16 compute and θ_ref storage (``precision``), the ``lora`` block (rank 0 = full
+    fine-tuning) and the seed."""
+    cfg = lora_cfg or lora.LoRAConfig()
+    return ml_collections.ConfigDict({
+        "seed": 0, "precision": {"compute": "bfloat16", "reference": "bfloat16"},
+        "lora": {"rank": cfg.rank, "alpha": cfg.alpha, "targets": cfg.targets}})
+
+
+def _policy_trees(spec: ModelSpec, remat: str, lora_cfg: lora.LoRAConfig | None):
+    """``(velocity, policy, trainable, reference)`` of a run, abstract (ShapeDtypeStructs).
+
+    Full fine-tuning (``lora_cfg`` None or rank 0): the trainable tree is θ itself (float32
+    master weights), θ_ref the base cast to bfloat16, ``policy = rl.full_policy``. LoRA: the
+    trainable tree is the adapter (float32, ``rl.trainable_init``), θ_ref the bfloat16 base,
+    which is also the frozen part of the policy (``lora.LoRAParams(θ_ref, adapter)``), and the
+    velocity is ``lora.make_velocity_fn`` (adapted layers compute ``x@W + (α/r)(x@A)@B``).
+    Both compute in bfloat16 (the graph's dtype), as ``rl.run_velocity`` builds it for
+    ``precision.compute = "bfloat16"``.
+    """
+    config = run_config(lora_cfg)
+    graphdef, base = spec.build(remat, jnp.bfloat16, jnp.float32)
+    reference = jax.eval_shape(lambda b: rl.reference_params(config, b), base)
+    trainable = jax.eval_shape(lambda b: rl.trainable_init(config, b), base)
+    if config.lora.rank:
+        return (lora.make_velocity_fn(graphdef, lora.from_config(config)), lora.LoRAParams,
+                trainable, reference)
+    return make_velocity_fn(graphdef), rl.full_policy, trainable, reference
+
+
 def build_update(spec: ModelSpec, devices, *, remat: str = "none", min_shard_size: int = 2**16,
-                 normguard_weight: float = 0.1) -> tuple[Callable, tuple]:
+                 normguard_weight: float = 0.1,
+                 lora_cfg: lora.LoRAConfig | None = None) -> tuple[Callable, tuple]:
     """The jitted RL update (NFT + NormGuard, AdamW) and its abstract sharded arguments.
+
+    The program is ``rl.update`` jitted as ``rl.build_programs`` jits it: the trainable tree
+    (θ, or with ``lora_cfg`` of rank > 0 the LoRA adapter), its AdamW state and θ_old (the
+    trainable tree's dtype, float32, as ``rl_state.initial_state`` copies it) sharded by
+    ``sharding.tree_shardings``, θ_ref (bfloat16) likewise, θ and the optimizer state donated.
 
     Returns:
       ``(jitted, args)``: ``jitted.lower(*args).compile()`` gives the program of one step;
-      args are θ (float32), the AdamW state, θ_old and θ_ref (bfloat16), the batch
-      (``update_batch`` rows per device: x0, noise (B, H, W, C) float32, σ (B,), cond, advantage
-      (B,)), rewards_ok and None (no rollout-time θ).
+      args are the trainable tree, its AdamW state, θ_old, θ_ref, the batch (``update_batch``
+      rows per device: x0, noise (B, H, W, C) float32, σ (B,), cond, advantage (B,)),
+      rewards_ok and None (no rollout-time θ).
     """
     mesh = mesh_of(devices)
-    graphdef, params = spec.build(remat, jnp.bfloat16, jnp.float32)
-    velocity = make_velocity_fn(graphdef)
+    velocity, policy, trainable, reference = _policy_trees(spec, remat, lora_cfg)
     optimizer = optax.adamw(1e-5, weight_decay=1e-4)
-    frozen = _cast(params, jnp.bfloat16)
-    args_params = sharding.abstract_tree(params, mesh, min_shard_size)
-    opt_state = sharding.abstract_tree(jax.eval_shape(optimizer.init, params), mesh,
+    args_params = sharding.abstract_tree(trainable, mesh, min_shard_size)
+    opt_state = sharding.abstract_tree(jax.eval_shape(optimizer.init, trainable), mesh,
                                        min_shard_size)
-    frozen = sharding.abstract_tree(frozen, mesh, min_shard_size)
+    ref = sharding.abstract_tree(reference, mesh, min_shard_size)
     data_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
     b = spec.update_batch * len(devices)
     batch = {"x0": _struct((b, *spec.latent), jnp.float32, data_sh),
@@ -185,24 +232,27 @@ def build_update(spec: ModelSpec, devices, *, remat: str = "none", min_shard_siz
         normguard.NormGuardConfig(weight=normguard_weight, velocity="points"))
     p_sh = jax.tree.map(lambda s: s.sharding, args_params)
     o_sh = jax.tree.map(lambda s: s.sharding, opt_state)
-    f_sh = jax.tree.map(lambda s: s.sharding, frozen)
+    r_sh = jax.tree.map(lambda s: s.sharding, ref)
     jitted = jax.jit(functools.partial(rl.update, objective=objective, optimizer=optimizer,
-                                       velocity=velocity),
-                     in_shardings=(p_sh, o_sh, f_sh, f_sh, data_sh, repl, repl),
+                                       velocity=velocity, policy=policy),
+                     in_shardings=(p_sh, o_sh, p_sh, r_sh, data_sh, repl, repl),
                      out_shardings=(p_sh, o_sh, repl), donate_argnums=(0, 1))
-    args = (args_params, opt_state, frozen, frozen, batch, _struct((), jnp.bool_, repl), None)
+    args = (args_params, opt_state, args_params, ref, batch, _struct((), jnp.bool_, repl), None)
     return jitted, args
 
 
 def build_sample(spec: ModelSpec, devices, *, num_steps: int = 10, shift: float = 3.0,
-                 min_shard_size: int = 2**16) -> tuple[Callable, tuple]:
+                 min_shard_size: int = 2**16,
+                 lora_cfg: lora.LoRAConfig | None = None) -> tuple[Callable, tuple]:
     """The jitted rollout sampler (ODE over ``num_steps`` steps, the model's guidance) and its
-    abstract sharded arguments: θ (bfloat16), x (B, H, W, C) float32 noise, cond[, the negative
-    conditioning] (``sample_batch`` images per device), key."""
+    abstract sharded arguments: the policy as ``rl.build_programs``' rollout takes it (θ, the
+    float32 master weights, cast to bfloat16 by each layer; or with ``lora_cfg`` of rank > 0
+    ``lora.LoRAParams(bfloat16 base, float32 adapter)``), x (B, H, W, C) float32 noise, cond[, the negative conditioning]
+    (``sample_batch`` images per device), key."""
     mesh = mesh_of(devices)
-    graphdef, params = spec.build("none", jnp.bfloat16, jnp.bfloat16)
-    velocity = make_velocity_fn(graphdef)
-    params = sharding.abstract_tree(params, mesh, min_shard_size)
+    velocity, policy, trainable, reference = _policy_trees(spec, "none", lora_cfg)
+    params = policy(sharding.abstract_tree(reference, mesh, min_shard_size),
+                    sharding.abstract_tree(trainable, mesh, min_shard_size))
     data_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
     b = spec.sample_batch * len(devices)
     x = _struct((b, *spec.latent), jnp.float32, data_sh)
@@ -281,8 +331,18 @@ def param_bytes(spec: ModelSpec, param_dtype=jnp.float32) -> int:
     return sum(math.prod(p.shape) * jnp.dtype(p.dtype).itemsize for p in jax.tree.leaves(params))
 
 
-def run(models, chips, remats, *, num_steps: int, log=print) -> list[dict]:
-    """Measures every (model, chip, program) cell; returns the rows (see :func:`measure`)."""
+def tuning_name(lora_cfg: lora.LoRAConfig | None) -> str:
+    """The row's ``tuning`` field: "full", or "lora r<rank> α<alpha> <targets>"."""
+    if lora_cfg is None or not lora_cfg.rank:
+        return "full"
+    return f"lora r{lora_cfg.rank} α{lora_cfg.alpha:g} {lora_cfg.targets}"
+
+
+def run(models, chips, remats, *, num_steps: int, lora_cfgs=(None,),
+        programs=("update", "sample"), log=print) -> list[dict]:
+    """Measures every (model, chip, tuning, program) cell; returns the rows (see
+    :func:`measure`; plus ``host_peak_rss_gib``, the compiling process's peak resident memory
+    so far, and ``trainable_params``)."""
     rows = []
     for model in models:
         spec = MODELS[model]
@@ -291,71 +351,123 @@ def run(models, chips, remats, *, num_steps: int, log=print) -> list[dict]:
         for chip_name in chips:
             chip = CHIPS[chip_name]
             devices = topology_devices(chip.topology)
-            cells = [(f"update remat={r}", functools.partial(build_update, remat=r), 1)
-                     for r in remats]
-            cells.append((f"sample {num_steps} steps",
-                          functools.partial(build_sample, num_steps=num_steps), num_steps))
-            for program, build, loop_steps in cells:
-                row = {"model": model, "params": n_params, "chip": chip_name,
-                       "topology": chip.topology, "program": program,
-                       "batch_per_device": (spec.sample_batch if program.startswith("sample")
-                                            else spec.update_batch)}
-                try:
-                    jitted, args = build(spec, devices)
-                    row.update(measure(jitted, args, chip=chip, loop_steps=loop_steps))
-                except Exception as e:  # noqa: BLE001  (a failed cell is a result too)
-                    row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
-                rows.append(row)
-                log(format_row(row))
+            for lora_cfg in lora_cfgs:
+                cells = []
+                if "update" in programs:
+                    cells += [(f"update remat={r}",
+                               functools.partial(build_update, remat=r, lora_cfg=lora_cfg), 1)
+                              for r in remats]
+                if "sample" in programs:
+                    cells.append((f"sample {num_steps} steps",
+                                  functools.partial(build_sample, num_steps=num_steps,
+                                                    lora_cfg=lora_cfg), num_steps))
+                trainable = jax.eval_shape(
+                    lambda b, c=lora_cfg: rl.trainable_init(run_config(c), b), p)
+                for program, build, loop_steps in cells:
+                    row = {"model": model, "params": n_params,
+                           "trainable_params": count_params(trainable),
+                           "tuning": tuning_name(lora_cfg), "chip": chip_name,
+                           "topology": chip.topology, "program": program,
+                           "batch_per_device": (spec.sample_batch
+                                                if program.startswith("sample")
+                                                else spec.update_batch)}
+                    try:
+                        jitted, args = build(spec, devices)
+                        row.update(measure(jitted, args, chip=chip, loop_steps=loop_steps))
+                    except Exception as e:  # noqa: BLE001  (a failed cell is a result too)
+                        row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+                    row["host_peak_rss_gib"] = round(
+                        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 1)
+                    rows.append(row)
+                    log(format_row(row))
     return rows
 
 
-HEADER = (f"{'model':9} {'chip':6} {'program':20} {'B/dev':>5} {'args GiB':>8} {'out GiB':>7} "
-          f"{'temp GiB':>8} {'total GiB':>9} {'HBM %':>6} {'TFLOP':>8} {'GB acc':>8} "
-          f"{'FLOP/B':>7} {'roofline':>8} {'compile s':>9}")
+def cell_key(row: dict) -> tuple:
+    """What identifies a cell of the table (rows of the same cell replace each other)."""
+    return (row["model"], row.get("tuning", "full"), row["chip"], row["program"])
+
+
+HEADER = (f"{'model':9} {'tuning':24} {'chip':6} {'program':20} {'B/dev':>5} {'args GiB':>8} "
+          f"{'out GiB':>7} {'temp GiB':>8} {'total GiB':>9} {'HBM %':>6} {'TFLOP':>8} "
+          f"{'GB acc':>8} {'FLOP/B':>7} {'roofline':>8} {'compile s':>9} {'host GiB':>8}")
 
 
 def format_row(row: dict) -> str:
     """One line of the printed table."""
-    head = f"{row['model']:9} {row['chip']:6} {row['program']:20} {row['batch_per_device']:>5}"
+    head = (f"{row['model']:9} {row.get('tuning', 'full'):24} {row['chip']:6} "
+            f"{row['program']:20} {row['batch_per_device']:>5}")
     if "error" in row:
         return f"{head} ERROR {row['error'][:200]}"
     g = lambda k: row[k] / GiB  # noqa: E731
     return (f"{head} {g('argument_bytes'):8.2f} {g('output_bytes'):7.2f} {g('temp_bytes'):8.2f} "
             f"{g('total_bytes'):9.2f} {100 * row['hbm_fraction']:6.1f} "
             f"{row['flops'] / 1e12:8.2f} {row['bytes_accessed'] / 1e9:8.1f} "
-            f"{row['intensity']:7.0f} {100 * row['roofline_util']:7.1f}% {row['compile_s']:9.1f}")
+            f"{row['intensity']:7.0f} {100 * row['roofline_util']:7.1f}% {row['compile_s']:9.1f} "
+            f"{row.get('host_peak_rss_gib', float('nan')):8.1f}")
+
+
+def _order(row: dict) -> tuple:
+    """Table order: model, full before LoRA, chip, the updates (remat none, full, dots), then
+    the sampler."""
+    models, chips = list(MODELS), list(CHIPS)
+    remats = ["update remat=none", "update remat=full", "update remat=dots"]
+    program = row["program"]
+    return (models.index(row["model"]) if row["model"] in models else len(models),
+            row.get("tuning", "full") != "full", row.get("tuning", "full"),
+            chips.index(row["chip"]) if row["chip"] in chips else len(chips),
+            remats.index(program) if program in remats else len(remats), program)
 
 
 def markdown(rows: list[dict]) -> str:
-    """The rows as the markdown table of benchmarks/README.md."""
-    lines = ["| model | chip | program | batch/device | args | outputs | temporaries | total "
-             "(of HBM) | TFLOP | GB accessed | FLOP/byte | roofline-bound util. | compile |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        head = f"| {r['model']} | {r['chip']} | {r['program']} | {r['batch_per_device']} |"
+    """The rows as the markdown table of benchmarks/README.md (sorted by :func:`_order`)."""
+    lines = ["| model | tuning | chip | program | batch/device | args | outputs | temporaries "
+             "| total (of HBM) | TFLOP | GB accessed | FLOP/byte | roofline-bound util. | "
+             "compile | host RSS |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=_order):
+        head = (f"| {r['model']} | {r.get('tuning', 'full')} | {r['chip']} | {r['program']} | "
+                f"{r['batch_per_device']} |")
         if "error" in r:
-            lines.append(f"{head} {r['error'][:160]} |" + " |" * 8)
+            lines.append(f"{head} {r['error'][:160]} |" + " |" * 9)
             continue
         g = lambda k: f"{r[k] / GiB:.2f} GiB"  # noqa: E731
+        rss = r.get("host_peak_rss_gib")
         lines.append(
             f"{head} {g('argument_bytes')} | {g('output_bytes')} | {g('temp_bytes')} | "
             f"{g('total_bytes')} ({100 * r['hbm_fraction']:.0f} %) | {r['flops'] / 1e12:.1f} | "
             f"{r['bytes_accessed'] / 1e9:.0f} | {r['intensity']:.0f} | "
-            f"{100 * r['roofline_util']:.0f} % | {r['compile_s']:.0f} s |")
+            f"{100 * r['roofline_util']:.0f} % | {r['compile_s']:.0f} s | "
+            f"{'' if rss is None else f'{rss:.1f} GiB'} |")
     return "\n".join(lines)
+
+
+def lora_configs(ranks: str, alpha: float, targets: str) -> list[lora.LoRAConfig | None]:
+    """``--lora``'s comma-separated ranks as configs: 0 = full fine-tuning (None)."""
+    return [lora.LoRAConfig(rank=r, alpha=alpha, targets=targets) if r else None
+            for r in (int(x) for x in ranks.split(","))]
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="sd35m,flux-dev")
     parser.add_argument("--chips", default="v5e-8,v4-8")
+    parser.add_argument("--lora", default="0,32",
+                        help="comma-separated LoRA ranks; 0 = full fine-tuning")
+    parser.add_argument("--lora_alpha", type=float, default=64.0)
+    parser.add_argument("--lora_targets", default="attention",
+                        help="lora.TARGET_PRESETS name or comma-separated patterns")
     parser.add_argument("--remat", default="none,full",
                         help="remat policies of the update (models.layers.REMAT_POLICIES)")
+    parser.add_argument("--programs", default="update,sample", help="update, sample or both")
     parser.add_argument("--num_steps", type=int, default=10, help="sampler steps")
     parser.add_argument("--out", default="benchmarks/tpu_aot.json")
     parser.add_argument("--append", action="store_true",
-                        help="keep the rows of --out of other (model, chip, program) cells")
+                        help="keep the rows of --out of other (model, tuning, chip, program) "
+                             "cells")
+    parser.add_argument("--failed", default="",
+                        help="compile nothing: record the selected cells with this error text "
+                             "(e.g. a compile the host's memory could not hold)")
     parser.add_argument("--markdown", action="store_true",
                         help="only print --out's rows as a markdown table (no compiling)")
     a = parser.parse_args(argv)
@@ -363,29 +475,41 @@ def main(argv=None) -> int:
         with open(a.out, encoding="utf-8") as f:
             print(markdown(json.load(f)["rows"]))
         return 0
-    print(HEADER, flush=True)
-    rows = run(a.models.split(","), a.chips.split(","), a.remat.split(","),
-               num_steps=a.num_steps, log=lambda line: print(line, flush=True))
+    models, chips, remats = a.models.split(","), a.chips.split(","), a.remat.split(",")
+    lora_cfgs = lora_configs(a.lora, a.lora_alpha, a.lora_targets)
+    programs = tuple(a.programs.split(","))
+    if a.failed:
+        rows = [{"model": m, "tuning": tuning_name(c), "chip": ch, "topology": CHIPS[ch].topology,
+                 "program": prog, "batch_per_device": (MODELS[m].sample_batch if prog.startswith("sample")
+                                                       else MODELS[m].update_batch),
+                 "error": a.failed}
+                for m in models for ch in chips for c in lora_cfgs
+                for prog in ([f"update remat={r}" for r in remats] if "update" in programs
+                             else []) + ([f"sample {a.num_steps} steps"]
+                                         if "sample" in programs else [])]
+    else:
+        print(HEADER, flush=True)
+        rows = run(models, chips, remats, num_steps=a.num_steps, lora_cfgs=lora_cfgs,
+                   programs=programs, log=lambda line: print(line, flush=True))
     meta = {"jax": jax.__version__, "command": "python -m benchmarks.tpu_aot " +
             " ".join(sys.argv[1:] if argv is None else argv),
             "chips": {k: dataclasses.asdict(v) for k, v in CHIPS.items()},
             "roofline": "min(1, (flops / peak_flops) / (bytes_accessed / bandwidth))"}
     try:
-        import libtpu  # noqa: PLC0415
-        meta["libtpu"] = getattr(libtpu, "__version__", "?")
-    except ImportError:
+        from importlib import metadata  # noqa: PLC0415
+        meta["libtpu"] = metadata.version("libtpu")
+    except Exception:  # noqa: BLE001  (no libtpu: CPU tests)
         pass
     if a.append and os.path.exists(a.out):
         with open(a.out, encoding="utf-8") as f:
             old = json.load(f)
-        cell = lambda r: (r["model"], r["chip"], r["program"])  # noqa: E731
-        new = {cell(r) for r in rows}
-        rows = [r for r in old["rows"] if cell(r) not in new] + rows
+        new = {cell_key(r) for r in rows}
+        rows = [r for r in old["rows"] if cell_key(r) not in new] + rows
         commands = old["meta"].get("commands", [old["meta"].get("command")])
         meta["commands"] = [c for c in commands if c] + [meta.pop("command")]
     with open(a.out, "w", encoding="utf-8") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    print("\n".join([HEADER] + [format_row(r) for r in rows]))
+    print("\n".join([HEADER] + [format_row(r) for r in sorted(rows, key=_order)]))
     return 0
 
 

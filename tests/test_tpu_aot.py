@@ -3,6 +3,7 @@ the update and sampler programs compile with sharded abstract arguments, the fig
 every field, each device's argument bytes are the sharded share of the whole, and remat
 trades FLOPs for memory."""
 
+import json
 import math
 
 import jax
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 import pytest
 
 from benchmarks import tpu_aot
+from normguard_jax import lora
 
 # SD3.5-M's layout in miniature (RMS q/k norm, dual attention, 16 latent channels).
 TINY = dict(sample_size=16, patch_size=2, in_channels=16, num_layers=3, attention_head_dim=16,
@@ -75,3 +77,76 @@ def test_sampler_figures_count_every_step():
     width = TINY["attention_head_dim"] * TINY["num_attention_heads"]
     ff_flops = 2 * b * tokens * width * 4 * width * 2 * TINY["num_layers"]
     assert row["flops"] >= 2 * ff_flops
+
+
+@pytest.mark.slow
+def test_lora_update_trains_only_the_adapter():
+    """The LoRA cell: ``rl.update`` with ``policy=lora.LoRAParams``. The trainable tree (and
+    θ_old, and the AdamW moments) holds only the adapters of the targeted layers, θ_ref is the
+    bfloat16 base, and each device's arguments shrink by θ's float32 copies (θ, two moments,
+    θ_old: 16 bytes per base parameter, sharded) less the adapter's."""
+    devices, chip = jax.devices(), tpu_aot.CHIPS["v5e-8"]
+    cfg = lora.LoRAConfig(rank=2, alpha=4.0, targets="attention")
+    full_jit, full_args = tpu_aot.build_update(SPEC, devices, min_shard_size=1)
+    lora_jit, lora_args = tpu_aot.build_update(SPEC, devices, min_shard_size=1, lora_cfg=cfg)
+    adapter, _, old, base = lora_args[:4]
+    # Trainable leaves: exactly the targeted layers' (in, r) and (r, out) float32 factors.
+    paths = lora.target_paths(base, cfg)
+    assert paths and all(".attn." in p for p in paths)
+    assert sorted(adapter) == paths and jax.tree.structure(old) == jax.tree.structure(adapter)
+    kernels = lora._kernels(base)   # noqa: SLF001
+    for path in paths:
+        n_in, n_out = kernels[path].shape
+        assert adapter[path]["a"].shape == (n_in, 2) and adapter[path]["b"].shape == (2, n_out)
+        assert adapter[path]["a"].dtype == jnp.float32
+    # θ_ref is the whole base, stored in bfloat16, the same tree as full fine-tuning's θ_ref.
+    assert jax.tree.structure(base) == jax.tree.structure(full_args[3])
+    assert {x.dtype for x in jax.tree.leaves(base)} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(full_args[0])} == {jnp.dtype(jnp.float32)}
+
+    full = tpu_aot.measure(full_jit, full_args, chip=chip)
+    low = tpu_aot.measure(lora_jit, lora_args, chip=chip)
+    assert low["argument_bytes"] == pytest.approx(_per_device_bytes(lora_args), rel=0.02)
+    # The saving is θ, its AdamW moments and θ_old (float32) less the adapter's four copies.
+    saving = _per_device_bytes(full_args[:3]) - _per_device_bytes(lora_args[:3])
+    theta = _per_device_bytes(full_args[0])
+    assert saving > 3 * theta                            # 4 float32 copies minus the adapter's
+    assert full["argument_bytes"] - low["argument_bytes"] == pytest.approx(saving, rel=0.05)
+    # The outputs are the new adapter and its optimizer state (donated), not θ.
+    assert low["output_bytes"] < 0.5 * full["output_bytes"]
+    assert 0 < low["alias_bytes"] <= low["output_bytes"]
+    # No gradient of the base kernels is formed: fewer FLOPs than full fine-tuning.
+    assert low["flops"] < full["flops"]
+
+
+@pytest.mark.slow
+def test_lora_sampler_runs_the_adapted_policy():
+    cfg = lora.LoRAConfig(rank=2, alpha=4.0, targets="attention")
+    jitted, args = tpu_aot.build_sample(SPEC, jax.devices(), num_steps=2, min_shard_size=1,
+                                        lora_cfg=cfg)
+    assert isinstance(args[0], lora.LoRAParams)
+    row = tpu_aot.measure(jitted, args, loop_steps=2)
+    assert row["argument_bytes"] == pytest.approx(_per_device_bytes(args), rel=0.02)
+    assert row["flops"] > 0
+
+
+def test_failed_cells_and_markdown(tmp_path, capsys):
+    """``--failed`` records cells without compiling; ``--append`` keeps other cells; the
+    markdown table lists full fine-tuning before LoRA and the updates before the sampler."""
+    out = str(tmp_path / "aot.json")
+    tpu_aot.main(["--models", "sd35m", "--chips", "v5e-8", "--lora", "32", "--remat", "full",
+                  "--programs", "update", "--failed", "compile did not fit", "--out", out])
+    tpu_aot.main(["--models", "sd35m", "--chips", "v5e-8", "--lora", "0", "--remat", "full",
+                  "--programs", "update,sample", "--failed", "x", "--out", out, "--append"])
+    with open(out, encoding="utf-8") as f:
+        rows = json.load(f)["rows"]
+    assert {(r["tuning"], r["program"]) for r in rows} == {
+        ("lora r32 α64 attention", "update remat=full"), ("full", "update remat=full"),
+        ("full", "sample 10 steps")}
+    capsys.readouterr()
+    tpu_aot.main(["--out", out, "--markdown"])
+    table = capsys.readouterr().out.splitlines()
+    assert [line.split(" | ")[1:4:2] for line in table[2:]] == [
+        ["full", "update remat=full"], ["full", "sample 10 steps"],
+        ["lora r32 α64 attention", "update remat=full"]]
+    assert "compile did not fit" in table[-1]
