@@ -69,6 +69,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
@@ -109,6 +110,8 @@ class ModelSpec:
       guidance: embedded guidance scale (FLUX.1-dev), else classifier-free guidance.
       cfg_scale: sampler guidance scale (CFG w, or the embedded FLUX guidance).
       update_batch, sample_batch: rows per device of the update and of the rollout.
+      config, family: the architecture (a config dict) and "mmdit" or "flux", for
+        :func:`with_blocks`; None for a spec built by hand.
     """
 
     name: str
@@ -120,6 +123,8 @@ class ModelSpec:
     cfg_scale: float
     update_batch: int
     sample_batch: int
+    config: dict | None = None
+    family: str | None = None
 
 
 def _mmdit(config):
@@ -140,12 +145,104 @@ MODELS = {
     # SD3.5-Medium at 512×512 (64×64×16 latents), CLIP-L+G and T5 states (77 + 256 tokens),
     # Flow-GRPO's 8 samples per device and CFG 4.5.
     "sd35m": ModelSpec("sd35m", _mmdit(mmdit.SD35_MEDIUM_CONFIG), (64, 64, 16), (333, 4096),
-                       2048, False, 4.5, 8, 8),
+                       2048, False, 4.5, 8, 8, mmdit.SD35_MEDIUM_CONFIG, "mmdit"),
     # FLUX.1-dev at 512×512 (64×64×16 latents, 1024 packed tokens), 512 T5 tokens, embedded
     # guidance 3.5.
     "flux-dev": ModelSpec("flux-dev", _flux(flux.FLUX_DEV_CONFIG), (64, 64, 16), (512, 4096),
-                          768, True, 3.5, 8, 8),
+                          768, True, 3.5, 8, 8, flux.FLUX_DEV_CONFIG, "flux"),
 }
+
+
+def blocks_of(spec: ModelSpec) -> tuple[int, int]:
+    """The spec's two block counts: (dual-attention, plain) MMDiT blocks, or (double-stream,
+    single-stream) FLUX blocks. SD3.5-M: (13, 11); FLUX.1-dev: (19, 38)."""
+    c = spec.config
+    if spec.family == "mmdit":
+        dual = len(c.get("dual_attention_layers", ()))
+        return dual, c["num_layers"] - dual
+    return c["num_layers"], c["num_single_layers"]
+
+
+def with_blocks(spec: ModelSpec, blocks: tuple[int, int]) -> ModelSpec:
+    """The same model with fewer blocks (every block at full width): MMDiT ``(dual, plain)``
+    = the first ``dual`` blocks with dual attention, then ``plain`` ones (the last is the
+    context-pre-only block, so ``plain`` ≥ 1); FLUX ``(double, single)``. For compiles whose
+    full depth does not fit the compiling host's memory: figures are then extrapolated linearly
+    in the block counts (:func:`extrapolate`)."""
+    first, second = blocks
+    if spec.family == "mmdit":
+        if second < 1:
+            raise ValueError("an MMDiT needs at least one plain (context-pre-only) last block")
+        config = dict(spec.config, num_layers=first + second,
+                      dual_attention_layers=tuple(range(first)))
+        build = _mmdit(config)
+    elif spec.family == "flux":
+        config = dict(spec.config, num_layers=first, num_single_layers=second)
+        build = _flux(config)
+    else:
+        raise ValueError(f"{spec.name}: no architecture config to change the depth of")
+    return dataclasses.replace(spec, build=build, config=config)
+
+
+# Per-device figures that grow with the depth; the others are derived from them.
+EXTENSIVE = ("argument_bytes", "output_bytes", "temp_bytes", "alias_bytes", "total_bytes",
+             "flops", "bytes_accessed")
+
+
+def extrapolate(rows: list[dict], chips=None) -> list[dict]:
+    """Full-depth rows fitted to reduced-depth ones (``blocks`` field, :func:`with_blocks`).
+
+    For every cell (model, tuning, chip, program) with compiles at several depths, each figure
+    of :data:`EXTENSIVE` is fitted as ``c + a·n1 + b·n2`` (least squares over the cell's depths;
+    with only proportional depths, ``c + a·k``) and evaluated at the model's full block counts.
+    The row gets ``blocks`` = the full counts, ``extrapolated_from`` = the depths used, the
+    fit's largest relative residual at those depths (``fit_residual``) and the derived fields
+    recomputed (no compile time or host memory).
+    """
+    chips = chips or CHIPS
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if "error" not in r and r.get("blocks") and r["model"] in MODELS:
+            groups.setdefault(cell_key(r), []).append(r)
+    out = []
+    for key, group in groups.items():
+        spec = MODELS[key[0]]
+        full = blocks_of(spec)
+        depths = sorted({tuple(r["blocks"]) for r in group})
+        if len(depths) < 2 or tuple(full) in depths:
+            continue
+        x = np.array([[1.0, *d] for d in depths])
+        target = np.array([1.0, *full])
+        if np.linalg.matrix_rank(x) < 3:   # proportional depths: one slope along the ray
+            ratio = np.array(full, float) / max(full)
+            ks = x[:, 1:] @ ratio / (ratio @ ratio)
+            if not np.allclose(x[:, 1:], np.outer(ks, ratio)):
+                continue
+            x = np.stack([np.ones_like(ks), ks], axis=1)
+            target = np.array([1.0, max(full)])
+        by_depth = {tuple(r["blocks"]): r for r in group}   # the last row of a depth wins
+        row = {k: v for k, v in by_depth[depths[-1]].items()
+               if k not in ("compile_s", "host_peak_rss_gib")}
+        residual = 0.0
+        for field in EXTENSIVE:
+            y = np.array([by_depth[d][field] for d in depths], float)
+            coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+            residual = max(residual, float(np.max(np.abs(x @ coef - y) / np.maximum(y, 1.0))))
+            row[field] = float(target @ coef)
+        for field in ("argument_bytes", "output_bytes", "temp_bytes", "alias_bytes"):
+            row[field] = int(round(row[field]))
+        row["total_bytes"] = (row["argument_bytes"] + row["output_bytes"] + row["temp_bytes"]
+                              - row["alias_bytes"])
+        row.update(blocks=list(full), extrapolated_from=[list(d) for d in depths],
+                   fit_residual=residual)
+        row["intensity"] = row["flops"] / max(row["bytes_accessed"], 1.0)
+        chip = chips[row["chip"]]
+        row["hbm_fraction"] = row["total_bytes"] / chip.hbm
+        row["compute_s"] = row["flops"] / chip.peak_flops
+        row["memory_s"] = row["bytes_accessed"] / chip.bandwidth
+        row["roofline_util"] = min(1.0, row["compute_s"] / max(row["memory_s"], 1e-30))
+        out.append(row)
+    return out
 
 
 def mesh_of(devices) -> Mesh:
@@ -339,15 +436,20 @@ def tuning_name(lora_cfg: lora.LoRAConfig | None) -> str:
 
 
 def run(models, chips, remats, *, num_steps: int, lora_cfgs=(None,),
-        programs=("update", "sample"), log=print) -> list[dict]:
+        programs=("update", "sample"), blocks=None, log=print) -> list[dict]:
     """Measures every (model, chip, tuning, program) cell; returns the rows (see
     :func:`measure`; plus ``host_peak_rss_gib``, the compiling process's peak resident memory
-    so far, and ``trainable_params``)."""
+    so far, and ``trainable_params``). ``blocks``: compile the models at this reduced depth
+    (:func:`with_blocks`; the rows get a ``blocks`` field and ``params`` stays the full
+    model's)."""
     rows = []
     for model in models:
         spec = MODELS[model]
         _, p = spec.build("none", jnp.bfloat16, jnp.float32)
         n_params = count_params(p)
+        if blocks is not None:
+            spec = with_blocks(spec, blocks)
+            _, p = spec.build("none", jnp.bfloat16, jnp.float32)
         for chip_name in chips:
             chip = CHIPS[chip_name]
             devices = topology_devices(chip.topology)
@@ -371,6 +473,8 @@ def run(models, chips, remats, *, num_steps: int, lora_cfgs=(None,),
                            "batch_per_device": (spec.sample_batch
                                                 if program.startswith("sample")
                                                 else spec.update_batch)}
+                    if blocks is not None:
+                        row.update(blocks=list(blocks), params_compiled=count_params(p))
                     try:
                         jitted, args = build(spec, devices)
                         row.update(measure(jitted, args, chip=chip, loop_steps=loop_steps))
@@ -383,9 +487,11 @@ def run(models, chips, remats, *, num_steps: int, lora_cfgs=(None,),
     return rows
 
 
-def cell_key(row: dict) -> tuple:
-    """What identifies a cell of the table (rows of the same cell replace each other)."""
-    return (row["model"], row.get("tuning", "full"), row["chip"], row["program"])
+def cell_key(row: dict, depth: bool = False) -> tuple:
+    """What identifies a cell of the table; with ``depth`` also the compiled depth (rows of the
+    same cell and depth replace each other in ``--append``)."""
+    key = (row["model"], row.get("tuning", "full"), row["chip"], row["program"])
+    return key + (tuple(row.get("blocks") or ()),) if depth else key
 
 
 HEADER = (f"{'model':9} {'tuning':24} {'chip':6} {'program':20} {'B/dev':>5} {'args GiB':>8} "
@@ -395,8 +501,10 @@ HEADER = (f"{'model':9} {'tuning':24} {'chip':6} {'program':20} {'B/dev':>5} {'a
 
 def format_row(row: dict) -> str:
     """One line of the printed table."""
+    program = row["program"] + (f" [{'+'.join(map(str, row['blocks']))}]"
+                                if row.get("blocks") else "")
     head = (f"{row['model']:9} {row.get('tuning', 'full'):24} {row['chip']:6} "
-            f"{row['program']:20} {row['batch_per_device']:>5}")
+            f"{program:20} {row['batch_per_device']:>5}")
     if "error" in row:
         return f"{head} ERROR {row['error'][:200]}"
     g = lambda k: row[k] / GiB  # noqa: E731
@@ -419,26 +527,43 @@ def _order(row: dict) -> tuple:
             remats.index(program) if program in remats else len(remats), program)
 
 
-def markdown(rows: list[dict]) -> str:
-    """The rows as the markdown table of benchmarks/README.md (sorted by :func:`_order`)."""
-    lines = ["| model | tuning | chip | program | batch/device | args | outputs | temporaries "
-             "| total (of HBM) | TFLOP | GB accessed | FLOP/byte | roofline-bound util. | "
-             "compile | host RSS |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in sorted(rows, key=_order):
-        head = (f"| {r['model']} | {r.get('tuning', 'full')} | {r['chip']} | {r['program']} | "
-                f"{r['batch_per_device']} |")
-        if "error" in r:
-            lines.append(f"{head} {r['error'][:160]} |" + " |" * 9)
-            continue
-        g = lambda k: f"{r[k] / GiB:.2f} GiB"  # noqa: E731
-        rss = r.get("host_peak_rss_gib")
-        lines.append(
-            f"{head} {g('argument_bytes')} | {g('output_bytes')} | {g('temp_bytes')} | "
+def _markdown_row(r: dict) -> str:
+    tuning = r.get("tuning", "full")
+    program = r["program"] + (" ≈" if r.get("extrapolated_from") else "")
+    head = f"| {r['model']} | {tuning} | {r['chip']} | {program} | {r['batch_per_device']} |"
+    if "error" in r:
+        return f"{head} {r['error'][:160]} |" + " |" * 9
+    g = lambda k: f"{r[k] / GiB:.2f} GiB"  # noqa: E731
+    rss = r.get("host_peak_rss_gib")
+    compile_s = r.get("compile_s")
+    return (f"{head} {g('argument_bytes')} | {g('output_bytes')} | {g('temp_bytes')} | "
             f"{g('total_bytes')} ({100 * r['hbm_fraction']:.0f} %) | {r['flops'] / 1e12:.1f} | "
             f"{r['bytes_accessed'] / 1e9:.0f} | {r['intensity']:.0f} | "
-            f"{100 * r['roofline_util']:.0f} % | {r['compile_s']:.0f} s | "
+            f"{100 * r['roofline_util']:.0f} % | "
+            f"{'' if compile_s is None else f'{compile_s:.0f} s'} | "
             f"{'' if rss is None else f'{rss:.1f} GiB'} |")
+
+
+def markdown(rows: list[dict]) -> str:
+    """The rows as the markdown tables of benchmarks/README.md (sorted by :func:`_order`): the
+    full-depth cells, compiled or (marked ≈) extrapolated from reduced-depth compiles
+    (:func:`extrapolate`), then the reduced-depth compiles themselves."""
+    header = ("| model | tuning | chip | program | batch/device | args | outputs | temporaries "
+              "| total (of HBM) | TFLOP | GB accessed | FLOP/byte | roofline-bound util. | "
+              "compile | host RSS |",
+              "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    full = [r for r in rows if not r.get("blocks")] + extrapolate(rows)
+    lines = list(header) + [_markdown_row(r) for r in sorted(full, key=_order)]
+    reduced = [r for r in rows if r.get("blocks")]
+    if reduced:
+        lines += ["", "Reduced-depth compiles (blocks: MMDiT dual-attention + plain, FLUX "
+                  "double + single):", "", header[0].replace("| program |",
+                                                             "| program | blocks |"),
+                  header[1] + "---|"]
+        for r in sorted(reduced, key=lambda r: (_order(r), r["blocks"])):
+            line = _markdown_row(r).split(" | ")
+            line.insert(4, "+".join(str(b) for b in r["blocks"]))
+            lines.append(" | ".join(line))
     return "\n".join(lines)
 
 
@@ -461,6 +586,9 @@ def main(argv=None) -> int:
                         help="remat policies of the update (models.layers.REMAT_POLICIES)")
     parser.add_argument("--programs", default="update,sample", help="update, sample or both")
     parser.add_argument("--num_steps", type=int, default=10, help="sampler steps")
+    parser.add_argument("--blocks", default="",
+                        help="compile at a reduced depth 'N1,N2' (MMDiT dual-attention, plain "
+                             "blocks; FLUX double, single blocks); the markdown extrapolates")
     parser.add_argument("--out", default="benchmarks/tpu_aot.json")
     parser.add_argument("--append", action="store_true",
                         help="keep the rows of --out of other (model, tuning, chip, program) "
@@ -489,8 +617,9 @@ def main(argv=None) -> int:
                                          if "sample" in programs else [])]
     else:
         print(HEADER, flush=True)
+        blocks = tuple(int(b) for b in a.blocks.split(",")) if a.blocks else None
         rows = run(models, chips, remats, num_steps=a.num_steps, lora_cfgs=lora_cfgs,
-                   programs=programs, log=lambda line: print(line, flush=True))
+                   programs=programs, blocks=blocks, log=lambda line: print(line, flush=True))
     meta = {"jax": jax.__version__, "command": "python -m benchmarks.tpu_aot " +
             " ".join(sys.argv[1:] if argv is None else argv),
             "chips": {k: dataclasses.asdict(v) for k, v in CHIPS.items()},
@@ -503,8 +632,8 @@ def main(argv=None) -> int:
     if a.append and os.path.exists(a.out):
         with open(a.out, encoding="utf-8") as f:
             old = json.load(f)
-        new = {cell_key(r) for r in rows}
-        rows = [r for r in old["rows"] if cell_key(r) not in new] + rows
+        new = {cell_key(r, depth=True) for r in rows}
+        rows = [r for r in old["rows"] if cell_key(r, depth=True) not in new] + rows
         commands = old["meta"].get("commands", [old["meta"].get("command")])
         meta["commands"] = [c for c in commands if c] + [meta.pop("command")]
     with open(a.out, "w", encoding="utf-8") as f:

@@ -12,6 +12,7 @@ import pytest
 
 from benchmarks import tpu_aot
 from normguard_jax import lora
+from normguard_jax.models import count_params
 
 # SD3.5-M's layout in miniature (RMS q/k norm, dual attention, 16 latent channels).
 TINY = dict(sample_size=16, patch_size=2, in_channels=16, num_layers=3, attention_head_dim=16,
@@ -150,3 +151,32 @@ def test_failed_cells_and_markdown(tmp_path, capsys):
         ["full", "update remat=full"], ["full", "sample 10 steps"],
         ["lora r32 α64 attention", "update remat=full"]]
     assert "compile did not fit" in table[-1]
+
+
+@pytest.mark.parametrize("model,depths", [("sd35m", [(2, 1), (4, 1), (2, 3)]),
+                                          ("flux-dev", [(1, 2), (2, 4)])])
+def test_extrapolation_from_reduced_depths_recovers_the_parameter_count(model, depths):
+    """Parameter counts are exactly linear in the block counts, so figures equal to them,
+    extrapolated from reduced-depth models (``with_blocks``; SD3.5-M: three depths, any two
+    block counts; FLUX.1-dev: proportional depths 1:2 as in its 19 + 38 blocks), must give the
+    full model's count."""
+    spec = tpu_aot.MODELS[model]
+    full = count_params(spec.build("none", jnp.bfloat16, jnp.float32)[1])
+    rows = []
+    for blocks in depths:
+        reduced = tpu_aot.with_blocks(spec, blocks)
+        assert tpu_aot.blocks_of(reduced) == blocks
+        n = count_params(reduced.build("none", jnp.bfloat16, jnp.float32)[1])
+        rows.append(dict({f: n for f in tpu_aot.EXTENSIVE}, model=model, tuning="full",
+                         chip="v5e-8", program="update remat=full", batch_per_device=8,
+                         blocks=list(blocks), alias_bytes=0, total_bytes=2 * n, intensity=1.0,
+                         hbm_fraction=0.1, roofline_util=1.0))
+    (row,) = tpu_aot.extrapolate(rows)
+    assert row["blocks"] == list(tpu_aot.blocks_of(spec))
+    assert row["flops"] == pytest.approx(full, rel=1e-9)
+    assert row["argument_bytes"] == pytest.approx(full, abs=1)
+    assert row["total_bytes"] == row["argument_bytes"] + row["output_bytes"] + row["temp_bytes"]
+    assert row["fit_residual"] < 1e-9 and row["extrapolated_from"] == sorted(map(list, depths))
+    # The table marks the extrapolated cell and lists the compiles it came from.
+    table = tpu_aot.markdown(rows)
+    assert "update remat=full ≈" in table and "Reduced-depth compiles" in table
