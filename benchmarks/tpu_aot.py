@@ -222,7 +222,11 @@ def extrapolate(rows: list[dict], chips=None) -> list[dict]:
             target = np.array([1.0, max(full)])
         by_depth = {tuple(r["blocks"]): r for r in group}   # the last row of a depth wins
         row = {k: v for k, v in by_depth[depths[-1]].items()
-               if k not in ("compile_s", "host_peak_rss_gib")}
+               if k not in ("compile_s", "host_peak_rss_gib", "params_compiled")}
+        if all("trainable_params" in by_depth[d] for d in depths):   # linear in depth too
+            y = np.array([by_depth[d]["trainable_params"] for d in depths], float)
+            coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+            row["trainable_params"] = int(round(float(target @ coef)))
         residual = 0.0
         for field in EXTENSIVE:
             y = np.array([by_depth[d][field] for d in depths], float)

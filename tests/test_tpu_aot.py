@@ -168,12 +168,13 @@ def test_extrapolation_from_reduced_depths_recovers_the_parameter_count(model, d
         assert tpu_aot.blocks_of(reduced) == blocks
         n = count_params(reduced.build("none", jnp.bfloat16, jnp.float32)[1])
         rows.append(dict({f: n for f in tpu_aot.EXTENSIVE}, model=model, tuning="full",
+                         trainable_params=n,
                          chip="v5e-8", program="update remat=full", batch_per_device=8,
                          blocks=list(blocks), alias_bytes=0, total_bytes=2 * n, intensity=1.0,
                          hbm_fraction=0.1, roofline_util=1.0))
     (row,) = tpu_aot.extrapolate(rows)
     assert row["blocks"] == list(tpu_aot.blocks_of(spec))
-    assert row["flops"] == pytest.approx(full, rel=1e-9)
+    assert row["flops"] == pytest.approx(full, rel=1e-9) and row["trainable_params"] == full
     assert row["argument_bytes"] == pytest.approx(full, abs=1)
     assert row["total_bytes"] == row["argument_bytes"] + row["output_bytes"] + row["temp_bytes"]
     assert row["fit_residual"] < 1e-9 and row["extrapolated_from"] == sorted(map(list, depths))
