@@ -61,7 +61,7 @@ def test_update_figures_on_eight_cpu_devices():
     # The README table's line of this cell.
     cell = dict(row, model="tiny", chip="v5e-8", program="update remat=none", batch_per_device=2)
     line = tpu_aot.markdown([cell]).splitlines()[-1]
-    assert line.startswith("| tiny | v5e-8 | update remat=none | 2 |")
+    assert line.startswith("| tiny | full | v5e-8 | update remat=none | 2 |")
     assert f"{100 * row['roofline_util']:.0f} %" in line
 
 
