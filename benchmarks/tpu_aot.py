@@ -238,7 +238,7 @@ def extrapolate(rows: list[dict], chips=None) -> list[dict]:
         row["total_bytes"] = (row["argument_bytes"] + row["output_bytes"] + row["temp_bytes"]
                               - row["alias_bytes"])
         row.update(blocks=list(full), extrapolated_from=[list(d) for d in depths],
-                   fit_residual=residual)
+                   fit_residual=residual, fit_unknowns=x.shape[1])
         row["intensity"] = row["flops"] / max(row["bytes_accessed"], 1.0)
         chip = chips[row["chip"]]
         row["hbm_fraction"] = row["total_bytes"] / chip.hbm
@@ -533,7 +533,10 @@ def _order(row: dict) -> tuple:
 
 def _markdown_row(r: dict) -> str:
     tuning = r.get("tuning", "full")
-    program = r["program"] + (" ≈" if r.get("extrapolated_from") else "")
+    program = r["program"]
+    if r.get("extrapolated_from"):   # with more depths than unknowns the fit can be checked
+        over = len(r["extrapolated_from"]) > r.get("fit_unknowns", len(r["extrapolated_from"]))
+        program += f" ≈ (fit residual {100 * r['fit_residual']:.1f} %)" if over else " ≈"
     head = f"| {r['model']} | {tuning} | {r['chip']} | {program} | {r['batch_per_device']} |"
     if "error" in r:
         return f"{head} {r['error'][:160]} |" + " |" * 9
