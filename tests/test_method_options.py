@@ -393,7 +393,7 @@ def test_train_iteration_samples_with_the_configured_policy():
     """The rollout program receives θ_old with policy "old" and θ with "current"."""
     seen = []
 
-    def fake_rollout(params, labels, key):
+    def fake_rollout(params, labels, key, requests=None, null=None):
         seen.append(params)
         n = labels.shape[0]
         ro = Rollout(labels=labels, images=jnp.zeros((n,) + SHAPE), rewards=jnp.zeros(n),
@@ -455,7 +455,7 @@ def test_update_hands_theta_at_rollout_time_to_awm():
         seen.append(rollout_params)
         return jax.tree.map(lambda a: a + 1.0, params), opt_state, {"skipped": jnp.float32(0)}
 
-    def fake_rollout(params, labels, key):
+    def fake_rollout(params, labels, key, requests=None, null=None):
         n = labels.shape[0]
         return Rollout(labels=labels, images=jnp.zeros((n,) + SHAPE), rewards=jnp.zeros(n),
                        advantages=jnp.zeros(n), trajectory=None), {}
