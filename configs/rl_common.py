@@ -77,6 +77,19 @@ def make(method: str, objective: dict) -> ml_collections.ConfigDict:
                                      # scale) | auto (guided iff rollout.guidance_scale != 1) |
                                      # points (the objective's own velocities; runs recorded
                                      # before this field).
+    # Guard variants (normguard_jax/normguard.py); the defaults are the per-sample hinge above.
+    c.normguard.aggregate = "sample"  # sample: one hinge per sample | batch: one hinge on
+                                     # mean‖v_θ‖/mean‖v_ref‖ of the minibatch | sigma_bins: one
+                                     # per non-empty σ bin on its ratio of mean norms, averaged.
+    c.normguard.sigma_bins = 4       # equal-width σ bins over [0, 1] of aggregate=sigma_bins.
+    c.normguard.sigma_ramp = "none"  # hinge weight w(σ), 1 at σ=1 and ramp_low at σ=0: none (1) |
+                                     # linear (ramp_low + (1-ramp_low)·σ) | cosine (… ·sin²(πσ/2)).
+    c.normguard.ramp_low = 0.0       # the ramp's weight at σ=0 (data end), in [0, 1].
+    c.normguard.sigma_margin = 0.0   # extra margin at σ=0, down to 0 at σ=1:
+                                     # margin(σ) = margin + sigma_margin·(1-σ).
+    c.normguard.log_grad_norms = False  # log ‖∇ base loss‖ and ‖∇ λ·penalty‖ separately
+                                     # (train/normguard/grad_norm_*; extra backward passes),
+                                     # for normguard.lambda_for_fraction.
 
     # LoRA: train low-rank adapters on the base's linear projections instead of all of θ
     # (normguard_jax/lora.py). θ, θ_old and the optimizer state are then adapter-only, θ_ref is

@@ -185,6 +185,7 @@ RESUME_ALLOWED = (
     "train.checkpoint_every", "train.keep_checkpoints", "train.max_nonfinite",
     "sample.num_steps", "sample.shift", "sample.guidance_scale", "sample.per_class",
     "data.data_dir", "mesh.data", "mesh.fsdp", "mesh.min_shard_size",
+    "normguard.log_grad_norms",
 )
 # Blocks never compared: how the processes of one launch find each other (the coordinator's
 # address changes from launch to launch and process_id from process to process).
@@ -196,6 +197,12 @@ _ABSENT = "(absent)"
 ADDED_FIELDS = {
     "rollout.policy": "current",          # rollouts from θ
     "normguard.velocity": "points",       # the hinge on the objective's own velocities
+    "normguard.aggregate": "sample",      # one hinge per sample
+    "normguard.sigma_bins": 4,
+    "normguard.sigma_ramp": "none",       # no σ-dependent weight
+    "normguard.ramp_low": 0.0,
+    "normguard.sigma_margin": 0.0,        # σ-independent margin
+    "normguard.log_grad_norms": False,    # diagnostic only
     "objective.ties": "drop",             # DPO: tied groups give no pair
     "objective.loss_type": "exp_first",   # AWM: one ratio per (sample, σ) row
     "objective.old_params": "ema",        # AWM: θ_old = ctx.old_params

@@ -266,7 +266,8 @@ def full_policy(ref_params, params):
 
 
 def update(params, opt_state, old_params, ref_params, batch, rewards_ok, rollout_params=None,
-           null=None, *, objective, optimizer, velocity, policy=full_policy):
+           null=None, *, objective, optimizer, velocity, policy=full_policy, guard_terms=None,
+           guard_config=None):
     """One optimizer step of ``objective`` on a minibatch; returns (params, opt_state, metrics).
 
     ``params``, ``old_params``, ``rollout_params`` and ``opt_state`` are the trainable tree (all
@@ -280,6 +281,12 @@ def update(params, opt_state, old_params, ref_params, batch, rewards_ok, rollout
 
     ``null``: the null conditioning of a text model (``Context.null_condition``: guided
     velocities of Flow-GRPO and NormGuard), None for class labels.
+
+    ``guard_terms`` (:func:`normguard.guard_terms` of the base objective) and ``guard_config``
+    (its :class:`normguard.NormGuardConfig`), when given, add the gradient norms of the base
+    loss and of the penalty, taken separately on the same minibatch
+    (:func:`normguard.grad_norm_metrics`: one more forward and two more backward passes), to
+    the metrics; the update itself is the same.
     """
     ctx = Context(velocity=velocity, ref_params=ref_params,
                   old_params=policy(ref_params, old_params),
@@ -298,6 +305,9 @@ def update(params, opt_state, old_params, ref_params, batch, rewards_ok, rollout
     params, opt_state = nonfinite.apply_if(ok, step, (params, opt_state), grads)
     metrics = dict(aux.metrics, loss=loss, grad_norm=optax.global_norm(grads),
                    skipped=1.0 - ok.astype(jnp.float32))
+    if guard_terms is not None:
+        metrics.update(normguard.grad_norm_metrics(
+            lambda p: guard_terms(policy(ref_params, p), batch, ctx), params, guard_config))
     return params, opt_state, metrics
 
 
@@ -460,8 +470,11 @@ def build_programs(config: ml_collections.ConfigDict, base: generators.Pretraine
     the rollout and the updates; None for class labels."""
     method = METHODS[config.method]
     objective_cfg = objective_config(config, base.num_classes)
-    objective = normguard.with_normguard(method.make_objective(objective_cfg),
-                                         normguard_config(config, base.num_classes))
+    guard = normguard_config(config, base.num_classes)
+    objective = normguard.with_normguard(method.make_objective(objective_cfg), guard)
+    # Opt-in diagnostic: the base loss's and the penalty's gradient norms, taken separately.
+    guard_terms = (normguard.guard_terms(method.make_objective(objective_cfg), guard)
+                   if guard.log_grad_norms else None)
     repl, data_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
     # θ, θ_old, θ_ref and the optimizer state laid out over the fsdp axis by one rule.
     # The trainable tree is θ or, with LoRA, the adapter; θ_ref is the base.
@@ -493,7 +506,8 @@ def build_programs(config: ml_collections.ConfigDict, base: generators.Pretraine
 
     batch_fn = jax.jit(training_batch)
     update_fn = jax.jit(functools.partial(update, objective=objective, optimizer=optimizer,
-                                          velocity=base.velocity, policy=policy),
+                                          velocity=base.velocity, policy=policy,
+                                          guard_terms=guard_terms, guard_config=guard),
                         in_shardings=(train_sh, opt_sh, train_sh, ref_sh, data_sh, repl,
                                       train_sh if needs_rollout_params else repl, repl),
                         out_shardings=(train_sh, opt_sh, repl), donate_argnums=(0, 1))
