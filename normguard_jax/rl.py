@@ -296,6 +296,9 @@ def update(params, opt_state, old_params, ref_params, batch, rewards_ok, rollout
     (loss, aux), grads = jax.value_and_grad(
         lambda p: objective(policy(ref_params, p), batch, ctx), has_aux=True)(params)
     ok = rewards_ok & nonfinite.all_finite(loss, grads)
+    # At the params the gradient was taken at (before the step).
+    guard_metrics = ({} if guard_terms is None else normguard.grad_norm_metrics(
+        lambda p: guard_terms(policy(ref_params, p), batch, ctx), params, guard_config))
 
     def step(state, grads):
         params, opt_state = state
@@ -304,10 +307,7 @@ def update(params, opt_state, old_params, ref_params, batch, rewards_ok, rollout
 
     params, opt_state = nonfinite.apply_if(ok, step, (params, opt_state), grads)
     metrics = dict(aux.metrics, loss=loss, grad_norm=optax.global_norm(grads),
-                   skipped=1.0 - ok.astype(jnp.float32))
-    if guard_terms is not None:
-        metrics.update(normguard.grad_norm_metrics(
-            lambda p: guard_terms(policy(ref_params, p), batch, ctx), params, guard_config))
+                   skipped=1.0 - ok.astype(jnp.float32), **guard_metrics)
     return params, opt_state, metrics
 
 
