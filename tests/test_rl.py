@@ -59,6 +59,22 @@ def test_every_method_trains_with_normguard(method, base_workdir, tmp_path):
     assert moved > 0, "the policy did not change"
 
 
+@pytest.mark.slow
+def test_rl_run_with_a_guard_variant_logs_the_gradient_norms(base_workdir, tmp_path):
+    config = tiny_rl_config("nft", base_workdir, tmp_path, weight=0.5, aggregate="sigma_bins",
+                            sigma_ramp="linear", ramp_low=0.5, log_grad_norms=True)
+    config.train.iterations = 1
+    seen = []
+    rl.run(config, str(tmp_path / "nft"), hooks=[lambda i, s, m: seen.append(m)])
+    m = jax.device_get(seen[-1])
+    for name in ("base", "penalty", "penalty_unweighted", "ratio"):
+        assert np.isfinite(m[f"train/normguard/grad_norm_{name}"]), name
+    assert m["train/normguard/grad_norm_base"] > 0
+    np.testing.assert_allclose(m["train/normguard/grad_norm_penalty"],
+                               0.5 * m["train/normguard/grad_norm_penalty_unweighted"],
+                               rtol=1e-5)
+
+
 class _Crash(Exception):
     pass
 
