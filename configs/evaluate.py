@@ -49,6 +49,11 @@ def get_config(reward_set: str = "digits"):
     c.sample.per_class = 50     # samples per class (the set evaluated).
     c.sample.batch_size = 100   # samples per generation call.
     c.sample.renormalize = False  # RL checkpoints: rescale v_θ to ‖v_ref‖ (its base) at every step.
+    # With renormalize: the strength φ ∈ [0, 1], v ← v·(1 + φ·(‖v_ref‖/‖v_θ‖ - 1)) per sample
+    # (1 = full rescale, 0 = plain; sampling.renormalize_velocity).
+    c.sample.renormalize_phi = 1.0
+    # With renormalize: only the steps with σ_k <= this (the late, low-noise steps); 1 = every step.
+    c.sample.renormalize_sigma_max = 1.0
 
     c.metrics = ml_collections.ConfigDict()
     c.metrics.knn_k = 3         # k of k-NN precision/recall.

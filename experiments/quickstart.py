@@ -121,7 +121,9 @@ def _evaluate_cached(config: ml_collections.ConfigDict, checkpoint: str, out: st
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             previous = json.load(f)
-        if previous["config"] == eval_config.to_dict() and previous["step"] == step:
+        # Same config, up to fields added since it was written at their old behaviour.
+        if not config_checks.changed_fields(previous["config"], eval_config) \
+                and previous["step"] == step:
             logging.info("Reusing the evaluation in %s", out)
             return previous
     return evaluate.run(eval_config, out)

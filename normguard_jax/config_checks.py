@@ -193,7 +193,8 @@ RESUME_IGNORED = ("distributed",)
 _ABSENT = "(absent)"
 # Fields added after runs were recorded, with the value that computes what such a run computed
 # before the field existed: a recorded config without the field resumes when the new config
-# holds exactly this value (any other value is a change like any other).
+# holds exactly this value (any other value is a change like any other). The quickstart also
+# reuses an evaluation recorded before an evaluate field existed (experiments/quickstart.py).
 ADDED_FIELDS = {
     "rollout.policy": "current",          # rollouts from θ
     "normguard.velocity": "points",       # the hinge on the objective's own velocities
@@ -226,6 +227,8 @@ ADDED_FIELDS = {
     "base.param_dtype": "float32",
     "base.guidance": 3.5,
     "base.remat": "none",
+    "sample.renormalize_phi": 1.0,        # evaluate: full renormalisation (when renormalising)
+    "sample.renormalize_sigma_max": 1.0,  # evaluate: at every step
 }
 
 

@@ -26,11 +26,18 @@ from normguard_jax import flow, normguard, sampling
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "velocity", "image_shape", "num_steps", "shift", "guidance_scale", "null_class"))
+    "velocity", "image_shape", "num_steps", "shift", "guidance_scale", "null_class",
+    "renormalize_phi", "renormalize_sigma_max"))
 def velocity_norm_ratios(velocity, params, ref_params, labels, key, *, image_shape,
                          num_steps: int, shift: float, guidance_scale: float,
-                         null_class: int, null_condition=None) -> jax.Array:
+                         null_class: int, null_condition=None, renormalize_phi: float = 0.0,
+                         renormalize_sigma_max: float = 1.0) -> jax.Array:
     """Per-step, per-sample ρ_k = ‖v_θ(x_k)‖ / ‖v_ref(x_k)‖ on θ's own ODE trajectory.
+
+    With ``renormalize_phi > 0`` the trajectory is instead the renormalised sampler's
+    (:func:`sampling.sample` with those options, θ_ref the reference) and the numerator is the
+    velocity that sampler applied, so ρ_k is the norm ratio the renormalised samples were
+    actually made with (exactly 1 up to rounding at full-strength steps).
 
     Args:
       velocity: pure ``velocity(params, x, sigma, cond)`` (static).
@@ -46,6 +53,8 @@ def velocity_norm_ratios(velocity, params, ref_params, labels, key, *, image_sha
       null_class: the unconditional label.
       null_condition: a text model's null conditioning (an argument; replaces
         ``null_class``).
+      renormalize_phi, renormalize_sigma_max: the renormalisation of the sampler (static;
+        0 = the plain ODE).
 
     Returns:
       (num_steps, B) float32 ratios; step k is the velocity at σ_k (k = 0 is pure noise).
@@ -56,9 +65,11 @@ def velocity_norm_ratios(velocity, params, ref_params, labels, key, *, image_sha
     guided = functools.partial(
         sampling.conditional_velocity_fn, velocity, cond=labels, guidance_scale=guidance_scale,
         null_class=null_class if null_condition is None else null_condition)
-    traj = sampling.sample(guided(params), x, sigmas, jax.random.fold_in(key, 1), method="ode",
-                           return_velocities=True)
     ref_fn = guided(ref_params)
+    traj = sampling.sample(guided(params), x, sigmas, jax.random.fold_in(key, 1), method="ode",
+                           return_velocities=True, ref_velocity_fn=ref_fn,
+                           renormalize=renormalize_phi > 0, renormalize_phi=renormalize_phi,
+                           renormalize_sigma_max=renormalize_sigma_max)
 
     def ref_norm(state, sigma):
         return normguard.per_sample_norm(ref_fn(state, jnp.full((state.shape[0],), sigma)))

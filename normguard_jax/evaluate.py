@@ -45,6 +45,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.sample.noise_level != -1.0:
         c.number(config, "sample.noise_level", 0)
     c.one_of(config, "sample.renormalize", (True, False))
+    c.number(config, "sample.renormalize_phi", 0, 1)
+    c.number(config, "sample.renormalize_sigma_max", 0, 1)
+    if not config.sample.renormalize:
+        for field in ("renormalize_phi", "renormalize_sigma_max"):
+            if config.sample[field] != 1.0:
+                raise c.ConfigError(f"config.sample.{field}={config.sample[field]!r} needs "
+                                    "config.sample.renormalize=True (without it nothing is "
+                                    "renormalised)")
     c.integer(config, "sample.batch_size", 1)
     c.integer(config, "metrics.knn_k", 1)
     c.number(config, "metrics.range_tolerance", 0)
@@ -82,9 +90,16 @@ def generate_set(pre: generators.Pretrained, labels: np.ndarray, sample: ml_coll
             image_shape=tuple(pre.image_shape), num_steps=sample.num_steps, shift=sample.shift,
             guidance_scale=sample.guidance_scale, null_class=pre.num_classes,
             method=sample.method, noise_level=noise_level, renormalize_to=renormalize_to,
-            null_condition=null)
+            **renormalize_options(sample), null_condition=null)
         out.append(np.asarray(images)[:len(chunk)])
     return np.concatenate(out)
+
+
+def renormalize_options(sample: ml_collections.ConfigDict) -> dict:
+    """``renormalize_phi`` and ``renormalize_sigma_max`` of :func:`sampling.generate_images`
+    from a ``sample`` block (they act only when a reference is given to renormalise to)."""
+    return {"renormalize_phi": float(sample.renormalize_phi),
+            "renormalize_sigma_max": float(sample.renormalize_sigma_max)}
 
 
 def _condition(table, labels: np.ndarray, before: np.ndarray):
@@ -152,18 +167,31 @@ def norm_ratio_summary(pre: generators.Pretrained, ref: generators.Pretrained | 
     """Mean ρ = ‖v_θ‖/‖v_ref‖ over samples, per ODE step and overall (1 without a reference).
 
     Uses the first batch of ``labels`` (at most ``sample.batch_size``) with the batch-0 key of
-    :func:`generate_set`, so the states are those of the first evaluated samples.
+    :func:`generate_set`, so the states are those of the first evaluated samples. ρ is θ's own,
+    on its plain ODE trajectory, whatever the sampler; with ``sample.renormalize`` the dict
+    also holds ``"applied"``: ``{"mean", "per_step"}`` of the ratio of the velocity the
+    renormalised sampler applied, on its own trajectory
+    (:func:`diagnostics.velocity_norm_ratios` with the renormalisation options).
     """
     if ref is None:
         return {"mean": 1.0, "per_step": [1.0] * sample.num_steps}
     chunk, null = _condition(table, np.asarray(labels, np.int32)[:sample.batch_size],
                              np.zeros(0, np.int32))
-    ratios = diagnostics.velocity_norm_ratios(
-        pre.velocity, pre.params, ref.params, chunk, jax.random.fold_in(jax.random.key(seed), 0),
-        image_shape=tuple(pre.image_shape), num_steps=sample.num_steps, shift=sample.shift,
-        guidance_scale=sample.guidance_scale, null_class=pre.num_classes, null_condition=null)
-    per_step = np.asarray(jnp.mean(ratios, axis=1))
-    return {"mean": float(per_step.mean()), "per_step": [float(r) for r in per_step]}
+
+    def profile(**options):
+        ratios = diagnostics.velocity_norm_ratios(
+            pre.velocity, pre.params, ref.params, chunk,
+            jax.random.fold_in(jax.random.key(seed), 0), image_shape=tuple(pre.image_shape),
+            num_steps=sample.num_steps, shift=sample.shift,
+            guidance_scale=sample.guidance_scale, null_class=pre.num_classes,
+            null_condition=null, **options)
+        per_step = np.asarray(jnp.mean(ratios, axis=1))
+        return {"mean": float(per_step.mean()), "per_step": [float(r) for r in per_step]}
+
+    out = profile()
+    if sample.renormalize and sample.renormalize_phi > 0:
+        out["applied"] = profile(**renormalize_options(sample))
+    return out
 
 
 def by_prompt(pre: generators.Pretrained, table: conditioning.PromptTable) -> bool:
@@ -193,7 +221,7 @@ def generate_prompts(pre: generators.Pretrained, table: conditioning.PromptTable
             image_shape=tuple(pre.image_shape), num_steps=sample.num_steps, shift=sample.shift,
             guidance_scale=sample.guidance_scale, null_class=pre.num_classes,
             method=sample.method, noise_level=noise_level, renormalize_to=renormalize_to,
-            null_condition=table.device_null())
+            **renormalize_options(sample), null_condition=table.device_null())
         out.append(np.asarray(generators.to_pixels(pre, samples))[:len(chunk)])
     return np.concatenate(out)
 

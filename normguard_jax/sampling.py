@@ -455,15 +455,26 @@ def guided_velocity(
     return rescale_phi * v_rescaled + (1.0 - rescale_phi) * v
 
 
-def renormalize_velocity(v: jax.Array, v_ref: jax.Array, eps: float = 1e-12) -> jax.Array:
-    """Rescales each sample of ``v`` to the L2 norm of the matching sample of ``v_ref``.
+def renormalize_velocity(v: jax.Array, v_ref: jax.Array, phi=1.0, eps: float = 1e-12
+                         ) -> jax.Array:
+    """Moves each sample of ``v`` towards the L2 norm of the matching sample of ``v_ref``.
 
-    ``v · ‖v_ref‖ / max(‖v‖, eps)`` with norms over all non-batch axes: the direction of ``v`` is
-    kept, only its per-sample length changes. This is the inference-time renormalisation
-    baseline (it does not stop gradients; wrap ``v_ref`` in ``stop_gradient`` if needed).
+    With norms over all non-batch axes and ``r = ‖v_ref‖ / max(‖v‖, eps)`` per sample::
+
+      v ← v · (1 + φ·(r - 1))  =  (1 - φ)·v + φ·v·r
+
+    The direction of ``v`` is kept, only its per-sample length changes: ``φ = 1`` rescales it
+    to ``‖v_ref‖`` exactly (the inference-time renormalisation baseline), ``φ = 0`` leaves it
+    unchanged, and ``0 < φ < 1`` moves the norm linearly towards ``‖v_ref‖`` (the norm becomes
+    ``(1 - φ)·‖v‖ + φ·‖v_ref‖``). The interpolation is the one CFG-rescale's φ uses
+    (:func:`guided_velocity`): the same convention for a partial rescale everywhere. The Python
+    value ``φ = 1`` computes ``v·r`` with no interpolation, bit for bit what full
+    renormalisation computed before φ existed. Gradients are not stopped (wrap ``v_ref`` in
+    ``stop_gradient`` if needed).
 
     Args:
       v, v_ref: ``(B, H, W, C)`` velocities.
+      phi: strength φ ∈ [0, 1], a Python number or a traced scalar.
       eps: floor on ``‖v‖`` to avoid dividing by zero.
 
     Returns:
@@ -472,7 +483,19 @@ def renormalize_velocity(v: jax.Array, v_ref: jax.Array, eps: float = 1e-12) -> 
     axes = tuple(range(1, v.ndim))
     norm = jnp.sqrt(jnp.sum(jnp.square(v), axis=axes, keepdims=True))
     ref_norm = jnp.sqrt(jnp.sum(jnp.square(v_ref), axis=axes, keepdims=True))
-    return v * (ref_norm / jnp.maximum(norm, eps))
+    ratio = ref_norm / jnp.maximum(norm, eps)
+    if isinstance(phi, (int, float)) and phi == 1.0:
+        return v * ratio
+    return v * (1.0 + phi * (ratio - 1.0))
+
+
+def check_renormalize_options(phi, sigma_max) -> None:
+    """Raises ValueError unless ``0 ≤ φ ≤ 1`` and ``σ_max ≥ 0`` (Python numbers only; traced
+    values are not checked)."""
+    if isinstance(phi, (int, float)) and not 0.0 <= phi <= 1.0:
+        raise ValueError(f"renormalize_phi must be in [0, 1], got {phi!r}")
+    if isinstance(sigma_max, (int, float)) and not sigma_max >= 0.0:
+        raise ValueError(f"renormalize_sigma_max must be >= 0, got {sigma_max!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -523,12 +546,22 @@ def _stochastic_mask(method: str, num_steps: int, sde_window) -> jax.Array:
     return (steps >= start) & (steps < end)
 
 
-def _step_velocity(velocity_fn, ref_velocity_fn, renormalize: bool, x: jax.Array, sigma: jax.Array):
+def _step_velocity(velocity_fn, ref_velocity_fn, renormalize: bool, x: jax.Array,
+                   sigma: jax.Array, phi=1.0, sigma_max=1.0):
+    """The velocity of one step: ``velocity_fn``'s, renormalised (:func:`renormalize_velocity`
+    with strength ``phi``) when ``renormalize`` and ``sigma <= sigma_max``.
+
+    Python values ``phi = 0`` (no reference call at all) and ``sigma_max >= 1`` (every step of
+    a schedule starting at σ = 1, no select) keep the plain and the every-step programs exactly
+    as they were before these options existed."""
     sigma_b = jnp.full((x.shape[0],), sigma, dtype=jnp.float32)
     v = velocity_fn(x, sigma_b)
-    if renormalize:
-        v = renormalize_velocity(v, ref_velocity_fn(x, sigma_b))
-    return v
+    if not renormalize or (isinstance(phi, (int, float)) and phi == 0.0):
+        return v
+    v_renorm = renormalize_velocity(v, ref_velocity_fn(x, sigma_b), phi)
+    if isinstance(sigma_max, (int, float)) and sigma_max >= 1.0:
+        return v_renorm
+    return jnp.where(sigma <= sigma_max, v_renorm, v)
 
 
 def _windowed_step(
@@ -547,9 +580,10 @@ def _windowed_step(
     )
 
 
-def _check_renormalize(renormalize: bool, ref_velocity_fn) -> None:
+def _check_renormalize(renormalize: bool, ref_velocity_fn, phi=1.0, sigma_max=1.0) -> None:
     if renormalize and ref_velocity_fn is None:
         raise ValueError("renormalize=True needs ref_velocity_fn")
+    check_renormalize_options(phi, sigma_max)
 
 
 def sample(
@@ -563,6 +597,8 @@ def sample(
     sde_window: Optional[Sequence] = None,
     ref_velocity_fn: Optional[Callable[[jax.Array, jax.Array], jax.Array]] = None,
     renormalize: bool = False,
+    renormalize_phi=1.0,
+    renormalize_sigma_max=1.0,
     return_velocities: bool = False,
     cps_true_density: bool = False,
 ) -> Trajectory:
@@ -585,8 +621,13 @@ def sample(
         Euler steps with log-prob 0 (Flow-GRPO's window). Python ints or traced int scalars
         (a random window does not recompile). None makes every step stochastic.
       ref_velocity_fn: reference velocity, same signature as ``velocity_fn``.
-      renormalize: rescale v at every step to the per-sample norm of
-        ``ref_velocity_fn(x, σ)`` evaluated on the same state (inference-time baseline).
+      renormalize: rescale v to the per-sample norm of ``ref_velocity_fn(x, σ)`` evaluated on
+        the same state (inference-time baseline), at the steps and with the strength below.
+      renormalize_phi: strength φ ∈ [0, 1] of the renormalisation
+        (:func:`renormalize_velocity`: the norm moves linearly from ‖v‖ (φ = 0, the plain
+        sampler) to ‖v_ref‖ (φ = 1, full renormalisation)).
+      renormalize_sigma_max: renormalise only the steps whose level ``σ_k <= this`` (the late,
+        low-noise steps); 1 renormalises every step. Python floats or traced scalars.
       return_velocities: also store the (possibly renormalised) velocities.
       cps_true_density: for ``method="cps"``, score with the true Gaussian density instead of
         the reference's ``-mean((x_next - mean)²)``.
@@ -594,7 +635,7 @@ def sample(
     Returns:
       A time-major :class:`Trajectory`.
     """
-    _check_renormalize(renormalize, ref_velocity_fn)
+    _check_renormalize(renormalize, ref_velocity_fn, renormalize_phi, renormalize_sigma_max)
     sigmas = jnp.asarray(sigmas, dtype=jnp.float32)
     num_steps = sigmas.shape[0] - 1
     step_fn, options = _resolve_step(method, noise_level, sigmas, cps_true_density)
@@ -604,7 +645,8 @@ def sample(
 
     def body(x, inputs):
         k, sigma, sigma_next, is_stochastic = inputs
-        v = _step_velocity(velocity_fn, ref_velocity_fn, renormalize, x, sigma)
+        v = _step_velocity(velocity_fn, ref_velocity_fn, renormalize, x, sigma,
+                           renormalize_phi, renormalize_sigma_max)
         noise = (
             None
             if deterministic
@@ -637,6 +679,8 @@ def recompute_steps(
     noise_level: Optional[float] = None,
     ref_velocity_fn: Optional[Callable[[jax.Array, jax.Array], jax.Array]] = None,
     renormalize: bool = False,
+    renormalize_phi=1.0,
+    renormalize_sigma_max=1.0,
     cps_true_density: bool = False,
 ) -> StepOutput:
     """Re-scores every stored transition ``states[k] -> states[k+1]`` under ``velocity_fn``.
@@ -649,13 +693,14 @@ def recompute_steps(
       :class:`StepOutput` with a leading time axis: ``x_next`` and ``mean``
       ``(T, B, H, W, C)``, ``std`` ``(T,)``, ``log_prob`` ``(T, B)`` (0 where not stochastic).
     """
-    _check_renormalize(renormalize, ref_velocity_fn)
+    _check_renormalize(renormalize, ref_velocity_fn, renormalize_phi, renormalize_sigma_max)
     step_fn, options = _resolve_step(method, noise_level, trajectory.sigmas, cps_true_density)
     masked = method not in DETERMINISTIC_METHODS
 
     def body(carry, inputs):
         x, x_next, sigma, sigma_next, is_stochastic = inputs
-        v = _step_velocity(velocity_fn, ref_velocity_fn, renormalize, x, sigma)
+        v = _step_velocity(velocity_fn, ref_velocity_fn, renormalize, x, sigma,
+                           renormalize_phi, renormalize_sigma_max)
         out = _windowed_step(
             step_fn, options, masked, x, v, sigma, sigma_next, is_stochastic, x_next=x_next
         )
@@ -675,6 +720,8 @@ def recompute_log_probs(
     noise_level: Optional[float] = None,
     ref_velocity_fn: Optional[Callable[[jax.Array, jax.Array], jax.Array]] = None,
     renormalize: bool = False,
+    renormalize_phi=1.0,
+    renormalize_sigma_max=1.0,
     cps_true_density: bool = False,
 ) -> jax.Array:
     """``(T, B)`` log-probs of the stored transitions under ``velocity_fn``.
@@ -689,6 +736,8 @@ def recompute_log_probs(
         noise_level=noise_level,
         ref_velocity_fn=ref_velocity_fn,
         renormalize=renormalize,
+        renormalize_phi=renormalize_phi,
+        renormalize_sigma_max=renormalize_sigma_max,
         cps_true_density=cps_true_density,
     ).log_prob
 
@@ -731,11 +780,12 @@ def initial_noise(key: jax.Array, batch: int, image_shape) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=(
     "velocity", "image_shape", "num_steps", "shift", "guidance_scale", "null_class",
-    "method", "noise_level", "rescale_phi"))
+    "method", "noise_level", "rescale_phi", "renormalize_phi", "renormalize_sigma_max"))
 def generate_images(velocity, params, labels, key, *, image_shape, num_steps: int,
                     shift: float, guidance_scale: float, null_class: int,
                     method: str = "ode", noise_level: float | None = None,
                     rescale_phi: float = 0.0, renormalize_to=None,
+                    renormalize_phi: float = 1.0, renormalize_sigma_max: float = 1.0,
                     null_condition=None) -> jax.Array:
     """Samples one image per label (or prompt).
 
@@ -752,9 +802,11 @@ def generate_images(velocity, params, labels, key, *, image_shape, num_steps: in
         argument; it replaces ``null_class``.
       method: a key of ``sampling.STEP_FNS`` ("ode", "sde", "cps", "dance").
       noise_level: the stochastic sampler's noise level (None: the method's default).
-      renormalize_to: reference parameters θ_ref, or None. When given, the (guided) velocity of
-        every step is rescaled per sample to the norm of θ_ref's guided velocity on the same
-        state (inference-time renormalisation).
+      renormalize_to: reference parameters θ_ref, or None. When given, the (guided) velocity is
+        rescaled per sample towards the norm of θ_ref's guided velocity on the same state
+        (inference-time renormalisation), with the two options below (static).
+      renormalize_phi: strength φ ∈ [0, 1] (:func:`renormalize_velocity`; 1 = full).
+      renormalize_sigma_max: only the steps with σ_k <= this (1 = every step).
 
     Returns:
       (B, H, W, C) float32 final states (not clipped; data lives in [-1, 1]).
@@ -769,5 +821,7 @@ def generate_images(velocity, params, labels, key, *, image_shape, num_steps: in
         rescale_phi=rescale_phi)
     traj = sample(vfn, x, sigmas, jax.random.fold_in(key, 1), method=method,
                            noise_level=noise_level, ref_velocity_fn=ref_fn,
-                           renormalize=renormalize_to is not None)
+                           renormalize=renormalize_to is not None,
+                           renormalize_phi=renormalize_phi,
+                           renormalize_sigma_max=renormalize_sigma_max)
     return traj.states[-1]
