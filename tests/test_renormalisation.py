@@ -8,11 +8,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from configs import evaluate as evaluate_config
-from normguard_jax import config_checks, diagnostics, evaluate, flow, sampling
+from normguard_jax import config_checks, diagnostics, evaluate, flow, generators, sampling
 
 SHAPE = (3, 4, 4, 1)
 A = jnp.array([2.0, 0.5, 1.5])   # per-sample scale of the policy's toy velocity
@@ -236,3 +237,28 @@ def test_an_evaluation_recorded_before_the_fields_matches_the_defaults():
     new.sample.renormalize_phi = 0.5
     assert config_checks.changed_fields(old, new) == {
         "sample.renormalize_phi": ["(absent)", 0.5]}
+
+
+def test_evaluate_samples_and_reports_the_applied_ratio_with_the_fields():
+    """The evaluate job's sampling and ρ summary on toy generators (v = a·x): the fields reach
+    the sampler, and ``norm_ratio.applied`` is the ratio the renormalised sampler used."""
+    theta = generators.Pretrained(_toy_velocity, {"a": jnp.float32(1.5)},
+                                  ml_collections.ConfigDict(), (4, 4, 1), 2, 0)
+    ref = theta._replace(params={"a": jnp.float32(1.0)})
+    c = _eval_config(renormalize=True, renormalize_phi=0.5, renormalize_sigma_max=0.5,
+                     num_steps=6, batch_size=4, per_class=2, guidance_scale=1.0)
+    labels = np.array([0, 0, 1, 1], np.int32)
+    images = evaluate.generate_set(theta, labels, c.sample, 0, renormalize_to=ref.params)
+    expected = sampling.generate_images(
+        _toy_velocity, theta.params, jnp.asarray(labels),
+        jax.random.fold_in(jax.random.key(0), 0), image_shape=(4, 4, 1), num_steps=6, shift=3.0,
+        guidance_scale=1.0, null_class=2, renormalize_to=ref.params, renormalize_phi=0.5,
+        renormalize_sigma_max=0.5)
+    np.testing.assert_array_equal(images, expected)
+    summary = evaluate.norm_ratio_summary(theta, ref, labels, c.sample, 0)
+    np.testing.assert_allclose(summary["mean"], 1.5, rtol=1e-5)
+    sigmas = np.asarray(flow.inference_sigmas(6, 3.0))[:-1]
+    np.testing.assert_allclose(summary["applied"]["per_step"],
+                               np.where(sigmas <= 0.5, 1.25, 1.5), rtol=1e-5)
+    plain = _eval_config(num_steps=6, batch_size=4, per_class=2, guidance_scale=1.0)
+    assert "applied" not in evaluate.norm_ratio_summary(theta, ref, labels, plain.sample, 0)
