@@ -12,6 +12,21 @@ with the same classifier-free guidance on both sides (the velocity that actually
 reward R it returns, per sample and step, g_k = dR/dε_k at ε = 0 where the sampler uses
 (1 + ε_k)·v_k at step k; ``sensitivity_summary`` reduces it to per-step mean, std, t-statistic
 and sign fraction.
+
+The paper's claim is about the batch, not the step: rescaling the velocity magnitude carries no
+*coherent first-order* reward signal. Two directions in ε-space make that testable:
+
+- the uniform rescale ε_k = ε for every k, whose derivative is the global
+  G_b = Σ_k g_{k,b} (per sample);
+- the renormalisation direction. Rescaling v_θ to ‖v_ref‖ at step k multiplies it by
+  s_{k,b} = 1/ρ_{k,b}, i.e. ε_{k,b} = 1/ρ_{k,b} − 1, so to first order
+  ΔR_b ≈ Σ_k g_{k,b}·ε_{k,b}.
+
+``renormalisation_first_order`` returns both derivatives together with the measured ΔR_b of
+sampling with those scales and of the library's renormalised sampler, on the same initial noise;
+``batch_level_summary`` reduces per-sample values of several independent batches to the batch
+means, their sign consistency and a t-statistic over batches, and ``first_order_agreement``
+compares a prediction with a measurement sample by sample.
 """
 
 from __future__ import annotations
@@ -152,3 +167,124 @@ def sensitivity_summary(g) -> dict[str, list[float]]:
     t = np.where(std > 0, mean / np.where(std > 0, std, 1.0) * np.sqrt(b), 0.0)
     return {"mean": mean.tolist(), "std": std.tolist(), "t_stat": t.tolist(),
             "frac_positive": (g > 0).mean(axis=1).tolist()}
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "velocity", "reward_fn", "image_shape", "num_steps", "shift", "guidance_scale",
+    "null_class"))
+def renormalisation_first_order(velocity, params, ref_params, labels, key, *, reward_fn,
+                                image_shape, num_steps: int, shift: float,
+                                guidance_scale: float, null_class: int) -> dict[str, jax.Array]:
+    """Batch-level first-order reward signal of rescaling θ's velocity, and renormalisation.
+
+    On one batch (initial noise ``fold_in(key, 0)``, the noise of
+    :func:`sampling.generate_images`, of :func:`velocity_norm_ratios` and of
+    :func:`adjoint_sensitivity`), with the deterministic Euler sampler and the guided velocity:
+
+    - ``g`` (T, B): g_{k,b} = ∂R_b/∂ε_{k,b} at ε = 0 (as :func:`adjoint_sensitivity`);
+    - ``global_derivative`` (B,): G_b = Σ_k g_{k,b}, the derivative along a uniform rescale
+      v → (1 + ε)·v of every step;
+    - ``eps`` (T, B): ε_{k,b} = 1/ρ_{k,b} − 1 with ρ from :func:`velocity_norm_ratios` on θ's
+      own (plain) trajectory: the per-step scale that renormalisation applies there;
+    - ``predicted`` (B,): Σ_k g_{k,b}·ε_{k,b}, the first-order prediction of renormalisation's
+      effect on the reward;
+    - ``measured`` (B,): R(sampled with v_k → (1 + ε_k)·v_k) − R(plain), the effect of those
+      fixed scales (the move the prediction linearises);
+    - ``renormalised`` (B,): R(``generate_images(..., renormalize_to=ref_params)``) − R(plain),
+      the effect of the renormalised sampler, which recomputes the scale on its own states.
+      The two measurements differ only because ρ is read on the plain trajectory in one and
+      on the renormalised one in the other: a second-order difference in (ρ − 1). They are equal
+      whenever ρ does not depend on the state (e.g. θ a rescaled copy of θ_ref);
+    - ``reward`` (B,): R(plain).
+
+    Args:
+      velocity: pure ``velocity(params, x, sigma, cond)`` (static).
+      params: fine-tuned parameters θ.
+      ref_params: reference parameters θ_ref (only their velocity norm is used).
+      labels: (B,) int32 class labels.
+      key: typed key.
+      reward_fn: differentiable ``(images (B,H,W,C), labels (B,)) -> (B,)`` (static, hashable).
+      image_shape, num_steps, shift, guidance_scale, null_class: sampler settings, shared by θ
+        and θ_ref.
+
+    Returns:
+      dict of float32 arrays with the keys above. With θ = θ_ref, ε, ``predicted``,
+      ``measured`` and ``renormalised`` are 0 and ``global_derivative`` is the base's.
+    """
+    sigmas = jnp.asarray(flow.inference_sigmas(num_steps, shift))
+    batch = sampling.cond_batch_size(labels)
+    x = sampling.initial_noise(jax.random.fold_in(key, 0), batch, image_shape)
+    vfn = sampling.conditional_velocity_fn(velocity, params, labels,
+                                           guidance_scale=guidance_scale, null_class=null_class)
+    settings = dict(image_shape=image_shape, num_steps=num_steps, shift=shift,
+                    guidance_scale=guidance_scale, null_class=null_class)
+
+    def total_reward(eps):
+        r = reward_fn(scaled_velocity_sample(vfn, x, sigmas, eps), labels)
+        return jnp.sum(r), r
+
+    g, reward = jax.grad(total_reward, has_aux=True)(jnp.zeros((num_steps, batch), jnp.float32))
+    ratios = velocity_norm_ratios(velocity, params, ref_params, labels, key, **settings)
+    eps = 1.0 / ratios - 1.0
+    scaled = reward_fn(scaled_velocity_sample(vfn, x, sigmas, eps), labels)
+    renormalised = reward_fn(sampling.generate_images(velocity, params, labels, key,
+                                                      renormalize_to=ref_params, **settings),
+                             labels)
+    return {"g": g, "global_derivative": jnp.sum(g, axis=0), "eps": eps,
+            "predicted": jnp.sum(g * eps, axis=0), "measured": scaled - reward,
+            "renormalised": renormalised - reward, "reward": reward}
+
+
+def batch_level_summary(per_sample) -> dict:
+    """Coherence of a per-sample quantity across N independent batches.
+
+    Args:
+      per_sample: (N, B) values, one row per batch (e.g. G_b, or a ΔR_b), B ≥ 1 samples each.
+
+    Returns:
+      ``batch_means`` (length-N list); ``mean`` (the grand mean, the mean of the batch means);
+      ``std_over_batches`` (sample std of the batch means, ddof = 1; 0 for N = 1);
+      ``t_stat`` = mean / (std_over_batches / √N), 0 where that std is 0;
+      ``sign`` (+1, −1 or 0: the sign of ``mean``);
+      ``frac_batches_with_sign`` / ``frac_samples_with_sign``: the fraction of batch means /
+      of all N·B samples whose sign is ``sign`` (0 when ``sign`` is 0).
+    """
+    v = np.asarray(per_sample, np.float64)
+    if v.ndim != 2:
+        raise ValueError(f"per_sample must be (batches, samples), got shape {v.shape}")
+    n = v.shape[0]
+    means = v.mean(axis=1)
+    mean = float(means.mean())
+    std = float(means.std(ddof=1)) if n > 1 else 0.0
+    sign = float(np.sign(mean))
+    return {"batch_means": means.tolist(), "mean": mean, "std_over_batches": std,
+            "t_stat": mean / std * np.sqrt(n) if std > 0 else 0.0, "sign": sign,
+            "frac_batches_with_sign": float(np.mean(np.sign(means) == sign)) if sign else 0.0,
+            "frac_samples_with_sign": float(np.mean(np.sign(v) == sign)) if sign else 0.0}
+
+
+def first_order_agreement(predicted, measured) -> dict[str, float]:
+    """How well a first-order prediction matches a measured change, over all samples.
+
+    Args:
+      predicted, measured: arrays of the same shape (any, e.g. (N, B)), flattened.
+
+    Returns:
+      ``predicted_mean``, ``measured_mean``; ``slope``: least-squares slope of measured on
+      predicted through the origin (1 = the first order explains the change; 0 when every
+      prediction is 0); ``correlation``: Pearson correlation (0 when either is constant);
+      ``sign_agreement``: fraction of samples where the signs agree; ``rel_error_of_mean``:
+      |mean measured − mean predicted| / |mean measured| (inf when the measured mean is 0 and the
+      predicted is not, 0 when both are).
+    """
+    p = np.asarray(predicted, np.float64).ravel()
+    m = np.asarray(measured, np.float64).ravel()
+    pp = float(p @ p)
+    sp, sm = p.std(), m.std()
+    corr = float(np.mean((p - p.mean()) * (m - m.mean())) / (sp * sm)) if sp > 0 and sm > 0 else 0.0
+    diff = abs(m.mean() - p.mean())
+    rel = diff / abs(m.mean()) if m.mean() != 0 else (0.0 if diff == 0 else float("inf"))
+    return {"predicted_mean": float(p.mean()), "measured_mean": float(m.mean()),
+            "slope": float(p @ m) / pp if pp > 0 else 0.0, "correlation": corr,
+            "sign_agreement": float(np.mean(np.sign(p) == np.sign(m))),
+            "rel_error_of_mean": float(rel)}

@@ -145,3 +145,170 @@ def test_renormalised_generation_of_a_rescaled_model_equals_the_reference():
     plain = sampling.generate_images(linear_velocity, theta, labels, jax.random.key(1), **kw)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
     assert not np.allclose(np.asarray(plain), np.asarray(want), atol=1e-3)
+
+
+# Batch-level signal: the global derivative, renormalisation's first-order prediction, and the
+# measured change.
+
+def _first_order(theta, ref, labels, key, reward_fn, velocity=linear_velocity, steps=5, w=1.0):
+    return diagnostics.renormalisation_first_order(
+        velocity, theta, ref, labels, key, reward_fn=reward_fn, image_shape=SHAPE,
+        num_steps=steps, shift=3.0, guidance_scale=w, null_class=NULL)
+
+
+def test_global_derivative_and_renormalisation_of_a_rescaled_linear_model_are_closed_form():
+    # v_θ = a·x, v_ref = c·x (same sign): x_T = Π_k (1 + Δ_k (1 + ε_k) a) x_0 and ρ = a/c at every
+    # state, so ε = c/a − 1 exactly, and renormalised sampling is sampling v_ref.
+    # With R = −mean((x_T − 0.3)²):  g_k = −2·mean((x_T − 0.3)·x_T) · Δ_k a / (1 + Δ_k a).
+    a, c, steps = -0.8, -0.6, 5
+    theta = {"a": jnp.float32(a), "b": jnp.float32(0.0)}
+    ref = {"a": jnp.float32(c), "b": jnp.float32(0.0)}
+    labels = jnp.array([0, 1, 2], jnp.int32)
+    key = jax.random.key(5)
+    out = {k: np.asarray(v, np.float64)
+           for k, v in _first_order(theta, ref, labels, key, square_reward, steps=steps).items()}
+
+    sigmas = np.asarray(flow.inference_sigmas(steps, 3.0), np.float64)
+    deltas = np.diff(sigmas)
+    x0 = np.asarray(jax.random.normal(jax.random.fold_in(key, 0), (3, *SHAPE)), np.float64)
+    x_t = np.prod(1 + deltas * a) * x0
+    x_ref = np.prod(1 + deltas * c) * x0
+
+    def reward(x):
+        return -np.mean((x - 0.3) ** 2, axis=(1, 2, 3))
+
+    slope = -2 * np.mean((x_t - 0.3) * x_t, axis=(1, 2, 3))
+    g = (deltas * a / (1 + deltas * a))[:, None] * slope[None, :]
+    eps = c / a - 1
+    np.testing.assert_allclose(out["reward"], reward(x_t), rtol=1e-5)
+    np.testing.assert_allclose(out["g"], g, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(out["global_derivative"], g.sum(axis=0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(out["eps"], eps, rtol=1e-5)
+    np.testing.assert_allclose(out["predicted"], eps * g.sum(axis=0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(out["measured"], reward(x_ref) - reward(x_t), rtol=1e-4,
+                               atol=1e-6)
+    np.testing.assert_allclose(out["renormalised"], out["measured"], rtol=1e-4, atol=1e-6)
+
+
+def test_linear_reward_gives_the_global_derivative_in_closed_form():
+    # R = Σ x_T on v = a·x: G = R · Σ_k Δ_k a / (1 + Δ_k a); θ = θ_ref gives no renormalisation.
+    a, steps = 1.2, 4
+    params = {"a": jnp.float32(a), "b": jnp.float32(0.0)}
+    labels = jnp.array([0, 2], jnp.int32)
+    out = _first_order(params, params, labels, jax.random.key(2), sum_reward, steps=steps)
+    deltas = np.diff(np.asarray(flow.inference_sigmas(steps, 3.0), np.float64))
+    r = np.asarray(out["reward"], np.float64)
+    np.testing.assert_allclose(np.asarray(out["global_derivative"]),
+                               r * np.sum(deltas * a / (1 + deltas * a)), rtol=1e-4)
+    for name in ("eps", "predicted", "measured", "renormalised"):
+        np.testing.assert_allclose(np.asarray(out[name]), 0.0, atol=1e-5)
+
+
+def test_first_order_prediction_error_is_second_order_in_the_perturbation():
+    # A nonlinear velocity and reward: along ε = δ·u the error of R(δ) − R(0) ≈ δ Σ_k g_k u_k
+    # shrinks like δ², and the prediction's relative error like δ.
+    params = {"a": jnp.float32(1.1), "b": jnp.float32(0.5)}
+    labels = jnp.array([0, 2, 1], jnp.int32)
+    steps, key, w = 4, jax.random.key(8), 1.5
+    from normguard_jax import sampling
+    g = np.asarray(diagnostics.adjoint_sensitivity(
+        tanh_velocity, params, labels, key, reward_fn=square_reward, image_shape=SHAPE,
+        num_steps=steps, shift=3.0, guidance_scale=w, null_class=NULL), np.float64)
+    vfn = sampling.conditional_velocity_fn(tanh_velocity, params, labels, guidance_scale=w,
+                                           null_class=NULL)
+    sigmas = jnp.asarray(flow.inference_sigmas(steps, 3.0))
+    x = sampling.initial_noise(jax.random.fold_in(key, 0), 3, SHAPE)
+    u = np.asarray(jax.random.normal(jax.random.key(1), (steps, 3)), np.float64)
+    base = np.asarray(square_reward(diagnostics.scaled_velocity_sample(
+        vfn, x, sigmas, jnp.zeros((steps, 3))), labels), np.float64)
+    ratios = []
+    for delta in (0.2, 0.1, 0.05, 0.025):
+        moved = np.asarray(square_reward(diagnostics.scaled_velocity_sample(
+            vfn, x, sigmas, jnp.asarray(delta * u, jnp.float32)), labels), np.float64)
+        err = np.abs(moved - base - delta * np.sum(g * u, axis=0))
+        ratios.append(err / delta ** 2)
+    ratios = np.stack(ratios)
+    assert np.all(ratios[-1] > 0) and np.all(ratios < 10 * ratios[0] + 1e-3), ratios
+    # The ratio converges (to half the second derivative): the last two agree within 25 %.
+    np.testing.assert_allclose(ratios[-1], ratios[-2], rtol=0.25)
+
+
+def test_renormalisation_prediction_converges_as_the_policy_approaches_the_reference():
+    # θ_δ = θ_ref with its slope scaled by (1 + δ): ε = 1/ρ − 1 = O(δ), and the prediction, the
+    # fixed-scale measurement and the renormalised sampler agree up to O(δ²).
+    ref = {"a": jnp.float32(1.1), "b": jnp.float32(0.5)}
+    labels = jnp.array([0, 2, 1, 0], jnp.int32)
+    errors, gaps = [], []
+    for delta in (0.08, 0.04, 0.02):
+        theta = {"a": ref["a"] * (1 + delta), "b": ref["b"]}
+        out = {k: np.asarray(v, np.float64) for k, v in _first_order(
+            theta, ref, labels, jax.random.key(4), square_reward, velocity=tanh_velocity,
+            steps=4, w=1.5).items()}
+        assert 0.2 * delta < np.mean(np.abs(out["eps"])) and np.max(np.abs(out["eps"])) < delta
+        assert np.all(np.abs(out["measured"]) > 1e-5), out["measured"]
+        errors.append(np.abs(out["measured"] - out["predicted"]) / delta ** 2)
+        gaps.append(np.abs(out["renormalised"] - out["measured"]) / delta ** 2)
+    errors, gaps = np.stack(errors), np.stack(gaps)
+    assert np.all(errors[1:] < 2 * errors[0] + 1e-3), errors
+    assert np.all(gaps[1:] < 2 * gaps[0] + 1e-3), gaps
+
+
+def test_scaling_by_the_ratio_on_the_renormalised_trajectory_is_the_renormalised_sampler():
+    # Exactly: the library's renormalised sampler is Euler sampling with ε_k = 1/ρ_k − 1 where ρ_k
+    # is read on its own states.
+    from normguard_jax import normguard, sampling
+    theta = {"a": jnp.float32(1.3), "b": jnp.float32(0.2)}
+    ref = {"a": jnp.float32(0.9), "b": jnp.float32(0.6)}
+    labels = jnp.array([0, 1, 2], jnp.int32)
+    steps, key, w = 5, jax.random.key(6), 1.5
+    kw = dict(image_shape=SHAPE, num_steps=steps, shift=3.0, guidance_scale=w, null_class=NULL)
+    want = sampling.generate_images(tanh_velocity, theta, labels, key, renormalize_to=ref, **kw)
+    vfn = sampling.conditional_velocity_fn(tanh_velocity, theta, labels, guidance_scale=w,
+                                           null_class=NULL)
+    ref_fn = sampling.conditional_velocity_fn(tanh_velocity, ref, labels, guidance_scale=w,
+                                              null_class=NULL)
+    sigmas = jnp.asarray(flow.inference_sigmas(steps, 3.0))
+    x = sampling.initial_noise(jax.random.fold_in(key, 0), 3, SHAPE)
+    traj = sampling.sample(vfn, x, sigmas, jax.random.fold_in(key, 1), method="ode",
+                           ref_velocity_fn=ref_fn, renormalize=True)
+    rho = []
+    for k in range(steps):
+        s = jnp.full((3,), sigmas[k])
+        rho.append(normguard.per_sample_norm(vfn(traj.states[k], s))
+                   / normguard.per_sample_norm(ref_fn(traj.states[k], s)))
+    eps = 1.0 / jnp.stack(rho) - 1.0
+    got = diagnostics.scaled_velocity_sample(vfn, x, sigmas, eps)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(np.asarray(eps), 0.0, atol=1e-2)
+
+
+def test_batch_level_summary_by_hand():
+    v = np.array([[1.0, 3.0], [-1.0, -1.0], [2.0, 4.0]])
+    s = diagnostics.batch_level_summary(v)
+    means = np.array([2.0, -1.0, 3.0])
+    np.testing.assert_allclose(s["batch_means"], means)
+    np.testing.assert_allclose(s["mean"], 4 / 3)
+    np.testing.assert_allclose(s["std_over_batches"], np.sqrt(78 / 9 / 2))
+    np.testing.assert_allclose(s["t_stat"], (4 / 3) / (np.sqrt(78 / 9 / 2) / np.sqrt(3)))
+    assert s["sign"] == 1.0
+    np.testing.assert_allclose(s["frac_batches_with_sign"], 2 / 3)
+    np.testing.assert_allclose(s["frac_samples_with_sign"], 4 / 6)
+    # A negative grand mean counts the negative signs; one batch has no spread.
+    s = diagnostics.batch_level_summary(-v)
+    assert s["sign"] == -1.0 and s["t_stat"] < 0
+    np.testing.assert_allclose(s["frac_samples_with_sign"], 4 / 6)
+    one = diagnostics.batch_level_summary(np.array([[1.0, -3.0, -1.0]]))
+    assert one["std_over_batches"] == 0.0 and one["t_stat"] == 0.0 and one["sign"] == -1.0
+    np.testing.assert_allclose(one["frac_samples_with_sign"], 2 / 3)
+    zero = diagnostics.batch_level_summary(np.zeros((2, 3)))
+    assert zero["sign"] == 0.0 and zero["frac_samples_with_sign"] == 0.0
+
+
+def test_first_order_agreement_by_hand():
+    a = diagnostics.first_order_agreement([1.0, 2.0, -1.0], [2.0, 4.0, -2.0])
+    np.testing.assert_allclose(a["slope"], 2.0)
+    np.testing.assert_allclose(a["correlation"], 1.0)
+    assert a["sign_agreement"] == 1.0
+    np.testing.assert_allclose(a["rel_error_of_mean"], (4 / 3 - 2 / 3) / (4 / 3))
+    b = diagnostics.first_order_agreement(np.zeros(3), [1.0, -1.0, 0.5])
+    assert b["slope"] == 0.0 and b["correlation"] == 0.0
