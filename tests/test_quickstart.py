@@ -111,7 +111,7 @@ def test_norm_analyses_table_renormalises_only_the_unguarded_run(tmp_path):
     def run(weight, evaluation):
         return {"method": "nft", "normguard_weight": weight, "ratio_per_step": [1.1, 0.9],
                 "ratio_over_training": {"1": 1.0, "2": 1.0}, "evaluation": evaluation,
-                "sensitivity": {}}
+                "sensitivity": {}, "batch_level": {}}
 
     record = {"u": run(0.0, {"plain": result(-5.0, 7.25, 0.5),
                              "renormalised": result(-5.5, 6.0, 0.625)}),
