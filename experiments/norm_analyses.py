@@ -147,6 +147,10 @@ def main():
     parser.add_argument("--batches", type=int, default=5,
                         help="independent batches (seeds seed … seed+batches−1) for the "
                              "batch-level adjoint signal")
+    parser.add_argument("--analyses_dir", default="",
+                        help="where the evaluations are written, one folder per run named "
+                             "after it ('' = <run>/analyses; set it for runs you may not "
+                             "write into)")
     parser.add_argument("--renormalise_all", action="store_true",
                         help="also evaluate the guarded runs (λ > 0) with renormalisation")
     parser.add_argument("--compilation_cache", default=compile_cache.DEFAULT_DIR,
@@ -181,7 +185,9 @@ def main():
                                             args.num_steps, cfg.sample.shift, guidance)
         renormalise = args.renormalise_all or float(cfg.normguard.weight) == 0.0
         print(f"[{run}] evaluation{' plain and renormalised' if renormalise else ''}", flush=True)
-        evals = evaluate_variants(run, os.path.join(run, "analyses"), args.per_class,
+        analyses = (os.path.join(args.analyses_dir, os.path.basename(os.path.normpath(run)))
+                    if args.analyses_dir else os.path.join(run, "analyses"))
+        evals = evaluate_variants(run, analyses, args.per_class,
                                   args.num_steps, guidance, cfg, renormalise)
         nets = auxnets.AuxNetCache(base.config.data.name, aux_dir=cfg.aux_dir,
                                    data_dir=base.config.data.data_dir or None)
@@ -388,6 +394,7 @@ def plot_batch_level(record, path):
     axes[0].axvline(0.0, color="grey", lw=0.8)
     axes[0].set_yticks(range(row), ticks, fontsize=6)
     axes[0].set(xlabel="batch mean of G = Σ_k dR/dε_k", title="uniform rescale: G per batch")
+    axes[0].ticklabel_format(axis="x", style="sci", scilimits=(-2, 2))
     lim = axes[1].get_xlim()
     axes[1].plot(lim, lim, color="grey", lw=0.8)
     axes[1].set(xlabel="predicted ΔR (first order)", ylabel="measured ΔR (scales 1/ρ)",
