@@ -22,8 +22,9 @@ Stages run in order, each in its own process (the commands are in ``STAGES``):
   table's two bases in between (results/validity_table_bases.md; results/validity.md is the
   same check on the four pretraining-grid bases, after ``pretrain_grid``);
 - extended (not in ``core``): ``guard_ablation_awm_contrast``, ``guard_ablation`` (the
-  multi-seed guard studies), ``rl_methods`` (24-iteration runs at 64 rollouts), and
-  ``pretrain_grid`` (every dataset × architecture).
+  multi-seed guard studies), ``rl_methods`` (24-iteration runs at 64 rollouts),
+  ``pretrain_grid`` (every dataset × architecture) and ``inflation_search`` (unguarded
+  candidates × 3 seeds: where does ρ reach 1.05?).
 
 ``core`` is the set planned for the 2-core, ~3-hour budget; ``all`` adds the extended stages.
 The wall time of every attempt at a stage is added to ``workdir/run_all/timings.json`` (an
@@ -69,6 +70,7 @@ STAGES = {
     "guard_ablation": [PY, "experiments/guard_ablation.py"],
     "rl_methods": [PY, "experiments/rl_methods.py"],
     "pretrain_grid": [PY, "experiments/pretrain_grid.py"],
+    "inflation_search": [PY, "experiments/inflation_search.py"],
 }
 CORE = ("main_table_digits", "norm_runs", "norm_analyses", "main_table_shapes", "validity")
 BUDGET_MIN = 180
