@@ -7,11 +7,12 @@ configs/rl_<method>.py holds its settings).
 Writes <workdir>/quickstart.md and quickstart.json (the table is also printed); every stage
 is cached in <workdir> and in aux_dir, so a second call reuses it.
 
-Another reward set: --config=configs/quickstart.py:nft,digits (names: rewards.DEFAULT_WEIGHTS).
+Another reward set: --config=configs/quickstart.py:nft,digits_logprob (names: rewards.DEFAULT_WEIGHTS;
+default digits_contrast, the pixel-contrast proxy on which unguarded NFT inflates ‖v_θ‖).
 
 Sizes are chosen for a 2-core CPU: the base is the small UNet on digits_mnist trained for 600
 steps at batch 64 (digit-like samples in a few minutes, weakly aligned to their class without
-CFG, so the classifier reward has room to rise); RL runs 24 iterations of 8 prompts × 8
+CFG); RL runs 24 iterations of 8 prompts × 8
 samples, 10-step ODE rollouts without CFG; evaluation uses 30 samples per class.
 """
 
@@ -49,11 +50,14 @@ def get_config(arg: str = "nft"):
 
     # RL arms: <workdir>/rl_unguarded and <workdir>/rl_normguard (base.workdir is set by the job).
     c.rl = importlib.import_module(f"configs.rl_{method}").get_config()
-    reward_set = reward_set or "digits_logprob"
+    reward_set = reward_set or "digits_contrast"
     if reward_set not in rewards.DEFAULT_WEIGHTS:
         raise ValueError(f"reward set must be one of {sorted(rewards.DEFAULT_WEIGHTS)}, "
                          f"got {reward_set!r}")
-    # The classifier's log p(class): the 600-step base is far from its ceiling of 0 without CFG.
+    # Default: the pixel-contrast proxy, the setting where unguarded NFT inflates ‖v_θ‖ on every
+    # seed tried (sampling ρ 1.046-1.067, experiments/results/inflation_search.md), so the guard
+    # has something to act on. `:nft,digits_logprob` is the classifier's log p(class) (no
+    # inflation there: ρ 0.94-1.0).
     c.rl.rewards = ml_collections.ConfigDict(rewards.DEFAULT_WEIGHTS[reward_set])
     c.rl.train.iterations = 24
     c.rl.rollout.prompts_per_iter = 8
