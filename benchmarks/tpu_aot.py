@@ -297,6 +297,15 @@ def _policy_trees(spec: ModelSpec, remat: str, lora_cfg: lora.LoRAConfig | None)
     return make_velocity_fn(graphdef), rl.full_policy, trainable, reference
 
 
+def update_objective(normguard_weight: float = 0.1) -> Callable:
+    """The update's objective: DiffusionNFT (its default config) wrapped by NormGuard with
+    weight λ at the base loss's own velocity points."""
+    method = METHODS["nft"]
+    return normguard.with_normguard(
+        method.make_objective(method.config_cls()),
+        normguard.NormGuardConfig(weight=normguard_weight, velocity="points"))
+
+
 def build_update(spec: ModelSpec, devices, *, remat: str = "none", min_shard_size: int = 2**16,
                  normguard_weight: float = 0.1,
                  lora_cfg: lora.LoRAConfig | None = None) -> tuple[Callable, tuple]:
@@ -327,10 +336,7 @@ def build_update(spec: ModelSpec, devices, *, remat: str = "none", min_shard_siz
              "sigma": _struct((b,), jnp.float32, data_sh),
              "cond": _cond(spec, b, data_sh),
              "advantage": _struct((b,), jnp.float32, data_sh)}
-    method = METHODS["nft"]
-    objective = normguard.with_normguard(
-        method.make_objective(method.config_cls()),
-        normguard.NormGuardConfig(weight=normguard_weight, velocity="points"))
+    objective = update_objective(normguard_weight)
     p_sh = jax.tree.map(lambda s: s.sharding, args_params)
     o_sh = jax.tree.map(lambda s: s.sharding, opt_state)
     r_sh = jax.tree.map(lambda s: s.sharding, ref)

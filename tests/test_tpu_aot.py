@@ -5,14 +5,17 @@ trades FLOPs for memory."""
 
 import json
 import math
+import re
 
 import jax
 import jax.numpy as jnp
 import pytest
+from jax.ad_checkpoint import print_saved_residuals
 
 from benchmarks import tpu_aot
 from normguard_jax import lora
 from normguard_jax.models import count_params
+from normguard_jax.objectives.base import Context
 
 # SD3.5-M's layout in miniature (RMS q/k norm, dual attention, 16 latent channels).
 TINY = dict(sample_size=16, patch_size=2, in_channels=16, num_layers=3, attention_head_dim=16,
@@ -129,6 +132,60 @@ def test_lora_sampler_runs_the_adapted_policy():
     row = tpu_aot.measure(jitted, args, loop_steps=2)
     assert row["argument_bytes"] == pytest.approx(_per_device_bytes(args), rel=0.02)
     assert row["flops"] > 0
+
+
+def _saved_shapes(capsys, spec, remat, lora_cfg, batch=2):
+    """Shapes of what the update's backward keeps from its forward pass (JAX's residuals of the
+    loss ``rl.update`` differentiates, arguments left out), as ``(dtype, shape)`` pairs."""
+    velocity, policy, trainable, reference = tpu_aot._policy_trees(  # noqa: SLF001
+        spec, remat, lora_cfg)
+    objective = tpu_aot.update_objective()
+    s = jax.ShapeDtypeStruct
+    data = {"x0": s((batch, *spec.latent), jnp.float32),
+            "noise": s((batch, *spec.latent), jnp.float32), "sigma": s((batch,), jnp.float32),
+            "cond": {"text": s((batch, *spec.text), jnp.bfloat16),
+                     "pooled": s((batch, spec.pooled), jnp.bfloat16)},
+            "advantage": s((batch,), jnp.float32)}
+
+    def loss(params, old, ref, data):
+        ctx = Context(velocity=velocity, ref_params=ref, old_params=policy(ref, old),
+                      rollout_params=None, null_condition=None)
+        return objective(policy(ref, params), data, ctx)[0]
+
+    capsys.readouterr()
+    print_saved_residuals(loss, trainable, trainable, reference, data)
+    shapes = []
+    for line in capsys.readouterr().out.splitlines():
+        m = re.match(r"(\w+)\[([0-9,]*)\]", line)
+        if m and "argument" not in line:
+            shapes.append((m.group(1), tuple(int(d) for d in m.group(2).split(",") if d)))
+    return shapes, reference
+
+
+@pytest.mark.parametrize("rank", [0, 2])
+def test_remat_keeps_no_attention_map_and_no_kernel_copy(capsys, rank):
+    """What the update keeps for its backward pass, at the JAX level. With remat full, for full
+    fine-tuning and for LoRA alike, no (B, heads, S, S) attention map is kept (any layout of its S × S
+    axes) (the blocks run
+    again in the backward); without remat the maps are kept (so the check can see them). On the
+    LoRA path no kernel-shaped array is kept in either case: the adapted layers never form the
+    merged ``W + (α/r)·A@B`` nor a float32 copy of a bfloat16 base kernel. (Why the compiled LoRA
+    temporaries at 2-4 blocks still rise faster than full fine-tuning's: benchmarks/README.md.)"""
+    cfg = lora.LoRAConfig(rank=rank, alpha=4.0, targets="attention") if rank else None
+    tokens = (SPEC.latent[0] // TINY["patch_size"]) * (SPEC.latent[1] // TINY["patch_size"])
+    lengths = {tokens, tokens + SPEC.text[0]}          # dual (image only) and joint attention
+
+    def maps(shapes):
+        return [sh for _, sh in shapes   # (..., S, S): the attention's logits or weights
+                if len(sh) >= 4 and sh[-1] == sh[-2] and sh[-1] in lengths]
+
+    kept = {remat: _saved_shapes(capsys, SPEC, remat, cfg) for remat in ("none", "full")}
+    assert maps(kept["none"][0]), "without remat the attention maps are residuals"
+    assert not maps(kept["full"][0])
+    if rank:
+        kernels = {tuple(k.shape) for k in lora._kernels(kept["full"][1]).values()}  # noqa: SLF001
+        for remat in ("none", "full"):
+            assert not [sh for _, sh in kept[remat][0] if sh in kernels], remat
 
 
 def test_failed_cells_and_markdown(tmp_path, capsys):
