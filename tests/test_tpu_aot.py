@@ -165,9 +165,9 @@ def _saved_shapes(capsys, spec, remat, lora_cfg, batch=2):
 @pytest.mark.parametrize("rank", [0, 2])
 def test_remat_keeps_no_attention_map_and_no_kernel_copy(capsys, rank):
     """What the update keeps for its backward pass, at the JAX level. With remat full, for full
-    fine-tuning and for LoRA alike, no (B, heads, S, S) attention map is kept (any layout of its S × S
-    axes) (the blocks run
-    again in the backward); without remat the maps are kept (so the check can see them). On the
+    fine-tuning and for LoRA alike, no attention map (an array ending in S × S axes) is kept:
+    the blocks run again in the backward; without remat the maps are kept (so the check can see
+    them). On the
     LoRA path no kernel-shaped array is kept in either case: the adapted layers never form the
     merged ``W + (α/r)·A@B`` nor a float32 copy of a bfloat16 base kernel. (Why the compiled LoRA
     temporaries at 2-4 blocks still rise faster than full fine-tuning's: benchmarks/README.md.)"""
