@@ -21,16 +21,21 @@ evaluations and an analysis first, then the shapes half and few-step inference):
 - ``earlystop``: configs/sweeps/table_earlystop.py (intermediate checkpoints of the unguarded
   runs);
 - ``fewstep``: configs/sweeps/table_fewstep.py (2, 4, 8, 16, 40 ODE steps);
-- ``analyse``: reads every evaluation.json and writes ``experiments/results/main_table.md``,
+- ``seeds``: configs/sweeps/table_seeds.py, the extra seeds of every table cell and NFT on
+  digits contrast over re-pretrained bases; ``seeds:digits`` (``shapes``, ``rebase``, or
+  several joined by ``|``) only those parts. Not in the default stages (about 80 min per
+  base's half on 2 cores);
+- ``analyse``: reads every evaluation.json (seeds included) and writes ``experiments/results/main_table.md``,
   ``.json`` and ``main_table_*.png`` with whatever has finished (missing cells are listed).
 
 With ``--num_hosts``, every host runs its share of each sweep (shared file system); run the
 ``analyse`` stage once all hosts are done.
 
-This module holds the command, the main table itself (guarded minus unguarded, with a verdict
-against the run-to-run noise) and the report; each other claim has its own module:
-lambda_sweep.py (λ sweep), early_stopping.py (early-stopping control), few_step.py (few-step
-inference), sample_grids.py (side-by-side samples). table_sweeps.py runs the sweeps and reads
+This module holds the command, the main table itself and the report; each other claim has its
+own module: seed_spread.py (guarded minus unguarded paired over seeds, with a verdict against
+its own standard error, and the seed spread), lambda_sweep.py (λ sweep), early_stopping.py
+(early-stopping control), few_step.py (few-step inference), sample_grids.py (side-by-side
+samples). table_sweeps.py runs the sweeps and reads
 their finished cells; tables.py formats.
 """
 
@@ -43,13 +48,14 @@ import os
 from configs import eval_table, rl_table, table_base
 from configs.sweeps import table_earlystop, table_fewstep, table_lambda, table_norms
 from configs.sweeps import table_main as main_sweep
-from experiments import (early_stopping, few_step, lambda_sweep, sample_grids, sweep,
-                         table_sweeps, tables)
+from configs.sweeps import table_seeds as seeds_sweep
+from experiments import (early_stopping, few_step, lambda_sweep, sample_grids, seed_spread,
+                         sweep, table_sweeps, tables)
 from experiments.table_sweeps import NOISE, QUALITY
 
 NORM_CELLS = {os.path.basename(d) for d in table_norms.run_dirs(table_norms.METHODS)}
 
-STAGES = ("bases", "main", "lambda", "earlystop", "fewstep", "analyse")
+STAGES = ("bases", "main", "lambda", "earlystop", "fewstep", "seeds", "analyse")
 # Default order: the digits half of the table first, then the analyses on it, then the shapes
 # half, so that an interrupted run leaves every analysis on one base rather than none.
 DEFAULT_STAGES = ("bases,main:eval-base-*|*digits*,lambda,earlystop,analyse,"
@@ -62,6 +68,7 @@ DEFAULT_STAGES = ("bases,main:eval-base-*|*digits*,lambda,earlystop,analyse,"
 
 
 def main_table_md(data: dict) -> list[str]:
+    """Seed 0 of every setting × method × arm, with the base, one row each."""
     head = ["setting", "model", "reward ↑"] + [label for _, label in QUALITY] + ["ρ"]
     lines = tables.header(head, left=2)
     for setting in rl_table.SETTINGS:
@@ -76,38 +83,6 @@ def main_table_md(data: dict) -> list[str]:
     return lines
 
 
-def delta_md(data: dict) -> tuple[list[str], list[dict]]:
-    """Guarded minus unguarded, per setting and method, with a verdict against the noise."""
-    lines = ["| setting | method | Δ reward | Δ FD (↓ better) | Δ recall | Δ judged real | "
-             "out of range unguarded → guarded | ρ unguarded → guarded | "
-             "hinge active (training) | quality better beyond noise? |",
-             "|---|---|---:|---:|---:|---:|---|---|---:|---|"]
-    records = []
-    for setting in rl_table.SETTINGS:
-        for method in main_sweep.METHODS:
-            p, g = (data["main"][f"{setting}-{method}-{a}"] for a in ("plain", "guard"))
-            if p is None or g is None:
-                lines.append(f"| {setting} | {method} | not run | | | | | | | |")
-                continue
-            d = {k: g[k] - p[k] for k in ("reward", "fd", "recall", "realism")}
-            # FD falls, recall and judged-real rise when quality improves.
-            signs = {"fd": -1, "recall": 1, "realism": 1}
-            better = any(signs[k] * d[k] > NOISE[k] for k in signs)
-            worse = any(signs[k] * d[k] < -NOISE[k] for k in signs)
-            verdict = ("better" if better and not worse else "worse" if worse and not better
-                       else "mixed" if better and worse else "no (within noise)")
-            records.append({"setting": setting, "method": method, **d, "verdict": verdict,
-                            "out_of_range_plain": p["out_of_range"],
-                            "out_of_range_guard": g["out_of_range"],
-                            "rho_plain": p["rho"], "rho_guard": g["rho"]})
-            lines.append(f"| {setting} | {method} | {d['reward']:+.3f} | {d['fd']:+.2f} | "
-                         f"{d['recall']:+.3f} | {d['realism']:+.3f} | "
-                         f"{p['out_of_range']:.3f} → {g['out_of_range']:.3f} | {p['rho']:.3f} → "
-                         f"{g['rho']:.3f} | {tables.fmt(g.get('hinge_active'), '{:.2f}')} | "
-                         f"{verdict} |")
-    return lines, records
-
-
 # ----------------------------------------------------------------------------------------------
 # The report.
 # ----------------------------------------------------------------------------------------------
@@ -118,19 +93,32 @@ def wall_time_md() -> str:
     parts = []
     for label, root in (("table", main_sweep.WORKROOT), ("λ", table_lambda.WORKROOT),
                         ("early stopping", table_earlystop.WORKROOT),
-                        ("few-step", table_fewstep.WORKROOT)):
+                        ("few-step", table_fewstep.WORKROOT), ("seeds", seeds_sweep.WORKROOT)):
         # experiments/run_all.py's GRPO/RAM cells share the table's workroot: not counted.
         done = sweep.finished_seconds(os.path.join(table_sweeps.REPO, root))
         seconds = [t for name, t in done.items() if name not in NORM_CELLS]
         parts.append(f"{label} {len(seconds)} cells, {sum(seconds) / 60:.0f} min")
+    bases = [rebase_seconds(k) for k in seeds_sweep.REBASE_SEEDS]
+    bases = [t for t in bases if t is not None]
+    parts.append(f"re-pretrained bases {len(bases)}, {sum(bases) / 60:.0f} min")
     return ("Wall time (sum of the cells' own times; more than the compute if other jobs shared "
             "the cores, see experiments/results/compute.md): " + "; ".join(parts) + ".")
+
+
+def rebase_seconds(k: int) -> float | None:
+    """Recorded wall time of the pretraining cell of base seed ``k``, or None if unfinished
+    (its workdir is outside the seeds' workroot)."""
+    path = os.path.join(table_sweeps.REPO, seeds_sweep.rebase_workdir(k), sweep.DONE_MARKER)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)["seconds"]
 
 
 def missing_md(missing: list[str]) -> str:
     """One line: how many cells of each sweep had not finished (names when few)."""
     if not missing:
-        return "Every cell of the four sweeps finished."
+        return "Every cell of the sweeps finished."
     by_root = {}
     for m in missing:
         root, name = m.rsplit("/", 1)
@@ -145,7 +133,7 @@ def sizes_md() -> list[str]:
     ev = eval_table.get_config("digits_logprob")
     digits, shapes = table_base.get_config("digits"), table_base.get_config("shapes")
     return [
-        "Sizes (single seed 0 everywhere):",
+        "Sizes (seed 0 everywhere except in \"Seeds\"):",
         f"- Bases: `{rl_table.BASES['digits']}` = {digits.model.arch}/{digits.model.size} on "
         f"{digits.data.name}, {digits.train.steps} steps at batch {digits.train.batch_size}; "
         f"`{rl_table.BASES['shapes']}` = {shapes.model.arch}/{shapes.model.size} on "
@@ -172,7 +160,11 @@ def analyse(lambda_choice: tuple[str, str] | None) -> None:
     data = table_sweeps.collect()
     choice = lambda_choice or lambda_sweep.choose_lambda_setting(data["main"])
     lam_rows = lambda_sweep.collect_lambda(*choice) if choice else {}
-    delta_lines, deltas = delta_md(data)
+    seeds = seed_spread.collect(data["main"])
+    max_n = seed_spread.max_seeds(seeds["runs"])
+    delta_lines, deltas = seed_spread.delta_md(seeds["runs"])
+    spread_lines, spreads = seed_spread.spread_md(seeds["runs"])
+    rebase_lines, rebase = seed_spread.rebase_md(seeds)
     few_lines, gaps = few_step.fewstep_md(data)
     early_lines, early = early_stopping.earlystop_md(data)
     results = table_sweeps.RESULTS
@@ -185,7 +177,8 @@ def analyse(lambda_choice: tuple[str, str] | None) -> None:
         "# Main table, λ sweep, few-step inference, early-stopping control",
         "",
         "Command: `python experiments/main_table.py` (runs the sweeps configs/sweeps/"
-        "{table_main,table_lambda,table_earlystop,table_fewstep}.py, then this analysis; "
+        "{table_main,table_lambda,table_earlystop,table_fewstep}.py, then this analysis; the "
+        "extra seeds of configs/sweeps/table_seeds.py run with `--stages seeds`; "
         "`--stages analyse` rewrites this file from the finished cells).",
         "",
         *sizes_md(),
@@ -196,10 +189,12 @@ def analyse(lambda_choice: tuple[str, str] | None) -> None:
         "",
         wall_time_md(),
         "",
-        "Noise: two identical single-seed NFT runs differed by about 1.0 in log p(class) and "
-        f"3 in FD (experiments/README.md, \"Noise\"). Differences below FD {NOISE['fd']:g}, "
-        f"recall {NOISE['recall']:g} or judged real {NOISE['realism']:g} are treated as noise "
-        "here (the last two are guesses of the same order as the spread seen between runs).",
+        seed_spread.noise_md(max_n),
+        "",
+        "The early-stopping control and few-step inference below are single-seed (seed 0) and "
+        f"still read FD gaps against a fixed {NOISE['fd']:g} (two identical single-seed NFT runs "
+        "differed by about 3 in FD, experiments/README.md \"Noise\"); compare it with the "
+        "measured FD spread in \"Seeds\".",
         "",
         "## Main table",
         "",
@@ -209,14 +204,46 @@ def analyse(lambda_choice: tuple[str, str] | None) -> None:
         "",
         *main_table_md(data),
         "",
-        "Guarded minus unguarded. Hinge active = fraction of training rows with ‖v_θ‖ > "
-        "‖v_ref‖, averaged over the logged iterations (4, 8, 12) of the guarded run. A hinge "
+        "Guarded minus unguarded, paired over the seeds with both arms finished (seeds: how "
+        "many; mean ± s.e. and t when there are two or more, else the seed-0 difference). "
+        "The verdict names the quality metrics (FD, recall, judged real) whose |t| exceeds the "
+        "critical value; \"no difference detected\" means none did. Out of range and ρ are "
+        "means over those seeds. Hinge active = fraction of training rows with ‖v_θ‖ > "
+        "‖v_ref‖, averaged over the logged iterations (4, 8, 12) of the guarded runs. A hinge "
         "that never acts leaves the run bit-identical to the unguarded one; where it acted on "
         "only a few rows (other iterations were not logged), the gap between the two runs is "
         "mostly run-to-run divergence, which RL amplifies from tiny differences: those pairs "
         "show the noise at this size.",
         "",
         *delta_lines,
+        "",
+        "## Seeds",
+        "",
+        f"Extra RL seeds {', '.join(map(str, seeds_sweep.SEEDS))} of every cell "
+        "(configs/sweeps/table_seeds.py; `python experiments/main_table.py --stages "
+        "seeds:digits,analyse`, `seeds:shapes`, `seeds:rebase`); seed 0 is the main table. "
+        "Mean ± s.e. over the finished seeds:",
+        "",
+        *(seed_spread.mean_table_md(seeds["runs"]) if max_n >= 2 else
+          ["Only seed 0 has finished: the main table above is the whole table."]),
+        "",
+        "Seed spread, the measured noise level: std over seeds of the unguarded runs (– with "
+        "fewer than 2 seeds). A paired difference has its own s.e. above; the spread of one "
+        "arm is the scale against which single-seed rows (λ sweep, early stopping, few-step) "
+        "should be read.",
+        "",
+        *spread_lines,
+        "",
+        f"### Re-pretrained bases ({seeds_sweep.REBASE_METHOD} on "
+        f"{seeds_sweep.REBASE_SETTING})",
+        "",
+        "Base fixed: RL seeds 0, "
+        f"{', '.join(map(str, seeds_sweep.SEEDS))} on the table's base. Base re-pretrained: "
+        f"base k pretrained with seed k (configs/table_base.py:{seeds_sweep.REBASE_BASE}, "
+        "base 0 is the table's) and RL seed k on it, so both rows vary the RL seed and the "
+        "second also the base. Std over seeds:",
+        "",
+        *rebase_lines,
         "",
         "## Samples",
         "",
@@ -251,7 +278,7 @@ def analyse(lambda_choice: tuple[str, str] | None) -> None:
         "",
         "![early stopping](main_table_earlystop.png)",
         "",
-        missing_md(data["missing"]),
+        missing_md(data["missing"] + seeds["missing"]),
         "",
     ]
     with open(os.path.join(results, "main_table.md"), "w", encoding="utf-8") as f:
@@ -259,7 +286,10 @@ def analyse(lambda_choice: tuple[str, str] | None) -> None:
     with open(os.path.join(results, "main_table.json"), "w", encoding="utf-8") as f:
         json.dump({"data": data, "lambda_setting": choice,
                    "lambda": {f"{k:g}": v for k, v in lam_rows.items()}, "deltas": deltas,
-                   "fewstep_gaps": gaps, "earlystop": early}, f, indent=1)
+                   "fewstep_gaps": gaps, "earlystop": early,
+                   "seeds": {"runs": seeds["runs"], "rebase": seeds["rebase"],
+                             "spread": spreads, "rebase_spread": rebase,
+                             "alpha": seed_spread.ALPHA}}, f, indent=1)
     print("\n".join(lines), flush=True)
 
 
@@ -277,6 +307,13 @@ def main():
     unknown = sorted({s.partition(":")[0] for s in stages} - set(STAGES))
     if unknown:
         parser.error(f"unknown stages {unknown}; choose from {list(STAGES)}")
+    for stage in stages:
+        name, _, only = stage.partition(":")
+        if name == "seeds":
+            try:
+                seeds_sweep.parse_parts(only.replace("|", ","))
+            except ValueError as e:
+                parser.error(f"stage {stage!r}: {e}")
     choice = None
     if args.lambda_setting:
         setting, _, method = args.lambda_setting.partition(",")
@@ -309,6 +346,9 @@ def main():
             table_sweeps.run_sweep("configs/sweeps/table_earlystop.py", hosts + only_flag)
         elif name == "fewstep":
             table_sweeps.run_sweep("configs/sweeps/table_fewstep.py", hosts + only_flag)
+        elif name == "seeds":
+            parts = seeds_sweep.parse_parts(only.replace("|", ","))
+            table_sweeps.run_sweep(f"configs/sweeps/table_seeds.py:{','.join(parts)}", hosts)
         elif name == "analyse":
             analyse(choice)
 
