@@ -259,7 +259,8 @@ class _Sink:
 @pytest.mark.parametrize("spec", ["table_main.py", "table_lambda.py:digits_contrast,dpo",
                                   "table_fewstep.py", "table_earlystop.py",
                                   "guard_ablation.py", "guard_ablation.py:awm_contrast",
-                                  "table_norms.py"])
+                                  "table_norms.py", "table_seeds.py",
+                                  "table_seeds.py:rebase"])
 def test_shipped_table_sweeps_name_real_fields(spec, monkeypatch):
     """Every cell of the sweeps in configs/sweeps/ overrides existing fields of its job config,
     and every evaluation cell reads an RL workdir that an RL cell of the table writes."""
@@ -274,7 +275,7 @@ def test_shipped_table_sweeps_name_real_fields(spec, monkeypatch):
         sweep.check_overrides(cell, loaded[cell.config])
     rl_dirs = set()
     for s in ("table_main.py", "table_lambda.py:digits_contrast,dpo", "guard_ablation.py",
-              "guard_ablation.py:awm_contrast", "table_norms.py"):
+              "guard_ablation.py:awm_contrast", "table_norms.py", "table_seeds.py"):
         rl_dirs |= {c.workdir for c in sweep.expand(sweep.load_job_config(
             os.path.join("configs", "sweeps", s))) if c.name.startswith("rl-")}
     for cell in cells:

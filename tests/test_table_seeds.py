@@ -1,0 +1,332 @@
+"""The main table's seeds: the sweep's cells (configs/sweeps/table_seeds.py) and the analysis of
+experiments/seed_spread.py (means, s.e., paired t, verdicts, seed spread, re-pretrained bases)
+from synthetic finished cells."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from configs import rl_table
+from configs.sweeps import table_main as main_sweep
+from configs.sweeps import table_seeds as seeds_sweep
+from experiments import main_table, seed_spread, sweep, table_sweeps
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KEYS = ("reward", "fd", "recall", "realism", "precision", "out_of_range", "rho")
+
+
+# ----------------------------------------------------------------------------------------------
+# The sweep config.
+# ----------------------------------------------------------------------------------------------
+
+
+def _cells(arg, monkeypatch):
+    monkeypatch.chdir(REPO)  # job configs are named relative to the repository
+    return sweep.expand(seeds_sweep.get_config(arg))
+
+
+def test_every_cell_has_valid_overrides_and_the_main_tables_names(monkeypatch):
+    cells = _cells("", monkeypatch)
+    sweep.check(cells)  # every override names a field of its job config, with a fitting type
+    names = [c.name for c in cells]
+    assert len(set(names)) == len(names)
+    per_seed = len(rl_table.SETTINGS) * len(main_sweep.METHODS) * len(main_sweep.ARMS)
+    assert len(cells) == 2 * per_seed * len(seeds_sweep.SEEDS) + 6 * len(seeds_sweep.REBASE_SEEDS)
+    table = {c.name: c for c in sweep.expand(main_sweep.get_config())}
+    by_name = {c.name: c for c in cells}
+    for name, cell in table.items():
+        if not name.startswith(("rl-", "eval-")) or name.startswith("eval-base"):
+            continue
+        for k in seeds_sweep.SEEDS:
+            seeded = by_name[f"{name}-s{k}"]
+            assert seeded.config == cell.config
+            assert seeded.workdir == f"{seeds_sweep.WORKROOT}/{name}-s{k}"
+            extra = dict(seeded.overrides)
+            if name.startswith("rl-"):   # the table cell's overrides plus the seed
+                assert extra.pop("seed") == k and extra == dict(cell.overrides)
+                assert seeded.expect == cell.expect
+            else:                        # the evaluation reads the seed's own RL workdir
+                assert extra == {"checkpoint": f"{seeds_sweep.WORKROOT}/rl-{name[5:]}-s{k}"}
+                assert seeded.group == by_name[f"rl-{name[5:]}-s{k}"].group
+
+
+def test_seed_major_order_and_evaluation_after_its_rl_cell(monkeypatch):
+    cells = _cells("digits,shapes", monkeypatch)
+    seeds = [int(c.name.rsplit("-s", 1)[1]) for c in cells]
+    assert seeds == sorted(seeds)   # every cell of seed 1 before any of seed 2
+    index = {c.workdir: i for i, c in enumerate(cells)}
+    for i, c in enumerate(cells):
+        if c.name.startswith("eval-"):
+            assert index[dict(c.overrides)["checkpoint"]] < i
+
+
+@pytest.mark.parametrize("base", ["digits", "shapes"])
+def test_restriction_to_one_base(base, monkeypatch):
+    cells = _cells(base, monkeypatch)
+    settings = {s for s, (b, _) in rl_table.SETTINGS.items() if b == base}
+    assert len(cells) == len(settings) * 3 * 2 * 2 * len(seeds_sweep.SEEDS)   # 48: 12 × 2 × 2
+    assert {c.name.split("-")[1] for c in cells} == settings
+    assert all(c.name.endswith(tuple(f"-s{k}" for k in seeds_sweep.SEEDS)) for c in cells)
+
+
+def test_unknown_part_is_named():
+    with pytest.raises(ValueError, match="unknown parts"):
+        seeds_sweep.get_config("digit")
+    assert seeds_sweep.parse_parts("rebase,digits") == ("digits", "rebase")
+
+
+def test_rebase_cells_pretrain_then_train_on_their_own_base(monkeypatch):
+    cells = _cells("rebase", monkeypatch)
+    sweep.check(cells)
+    assert [c.name for c in cells[:6]] == [
+        "pretrain-digits-b1", "eval-base-digits-b1", "rl-digits_contrast-nft-plain-b1",
+        "rl-digits_contrast-nft-guard-b1", "eval-digits_contrast-nft-plain-b1",
+        "eval-digits_contrast-nft-guard-b1"]
+    for k in seeds_sweep.REBASE_SEEDS:
+        mine = [c for c in cells if c.name.endswith(f"-b{k}")]
+        assert len(mine) == 6 and {c.group for c in mine} == {f"rebase-b{k}"}
+        pre = mine[0]
+        assert pre.config == "configs/table_base.py:digits"
+        assert pre.workdir == f"workdir/table_base_digits_s{k}"
+        assert dict(pre.overrides) == {"seed": k}
+        assert pre.expect == ("samples/samples_ema_0000600.png",)
+        assert dict(mine[1].overrides) == {"checkpoint": pre.workdir}
+        for rl in mine[2:4]:
+            o = dict(rl.overrides)
+            assert rl.config == "configs/rl_table.py:nft,digits_contrast"
+            assert o["seed"] == k and o["base.workdir"] == pre.workdir
+        assert {dict(c.overrides)["normguard.weight"] for c in mine[2:4]} == {0.0, 0.1}
+        for ev, rl in zip(mine[4:], mine[2:4]):
+            assert dict(ev.overrides) == {"checkpoint": rl.workdir}
+    assert seeds_sweep.rebase_workdir(0) == rl_table.BASES["digits"]
+
+
+def test_main_table_seeds_stage_rejects_an_unknown_part(monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["main_table.py", "--stages", "seeds:digits|shape"])
+    with pytest.raises(SystemExit):
+        main_table.main()
+    assert "unknown parts" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics.
+# ----------------------------------------------------------------------------------------------
+
+
+def test_t_critical_is_students_two_sided_5_percent():
+    assert seed_spread.t_critical(3) == pytest.approx(4.302652729911275)
+    assert seed_spread.t_critical(2) == pytest.approx(12.706204736174698)
+    assert seed_spread.t_critical(5) == pytest.approx(stats.t.ppf(0.975, 4))
+    assert math.isnan(seed_spread.t_critical(1))
+
+
+def test_paired_difference_numbers():
+    d = seed_spread.paired([8.0, 13.0, 9.0], [10.0, 14.0, 12.0])   # differences -2, -1, -3
+    assert d["n"] == 3 and d["mean"] == pytest.approx(-2.0)
+    assert d["se"] == pytest.approx(1 / math.sqrt(3))
+    assert d["t"] == pytest.approx(-2.0 * math.sqrt(3))
+    same = seed_spread.paired([1.0, 2.0], [1.0, 2.0])              # bit-identical arms
+    assert same["mean"] == 0 and same["se"] == 0 and math.isnan(same["t"])
+    shift = seed_spread.paired([2.0, 3.0], [1.0, 2.0])             # a constant shift
+    assert shift["t"] == math.inf
+    one = seed_spread.paired([5.0], [4.0])
+    assert one["n"] == 1 and one["se"] == 0 and math.isnan(one["t"])
+
+
+def _d(mean, t, n=3):
+    return {"n": n, "mean": mean, "se": abs(mean / t), "t": t}
+
+
+def _quality(fd, recall=None, realism=None, n=3):
+    zero = _d(0.0, float("nan"), n)
+    return {"fd": fd, "recall": recall or zero, "realism": realism or zero}
+
+
+def test_verdict_flips_when_t_crosses_the_critical_value():
+    crit = seed_spread.t_critical(3)
+    assert seed_spread.verdict(_quality(_d(-2.0, -crit * 0.999))) == "no difference detected"
+    assert seed_spread.verdict(_quality(_d(-2.0, -crit * 1.001))) == "better (FD)"
+    assert seed_spread.verdict(_quality(_d(+2.0, crit * 1.001))) == "worse (FD)"
+    assert seed_spread.verdict(_quality(_d(-2.0, -crit * 1.001),
+                                        recall=_d(-0.1, -crit * 1.001))) == (
+        "mixed (better: FD; worse: recall)")
+    assert seed_spread.verdict(_quality(_d(1.0, 5.0), realism=_d(0.1, 5.0))) == (
+        "mixed (better: judged real; worse: FD)")
+    # With two seeds the same t is not enough (critical value 12.71).
+    assert seed_spread.verdict(_quality(_d(-2.0, -5.0, n=2), n=2)) == "no difference detected"
+    assert seed_spread.verdict(_quality(_d(-2.0, float("nan"), n=1), n=1)) == (
+        "cannot be decided (1 seed)")
+
+
+def test_spread_and_pooled():
+    rows = [{"fd": 10.0}, {"fd": 14.0}, {"fd": 12.0}]
+    assert seed_spread.spread(rows, ["fd"])["fd"] == pytest.approx(2.0)
+    assert math.isnan(seed_spread.spread(rows[:1], ["fd"])["fd"])
+    pooled = seed_spread.pooled([{"fd": 2.0}, {"fd": 4.0}, {"fd": float("nan")}], ["fd"])
+    assert pooled["fd"] == pytest.approx(math.sqrt(10.0))
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic finished cells.
+# ----------------------------------------------------------------------------------------------
+
+
+def _write_eval(root, name, setting, values, active=None):
+    """A finished evaluation cell (and, with ``active``, its RL cell's metrics log)."""
+    cell = root / name
+    cell.mkdir(parents=True)
+    (cell / "sweep_done.json").write_text(json.dumps({"seconds": 60}))
+    rewards = {"classifier_logprob": -5.0, "contrast": 0.5, "shapes_rule": 0.5, "saturation": 0.1,
+               table_sweeps.reward_name(setting): values["reward"]}
+    quality = {k: values[k] for k, _ in table_sweeps.QUALITY}
+    (cell / "evaluation.json").write_text(json.dumps(
+        {"generated": {"rewards": rewards, "quality": quality}, "step": 12,
+         "norm_ratio": {"mean": values["rho"]}}))
+    if active is not None:
+        rl = root / ("rl-" + name[len("eval-"):])
+        rl.mkdir(parents=True)
+        (rl / "metrics.jsonl").write_text(
+            "\n".join(json.dumps({"train/normguard/active_frac": a}) for a in active))
+
+
+def _values(**kw):
+    v = dict(reward=0.6, fd=10.0, recall=0.3, realism=0.5, precision=0.8, out_of_range=0.1,
+             rho=1.0)
+    v.update(kw)
+    return v
+
+
+@pytest.fixture()
+def repo(tmp_path, monkeypatch):
+    monkeypatch.setattr(table_sweeps, "REPO", str(tmp_path))
+    monkeypatch.setattr(table_sweeps, "RESULTS", str(tmp_path / "results"))
+    return tmp_path
+
+
+SETTING, METHOD = "digits_contrast", "nft"
+PLAIN = {0: _values(fd=10.0, recall=0.30, reward=0.70, rho=1.06),
+         1: _values(fd=14.0, recall=0.30, reward=0.74, rho=1.05),
+         2: _values(fd=12.0, recall=0.30, reward=0.72, rho=1.04)}
+GUARD = {0: _values(fd=8.0, recall=0.40, reward=0.66, rho=0.98),
+         1: _values(fd=13.0, recall=0.41, reward=0.70, rho=0.99),
+         2: _values(fd=9.0, recall=0.39, reward=0.65, rho=0.97)}
+
+
+def _write_seeds(repo, seeds, guard=GUARD):
+    main_root = repo / main_sweep.WORKROOT
+    seeds_root = repo / seeds_sweep.WORKROOT
+    key = f"{SETTING}-{METHOD}"
+    for k in seeds:
+        root, suffix = (main_root, "") if k == 0 else (seeds_root, f"-s{k}")
+        _write_eval(root, f"eval-{key}-plain{suffix}", SETTING, PLAIN[k])
+        _write_eval(root, f"eval-{key}-guard{suffix}", SETTING, guard[k],
+                    active=[0.1 * (k + 1), 0.3 * (k + 1)])
+
+
+def test_seeds_are_read_and_paired(repo):
+    _write_seeds(repo, (0, 1, 2))
+    data = table_sweeps.collect()
+    seeds = seed_spread.collect(data["main"])
+    key = f"{SETTING}-{METHOD}"
+    assert sorted(seeds["runs"][f"{key}-plain"]) == [0, 1, 2]
+    assert seeds["runs"][f"{key}-guard"][2]["hinge_active"] == pytest.approx(0.6)
+    assert seeds["runs"][f"{key}-guard"][0]["hinge_active"] == pytest.approx(0.2)  # seed 0: table
+    assert seed_spread.max_seeds(seeds["runs"]) == 3
+    assert f"{seeds_sweep.WORKROOT}/eval-digits_logprob-nft-plain-s1" in seeds["missing"]
+    lines, records = seed_spread.delta_md(seeds["runs"])
+    (r,) = [r for r in records if r["setting"] == SETTING and r["method"] == METHOD]
+    assert r["seeds"] == [0, 1, 2] and len(records) == 1
+    fd = r["paired"]["fd"]                       # differences -2, -1, -3
+    assert fd["mean"] == pytest.approx(-2.0) and fd["se"] == pytest.approx(1 / math.sqrt(3))
+    assert fd["t"] == pytest.approx(-2 * math.sqrt(3))            # |t| 3.46 < 4.30: not enough
+    rec = r["paired"]["recall"]                  # differences 0.10, 0.11, 0.09
+    assert rec["mean"] == pytest.approx(0.1) and rec["se"] == pytest.approx(0.01 / math.sqrt(3))
+    assert rec["t"] == pytest.approx(10 * math.sqrt(3))           # 17.3 > 4.30: better
+    assert r["verdict"] == "better (recall)"
+    assert r["reward"] == pytest.approx(np.mean([-0.04, -0.04, -0.07]))
+    assert r["rho_plain"] == pytest.approx(1.05) and r["rho_guard"] == pytest.approx(0.98)
+    assert r["hinge_active"] == pytest.approx(np.mean([0.2, 0.4, 0.6]))
+    row = next(line for line in lines if line.startswith(f"| {SETTING} | {METHOD} |"))
+    assert "| 3 |" in row and "-2.00 ± 0.58 (t=-3.5)" in row and "better (recall)" in row
+    # Mean ± s.e. of each arm, and the seed spread of the unguarded runs.
+    table = seed_spread.mean_table_md(seeds["runs"])
+    plain_row = next(line for line in table if line.startswith(f"| {SETTING} | nft unguarded"))
+    assert "| 3 | 0.720 ± 0.012 | 12.00 ± 1.15 |" in plain_row
+    spread_lines, spreads = seed_spread.spread_md(seeds["runs"])
+    assert spreads[SETTING]["methods"][METHOD]["fd"] == pytest.approx(2.0)
+    assert spreads[SETTING]["pooled"]["fd"] == pytest.approx(2.0)   # the only method with seeds
+    assert math.isnan(spreads["shapes_rule"]["pooled"]["fd"])
+
+
+def test_a_recall_that_flips_sign_is_no_verdict(repo):
+    guard = {k: dict(v) for k, v in GUARD.items()}
+    guard[2]["recall"] = 0.20                    # differences 0.10, 0.11, -0.10
+    _write_seeds(repo, (0, 1, 2), guard)
+    seeds = seed_spread.collect(table_sweeps.collect()["main"])
+    _, (r,) = seed_spread.delta_md(seeds["runs"])
+    assert r["verdict"] == "no difference detected"
+
+
+def test_single_seed_falls_back_without_a_verdict(repo):
+    _write_seeds(repo, (0,))
+    seeds = seed_spread.collect(table_sweeps.collect()["main"])
+    assert seed_spread.max_seeds(seeds["runs"]) == 1
+    lines, (r,) = seed_spread.delta_md(seeds["runs"])
+    assert r["verdict"] == "cannot be decided (1 seed)" and r["fd"] == pytest.approx(-2.0)
+    row = next(line for line in lines if line.startswith(f"| {SETTING} | {METHOD} |"))
+    assert "| -2.00 |" in row and "±" not in row
+    assert "no verdict" in seed_spread.noise_md(1) and "12.71" in seed_spread.noise_md(1)
+    assert "no verdict" not in seed_spread.noise_md(3) and "4.30" in seed_spread.noise_md(3)
+    main_table.analyse(("digits_contrast", "dpo"))
+    report = (repo / "results" / "main_table.md").read_text()
+    assert "Only seed 0 has finished: the main table above is the whole table." in report
+    assert "cannot be decided (1 seed)" in report and "treated as noise" not in report
+
+
+def test_report_with_three_seeds(repo):
+    _write_seeds(repo, (0, 1, 2))
+    main_table.analyse(("digits_contrast", "dpo"))
+    report = (repo / "results" / "main_table.md").read_text()
+    assert "Only seed 0 has finished" not in report
+    assert "| digits_contrast | nft unguarded | 3 | 0.720 ± 0.012 |" in report
+    saved = json.loads((repo / "results" / "main_table.json").read_text())
+    (r,) = saved["deltas"]
+    assert r["verdict"] == "better (recall)" and r["seeds"] == [0, 1, 2]
+    assert saved["seeds"]["spread"][SETTING]["methods"][METHOD]["fd"] == pytest.approx(2.0)
+
+
+def test_rebase_spread_against_the_fixed_base(repo):
+    _write_seeds(repo, (0, 1, 2))
+    main_root, seeds_root = repo / main_sweep.WORKROOT, repo / seeds_sweep.WORKROOT
+    _write_eval(main_root, "eval-base-digits", SETTING, _values(fd=2.0, reward=0.5))
+    rebased = {1: (20.0, 0.30), 2: (6.0, 0.52)}   # (FD, recall) of the unguarded run on base k
+    for k, (fd, recall) in rebased.items():
+        _write_eval(seeds_root, f"eval-base-digits-b{k}", SETTING, _values(fd=2.0 + k))
+        _write_eval(seeds_root, f"eval-{SETTING}-{METHOD}-plain-b{k}", SETTING,
+                    _values(fd=fd, recall=recall))
+        _write_eval(seeds_root, f"eval-{SETTING}-{METHOD}-guard-b{k}", SETTING,
+                    _values(fd=fd - 1.0, recall=recall))
+    seeds = seed_spread.collect(table_sweeps.collect()["main"])
+    assert sorted(seeds["rebase"]["base"]) == [0, 1, 2]
+    assert seeds["rebase"]["plain"][0] == seeds["runs"][f"{SETTING}-{METHOD}-plain"][0]
+    lines, out = seed_spread.rebase_md(seeds)
+    assert out["plain/fixed"]["fd"] == pytest.approx(2.0)                   # 10, 14, 12
+    assert out["plain/rebase"]["fd"] == pytest.approx(np.std([10.0, 20.0, 6.0], ddof=1))
+    assert out["base"]["fd"] == pytest.approx(1.0)                          # 2, 3, 4
+    assert "rho" not in out["base"]
+    fd = out["paired"]["fd"]                                                # -2, -1, -1
+    assert fd["n"] == 3 and fd["mean"] == pytest.approx(-4 / 3)
+    assert fd["se"] == pytest.approx(np.std([-2, -1, -1], ddof=1) / math.sqrt(3))
+    assert any(line.startswith("| unguarded, base re-pretrained") and "| 0,1,2 |" in line
+               for line in lines)
+    assert "base seeds 0, 1, 2" in lines[-1]
+
+
+def test_rebase_without_cells_says_so(repo):
+    seeds = seed_spread.collect(table_sweeps.collect()["main"])
+    lines, out = seed_spread.rebase_md(seeds)
+    assert out["paired"] is None and "none finished" in lines[-1]
