@@ -32,6 +32,22 @@ def test_parse_stages_orders_and_rejects():
         run_all.parse_stages("main_table_digits,mian_table")
 
 
+def test_seed_stages_are_extended_and_run_one_part_each():
+    seeds = [n for n in run_all.STAGES if n.startswith("main_table_seeds_")]
+    assert seeds == ["main_table_seeds_digits", "main_table_seeds_shapes",
+                     "main_table_seeds_rebase"]
+    assert not set(seeds) & set(run_all.CORE)
+    assert run_all.parse_stages("main_table_seeds_rebase,main_table_seeds_digits") == [
+        "main_table_seeds_digits", "main_table_seeds_rebase"]
+    for name in seeds:
+        part = name.rsplit("_", 1)[1]
+        command = run_all.STAGES[name]
+        assert command[1] == "experiments/main_table.py"
+        stages = command[command.index("--stages") + 1].split(",")
+        assert f"seeds:{part}" in stages and stages[-1] == "analyse"
+        assert stages[0] == f"bases:{'shapes' if part == 'shapes' else 'digits'}"
+
+
 def test_norm_analyses_reads_every_method_both_arms():
     runs = run_all.STAGES["norm_analyses"][run_all.STAGES["norm_analyses"].index("--runs") + 1]
     names = [r.rsplit("/", 1)[1] for r in runs.split(",")]
