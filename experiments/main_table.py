@@ -23,10 +23,10 @@ evaluations and an analysis first, then the shapes half and few-step inference):
 - ``fewstep``: configs/sweeps/table_fewstep.py (2, 4, 8, 16, 40 ODE steps);
 - ``seeds``: configs/sweeps/table_seeds.py, the extra seeds of every table cell and NFT on
   digits contrast over re-pretrained bases; ``seeds:digits`` (``shapes``, ``rebase``, or
-  several joined by ``|``) only those parts. Not in the default stages (about 80 min per
-  base's half on 2 cores);
-- ``analyse``: reads every evaluation.json (seeds included) and writes ``experiments/results/main_table.md``,
-  ``.json`` and ``main_table_*.png`` with whatever has finished (missing cells are listed).
+  several joined by ``|``) only those parts. Not in the default stages (on 2 cores about
+  80 min for ``digits``, 55 for ``shapes``, 35 for ``rebase``);
+- ``analyse``: reads every evaluation.json (the seeds' included) and writes
+  ``experiments/results/main_table.md``, ``.json`` and ``main_table_*.png`` with whatever has finished (missing cells are listed).
 
 With ``--num_hosts``, every host runs its share of each sweep (shared file system); run the
 ``analyse`` stage once all hosts are done.
@@ -289,6 +289,7 @@ def analyse(lambda_choice: tuple[str, str] | None) -> None:
                    "fewstep_gaps": gaps, "earlystop": early,
                    "seeds": {"runs": seeds["runs"], "rebase": seeds["rebase"],
                              "spread": spreads, "rebase_spread": rebase,
+                             "missing": seeds["missing"],
                              "alpha": seed_spread.ALPHA}}, f, indent=1)
     print("\n".join(lines), flush=True)
 

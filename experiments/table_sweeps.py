@@ -30,7 +30,8 @@ RESULTS = os.path.join(REPO, "experiments", "results")
 QUALITY = (("fd", "FD ↓"), ("recall", "recall ↑"), ("realism", "judged real ↑"),
            ("precision", "precision ↑"), ("out_of_range", "out of range ↓"))
 # Run-to-run spread of two identical single-seed RL runs (experiments/README.md "Noise"):
-# differences below these say nothing.
+# differences below these say nothing. Only the single-seed early-stopping and few-step
+# sections read it (FD); the main table's verdict is decided over seeds (seed_spread.py).
 NOISE = {"fd": 3.0, "recall": 0.1, "realism": 0.15}
 
 

@@ -330,3 +330,13 @@ def test_rebase_without_cells_says_so(repo):
     seeds = seed_spread.collect(table_sweeps.collect()["main"])
     lines, out = seed_spread.rebase_md(seeds)
     assert out["paired"] is None and "none finished" in lines[-1]
+
+
+def test_wall_time_counts_the_seeds_and_the_rebased_pretraining(repo):
+    _write_seeds(repo, (0, 1))
+    marker = repo / seeds_sweep.rebase_workdir(1) / "sweep_done.json"
+    marker.parent.mkdir(parents=True)
+    marker.write_text(json.dumps({"seconds": 510}))
+    line = main_table.wall_time_md()
+    assert "table 2 cells, 2 min" in line and "seeds 2 cells, 2 min" in line
+    assert "re-pretrained bases 1, 8 min" in line
