@@ -112,7 +112,7 @@ def calibration_norms(method: str) -> dict:
                             "run the sweep with the argument 'calibrate' first")
     norms = active_norms(read_metrics(cell))
     if norms["active_iterations"] == 0:
-        raise NotCalibrated(f"{method}: the hinge was active in none of the "
+        raise NotCalibrated(f"{method}: the hinge was never active in the "
                             f"{norms['iterations']} logged iterations of {cell}, so the "
                             "penalty's gradient (and λ) is undefined")
     return norms
