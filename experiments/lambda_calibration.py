@@ -56,29 +56,35 @@ EVAL_COLS = (("reward", "contrast ↑"), ("fd", "FD ↓"), ("recall", "recall �
 def training_log(cell: str) -> dict[str, list]:
     """Per-iteration NormGuard scalars of one RL cell: lists of equal length under
     ``iteration``, ``ratio`` (training ρ), ``active_frac``, ``grad_norm_base``,
-    ``grad_norm_penalty_unweighted``, ``grad_norm_ratio`` and ``reward`` ({} when missing)."""
+    ``grad_norm_penalty`` (λ-weighted), ``grad_norm_penalty_unweighted``, ``grad_norm_ratio``
+    and ``reward`` ({} when missing)."""
     rows = cal.read_metrics(cell)
     if not rows:
         return {}
     p = cal.METRIC
     out = {"iteration": [r["step"] for r in rows],
            "reward": [r.get("reward/mean", float("nan")) for r in rows]}
-    for key in ("ratio", "active_frac", "grad_norm_base", "grad_norm_penalty_unweighted",
-                "grad_norm_ratio"):
+    for key in ("ratio", "active_frac", "grad_norm_base", "grad_norm_penalty",
+                "grad_norm_penalty_unweighted", "grad_norm_ratio"):
         out[key] = [float(r.get(p + key, float("nan"))) for r in rows]
     return out
 
 
 def arm_stats(log: dict) -> dict:
     """Summary of one RL cell's log: ``achieved_fraction`` (mean ``grad_norm_ratio`` over the
-    iterations with ``active_frac > 0``; NaN when none), ``active_iterations``, ``iterations``,
+    iterations with ``active_frac > 0``; NaN when none), ``achieved_of_means`` (mean
+    ``grad_norm_penalty`` / mean ``grad_norm_base`` over the same iterations: the form λ is
+    calibrated in), ``active_iterations``, ``iterations``,
     ``hinge_active`` (mean ``active_frac`` over every iteration) and ``train_rho_last`` (mean
     training ρ of the last ``LAST`` iterations)."""
     if not log:
         return {}
     act = [i for i, a in enumerate(log["active_frac"]) if a > 0]
     ratio = [log["grad_norm_ratio"][i] for i in act]
+    pen = [log["grad_norm_penalty"][i] for i in act]
+    base = [log["grad_norm_base"][i] for i in act]
     return {"achieved_fraction": float(np.mean(ratio)) if ratio else float("nan"),
+            "achieved_of_means": float(np.mean(pen) / np.mean(base)) if act else float("nan"),
             "active_iterations": len(act), "iterations": len(log["iteration"]),
             "hinge_active": float(np.mean(log["active_frac"])),
             "train_rho_last": float(np.mean(log["ratio"][-LAST:]))}
@@ -165,8 +171,8 @@ def method_md(m: str, entry: dict, base: dict | None) -> list[str]:
     """One method's table: base, unguarded (calibration) and every guarded arm, with λ, target
     and achieved fraction, hinge activity, training ρ and the evaluation, markdown lines."""
     head = " | ".join(label for _, label in EVAL_COLS)
-    lines = [f"| arm | λ | target fraction | achieved fraction | active it. | hinge active "
-             f"| training ρ (last {LAST}) | {head} |",
+    lines = [f"| arm | λ | target fraction | achieved fraction (of means) | active it. "
+             f"| hinge active | training ρ (last {LAST}) | {head} |",
              "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(EVAL_COLS)]
 
     def evals(row):
@@ -180,7 +186,7 @@ def method_md(m: str, entry: dict, base: dict | None) -> list[str]:
         label = "unguarded (calib)" if arm == "calib" else arm
         target = ("–" if a["target_fraction"] in (None, 0.0)
                   else f"{100 * a['target_fraction']:.1f} %")
-        achieved = (f"{100 * s['achieved_fraction']:.1f} %"
+        achieved = (f"{100 * s['achieved_fraction']:.1f} % ({100 * s['achieved_of_means']:.1f} %)"
                     if s and np.isfinite(s["achieved_fraction"]) else "–")
         lines.append(f"| {label} | {_f(a['lambda'], '{:.4g}')} | {target} | "
                      f"{achieved if arm != 'calib' else '–'} | "
@@ -207,10 +213,13 @@ def reliability(data: dict) -> list[str]:
                          f"{n['active_iterations']} measurement(s) and are not reliable.")
         skew = (n["mean_base"] / n["mean_penalty"]) / (n["median_base"] / n["median_penalty"])
         if not 1 / SKEW <= skew <= SKEW:
-            first = int(np.argmax(n["base"])) if n["base"] else 0
-            notes.append(f"{m}: the mean-based λ is {skew:.2f}× the median-based one (the "
-                         f"largest ‖∇ base‖, {max(n['base']):.3g}, is at step "
-                         f"{n['active_steps'][first]}): a few iterations dominate the "
+            top_b, top_p = int(np.argmax(n["base"])), int(np.argmax(n["penalty"]))
+            notes.append(f"{m}: the mean-based λ is {skew:.2f}× the median-based one "
+                         f"(‖∇ base‖ mean {n['mean_base']:.3g}, median {n['median_base']:.3g}, "
+                         f"largest {n['base'][top_b]:.3g} at step {n['active_steps'][top_b]}; "
+                         f"‖∇ penalty‖ mean {n['mean_penalty']:.3g}, median "
+                         f"{n['median_penalty']:.3g}, largest {n['penalty'][top_p]:.3g} at step "
+                         f"{n['active_steps'][top_p]}): a few iterations dominate the "
                          "calibration.")
         calib = e["arms"].get("calib")
         if calib and calib["eval"] is not None and calib["eval"]["rho"] < 1.0:
@@ -317,7 +326,9 @@ def analyse(command: str) -> list[str]:
              "`normguard.log_grad_norms=True`. The calibration cell is unguarded (λ = 0); "
              "λ = fraction · mean ‖∇ base‖ / mean ‖∇ penalty‖ over its iterations with the "
              "hinge active (`active_frac > 0`). Achieved fraction: mean of "
-             "‖∇ λ·penalty‖ / ‖∇ base‖ over a run's own active iterations. Hinge active: mean "
+             "‖∇ λ·penalty‖ / ‖∇ base‖ over a run's own active iterations (in brackets: mean "
+             "‖∇ λ·penalty‖ / mean ‖∇ base‖ over them, the form λ is calibrated in; the two "
+             "differ when a few iterations have a large ‖∇ base‖). Hinge active: mean "
              "fraction of training rows with ‖v_θ‖ > ‖v_ref‖, over every iteration. "
              f"Finished cells took {data['cell_minutes']:.0f} min in all.", "",
              "## Calibration", ""]

@@ -97,7 +97,11 @@ def test_cells_names_and_overrides(root, monkeypatch, capsys):
         arms = ["calib", "lam0.1"] + (["f3", "f10", "f30"] if m != "dpo" else [])
         expected |= {f"{k}-{m}-{a}" for k in ("rl", "eval") for a in arms}
     assert set(cells) == expected
-    sweep.check(list(cells.values()))   # every override is a field of its job config
+    loaded = {}   # every override is a field of its job config (sweep.check would also read
+    for cell in cells.values():   # the done markers under the repository's own workroot)
+        if cell.config not in loaded:
+            loaded[cell.config] = sweep.load_job_config(cell.config)
+        sweep.check_overrides(cell, loaded[cell.config])
     over = dict(cells["rl-nft-f10"].overrides)
     assert over["normguard.weight"] == pytest.approx(0.2)
     assert over["normguard.log_grad_norms"] is True
@@ -163,7 +167,9 @@ def test_analysis_achieved_fraction_and_rows(finished):
     assert data["methods"]["dpo"]["calibration"] is None
     lines = experiment.method_md("nft", nft, data["base"])
     row = next(line for line in lines if line.startswith("| f10 |"))
-    assert row.startswith("| f10 | 0.2 | 10.0 % | 12.5 % | 2 of 3 | 0.267 |")
+    # Of means: mean λ‖∇ penalty‖ = 0.2 · (1 + 2) / 2 = 0.3 over mean ‖∇ base‖ = (4 + 2) / 2.
+    assert f10["stats"]["achieved_of_means"] == pytest.approx(0.3 / 3.0)
+    assert row.startswith("| f10 | 0.2 | 10.0 % | 12.5 % (10.0 %) | 2 of 3 | 0.267 |")
     assert row.endswith("| 0.650 | 3.00 | 0.500 | 0.300 | 0.400 | 0.990 |")
     assert any(line.startswith("| unguarded (calib) | 0 | – | – | 3 of 5 |") for line in lines)
     assert any(line.startswith("| base |") and "0.500" in line for line in lines)
