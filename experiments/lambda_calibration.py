@@ -31,6 +31,7 @@ import json
 import os
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -248,7 +249,8 @@ def _guarded(entry: dict) -> list[tuple[str, dict]]:
 
 
 def plot_summary(data: dict, path: str) -> None:
-    """Per method (columns): achieved vs target fraction, and sampling ρ, out of range, FD and
+    """Per method (columns): achieved vs target fraction (filled: mean of the per-iteration
+    ratios; hollow: ratio of the means), and sampling ρ, out of range, FD and
     reward vs the target fraction (rows); unguarded and base as horizontal lines, λ = 0.1 as a
     square at the fraction its calibration gives."""
     methods = [m for m, e in data["methods"].items() if _guarded(e)]
@@ -268,7 +270,11 @@ def plot_summary(data: dict, path: str) -> None:
                 else:
                     y = a["eval"][key] if a["eval"] is not None else float("nan")
                 marker = "s" if arm == DEFAULT_ARM else "o"
-                ax.plot(a["target_fraction"], y, marker, color="C3" if marker == "s" else "C0")
+                color = "C3" if marker == "s" else "C0"
+                ax.plot(a["target_fraction"], y, marker, color=color)
+                if key == "achieved":   # hollow: the ratio of means
+                    ax.plot(a["target_fraction"], a["stats"].get("achieved_of_means"), marker,
+                            mfc="none", color=color)
             if key == "achieved":
                 xs = np.array([min(cal.FRACTIONS) / 2, max(cal.FRACTIONS) * 3])
                 ax.plot(xs, xs, "k--", lw=0.6, label="achieved = target")
@@ -280,8 +286,12 @@ def plot_summary(data: dict, path: str) -> None:
                 if data["base"] is not None:
                     ax.axhline(data["base"][key], color="k", lw=0.6, ls=":", label="base")
             ax.set_xscale("log")
+            ticks = sorted(cal.FRACTIONS)
+            ax.set_xticks(ticks, [f"{100 * t:g} %" for t in ticks])
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             if i == 0:
                 ax.set_title(m, fontsize=10)
+            if i <= 1:
                 ax.legend(fontsize=7)
             if j == 0:
                 ax.set_ylabel(label)
