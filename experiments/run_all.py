@@ -28,9 +28,11 @@ Stages run in order, each in its own process (the commands are in ``STAGES``):
   table's analysis; ``guard_ablation_awm_contrast``, ``guard_ablation`` (the
   multi-seed guard studies), ``rl_methods`` (24-iteration runs at 64 rollouts),
   ``pretrain_grid`` (every dataset × architecture), ``inflation_search`` (unguarded
-  candidates × 3 seeds: where does ρ reach 1.05?) and ``lambda_calibration`` (λ set per
+  candidates × 3 seeds: where does ρ reach 1.05?), ``lambda_calibration`` (λ set per
   method so the penalty's gradient is 3 / 10 / 30 % of the base loss's, NFT/AWM/DPO on digits
-  contrast, about 40 min).
+  contrast, about 40 min) and ``guard_variants`` (NormGuard's per-sample, batch, σ-binned and
+  σ-ramped hinges on NFT contrast, and the conditional- and guided-velocity hinges under CFG,
+  × 3 seeds, about 100 min).
 
 ``core`` is the set planned for the 2-core, ~3-hour budget; ``all`` adds the extended stages.
 The wall time of every attempt at a stage is added to ``workdir/run_all/timings.json`` (an
@@ -84,6 +86,7 @@ STAGES = {
     "pretrain_grid": [PY, "experiments/pretrain_grid.py"],
     "inflation_search": [PY, "experiments/inflation_search.py"],
     "lambda_calibration": [PY, "experiments/lambda_calibration.py"],
+    "guard_variants": [PY, "experiments/guard_variants.py"],
 }
 CORE = ("main_table_digits", "norm_runs", "norm_analyses", "main_table_shapes", "validity")
 BUDGET_MIN = 180

@@ -48,10 +48,12 @@ def test_seed_stages_are_extended_and_run_one_part_each():
         assert stages[0] == f"bases:{'shapes' if part == 'shapes' else 'digits'}"
 
 
-def test_lambda_calibration_is_an_extended_stage():
-    assert run_all.STAGES["lambda_calibration"][1:] == ["experiments/lambda_calibration.py"]
-    assert "lambda_calibration" not in run_all.CORE
-    assert "lambda_calibration" in run_all.__doc__
+def test_study_stages_are_extended_and_run_their_scripts():
+    for name in ("inflation_search", "lambda_calibration", "guard_variants"):
+        assert name not in run_all.CORE
+        assert run_all.STAGES[name][1:] == [f"experiments/{name}.py"]
+        assert run_all.parse_stages(name) == [name]
+        assert f"``{name}``" in run_all.__doc__
 
 
 def test_norm_analyses_reads_every_method_both_arms():
