@@ -1,5 +1,6 @@
 """Do NormGuard's variants avoid the per-sample hinge's undershoot at low σ? Seeds, early
-stopping and few-step sampling, on the run that inflates (NFT on contrast).
+stopping, few-step sampling and the guided-velocity guard under CFG, on the run that inflates
+(NFT on contrast).
 
 Usage (from the repository root; resumable: finished cells are skipped on rerun):
   python experiments/guard_variants.py [--stages base,sweep,analyse]
@@ -11,7 +12,8 @@ Stages:
 - ``analyse``: writes ``experiments/results/guard_variants.md`` and ``.json``,
   ``guard_variants_profile.png`` (sampling ρ_k per ODE step and training ρ per iteration, per
   arm) and ``guard_variants_tradeoff.png`` (reward against FD and saturation, every arm and
-  seed, with the unguarded runs' checkpoint paths) from the finished cells.
+  seed, with the unguarded runs' checkpoint paths) from the finished cells. The CFG arms are
+  compared with the CFG unguarded arm and with each other, not with the arms without CFG.
 
 Conventions: a cell's summary is table_sweeps.summarise's dict plus ``per_step`` (the sampling
 ρ_k of the 20 ODE steps, σ from 1 to 0, mean over samples), ``rho_last`` (ρ of the last step)
@@ -51,7 +53,10 @@ NAMES = {"reward": "contrast", "fd": "FD", "recall": "recall", "realism": "judge
          "out_of_range": "out of range", "rho": "ρ", "rho_late": f"ρ last {LATE}",
          "rho_last": "ρ last step"}
 LABELS = {"plain": "unguarded", "sample": "per-sample hinge (default)",
-          "batch": "batch ratio", "bins": "4 σ bins", "ramp": "cosine σ ramp"}
+          "batch": "batch ratio", "bins": "4 σ bins", "ramp": "cosine σ ramp",
+          "cfg_plain": "CFG: unguarded", "cfg_cond": "CFG: conditional-velocity hinge",
+          "cfg_guided": "CFG: guided-velocity hinge"}
+ALL_ARMS = {**gv.ARMS, **gv.CFG_ARMS}
 TRAIN_KEYS = {"ratio": "train/normguard/ratio", "active": "train/normguard/active_frac",
               "reward": "reward/mean", "grad_base": "train/normguard/grad_norm_base",
               "grad_penalty": "train/normguard/grad_norm_penalty",
@@ -103,15 +108,17 @@ def gradient_share(log: Mapping[str, list]) -> float | None:
 
 
 def collect() -> dict:
-    """Every finished cell: ``base``/``base_n4`` summaries; ``final[arm][seed]`` (summary with
+    """Every finished cell: ``base``/``base_n4``/``base_cfg`` summaries; ``final[arm][seed]``
+    (every arm of ``ALL_ARMS``; summary with
     ``hinge_active`` and ``grad_share``), ``train[arm][seed]``, ``early[seed][k]``,
     ``fewstep[arm][seed]`` and the ``missing`` cell names."""
     out = {"base": evaluation("eval-base"), "base_n4": evaluation(f"eval-base-n{gv.FEWSTEP}"),
+           "base_cfg": evaluation("eval-base-cfg"),
            "final": {}, "train": {}, "early": {}, "fewstep": {}, "missing": []}
-    for name in ("eval-base", f"eval-base-n{gv.FEWSTEP}"):
+    for name in ("eval-base", f"eval-base-n{gv.FEWSTEP}", "eval-base-cfg"):
         if evaluation(name) is None:
             out["missing"].append(name)
-    for arm in gv.ARMS:
+    for arm in ALL_ARMS:
         for seed in gv.SEEDS:
             key = f"{arm}-s{seed}"
             log = training_log(f"rl-{key}")
@@ -209,10 +216,10 @@ def mean_table(data: dict) -> list[str]:
     """One row per arm: mean ± s.e. over its finished seeds, hinge activity, gradient share."""
     lines = tables.header(["arm", "seeds", *[label for _, label, _ in METRICS], "hinge active",
                            "‖∇pen‖/‖∇base‖ (active it.)"], left=2)
-    if data["base"]:
-        b = data["base"]
-        lines.append("| base | | " + " | ".join(spec.format(b[k]) for k, _, spec in METRICS)
-                     + " | | |")
+    for key, label in (("base", "base"), ("base_cfg", f"base, CFG {gv.CFG_SCALE}")):
+        if data[key]:
+            lines.append(f"| {label} | | " + " | ".join(spec.format(data[key][k])
+                                                      for k, _, spec in METRICS) + " | | |")
     for arm, runs in data["final"].items():
         rows = list(runs.values())
         cells = [seed_spread.fmt_mean_se(*tables.mean_se([r[k] for r in rows]), len(rows), spec)
@@ -226,13 +233,15 @@ def mean_table(data: dict) -> list[str]:
     return lines
 
 
-def diff_table(data: dict, ref: str) -> tuple[list[str], dict]:
-    """Paired differences of every other arm against ``ref``, with what moved."""
+def diff_table(data: dict, ref: str, arms: Sequence[str]) -> tuple[list[str], dict]:
+    """Paired differences of each of ``arms`` (other than ``ref``) against ``ref``, with the
+    metrics that moved beyond the 5 % critical value."""
     lines = tables.header([f"arm − {LABELS[ref]}", "seeds",
                            *[label for _, label, _ in METRICS], "moved (5 %)"], left=2)
     stats = {}
-    for arm, runs in data["final"].items():
-        if arm in (ref, "plain") or ref not in data["final"]:
+    for arm in arms:
+        runs = data["final"].get(arm)
+        if arm == ref or runs is None or ref not in data["final"]:
             continue
         diffs = paired_arms(runs, data["final"][ref], [k for k, _, _ in METRICS])
         stats[arm] = diffs
@@ -256,7 +265,7 @@ def earlystop_table(data: dict) -> tuple[list[str], dict]:
                            "quality better / worse (5 %)"], left=2)
     stats = {}
     for arm in data["final"]:
-        if arm == "plain":
+        if arm == "plain" or arm not in gv.ARMS:
             continue
         es = earlystop(data, arm)
         stats[arm] = es
@@ -304,19 +313,22 @@ def plot_profile(data: dict, path: str) -> None:
     for i, (arm, runs) in enumerate(data["final"].items()):
         steps = np.array([r["per_step"] for r in runs.values()])
         x = np.arange(steps.shape[1])
-        ax0.plot(x, steps.mean(0), color=f"C{i}", lw=1.4, label=f"{LABELS[arm]} ({len(runs)})")
+        ls = "--" if arm in gv.CFG_ARMS else "-"
+        ax0.plot(x, steps.mean(0), color=f"C{i}", lw=1.4, ls=ls,
+                 label=f"{LABELS[arm]} ({len(runs)})")
         ax0.fill_between(x, steps.min(0), steps.max(0), color=f"C{i}", alpha=0.12)
         logs = [data["train"][arm][s] for s in runs if data["train"][arm][s].get("ratio")]
         if logs:
             n = min(len(lg["ratio"]) for lg in logs)
             ax1.plot(logs[0]["iteration"][:n], np.mean([lg["ratio"][:n] for lg in logs], 0),
-                     color=f"C{i}", lw=1.4, label=LABELS[arm])
+                     color=f"C{i}", lw=1.4, ls=ls, label=LABELS[arm])
     if data["base"]:
         ax0.plot(data["base"]["per_step"], color="k", lw=0.8, ls=":", label="base")
     for ax in (ax0, ax1):
         ax.axhline(1.0, color="k", lw=0.5)
     ax0.set(xlabel="ODE step (σ from 1 to 0)", ylabel="sampling ρ_k = ‖v_θ‖/‖v_ref‖",
-            title="On θ's own trajectory (mean over seeds; band: min–max)")
+            title="On θ's own trajectory (mean over seeds; band: min–max; dashed: CFG, "
+                  "guided ρ)")
     ax1.set(xlabel="RL iteration", ylabel="training ρ (training rows)",
             title="During training (mean over seeds)")
     ax0.legend(fontsize=7)
@@ -340,7 +352,8 @@ def plot_tradeoff(data: dict, path: str) -> None:
                         lw=0.8, marker=".", ms=4)
         for i, (arm, runs) in enumerate(data["final"].items()):
             ax.scatter([r["reward"] for r in runs.values()], [r[key] for r in runs.values()],
-                       color=f"C{i}", s=28, label=LABELS[arm], zorder=3)
+                       color=f"C{i}", s=28, label=LABELS[arm], zorder=3,
+                       marker="^" if arm in gv.CFG_ARMS else "o")
         if data["base"]:
             ax.scatter([data["base"]["reward"]], [data["base"][key]], color="k", marker="x",
                        label="base", zorder=3)
@@ -369,9 +382,17 @@ def analyse(command: str) -> dict:
              "## Every arm", ""]
     lines += mean_table(data)
     stats = {}
-    for ref in ("plain", "sample"):
-        lines += ["", f"## Paired differences against the {LABELS[ref]} arm", ""]
-        part, stats[f"vs_{ref}"] = diff_table(data, ref)
+    comparisons = (("plain", list(gv.ARMS), "Paired differences against the unguarded arm"),
+                   ("sample", [a for a in gv.ARMS if a != "plain"],
+                    "Paired differences against the default guard"),
+                   ("cfg_plain", list(gv.CFG_ARMS),
+                    f"Under CFG {gv.CFG_SCALE}: paired differences against the unguarded arm"),
+                   ("cfg_cond", ["cfg_guided"],
+                    f"Under CFG {gv.CFG_SCALE}: guarding the guided against the conditional "
+                    "velocity"))
+    for ref, arms, title in comparisons:
+        lines += ["", f"## {title}", ""]
+        part, stats[f"vs_{ref}"] = diff_table(data, ref, arms)
         lines += part
     lines += ["", "## Early stopping: each guarded arm against the unguarded checkpoint of "
               "equal reward", "",

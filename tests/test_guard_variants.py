@@ -29,11 +29,12 @@ def test_every_arm_is_one_valid_normguard_config_and_cells_are_complete(cells):
     assert len(set(names)) == len(names)
     n_arms, n_seeds = len(gv.ARMS), len(gv.SEEDS)
     assert len(cells) == (2 + n_seeds * (2 * n_arms + len(gv.EARLY_STEPS))
-                          + n_seeds * len(gv.FEWSTEP_ARMS))
-    for arm, over in gv.ARMS.items():   # the arm's NormGuard config is valid as configured
-        fields = {k.split(".", 1)[1]: v for k, v in over.items()}
+                          + n_seeds * len(gv.FEWSTEP_ARMS) + 1 + n_seeds * 2 * len(gv.CFG_ARMS))
+    for arm, over in {**gv.ARMS, **gv.CFG_ARMS}.items():   # a valid NormGuard config each
+        fields = {k.split(".", 1)[1]: v for k, v in over.items() if k.startswith("normguard.")}
         cfg = normguard.NormGuardConfig(**fields)
-        assert (cfg.weight > 0) == (arm != "plain")
+        assert (cfg.weight > 0) == (arm not in ("plain", "cfg_plain"))
+    assert normguard.NormGuardConfig(velocity="guided", guidance_scale=gv.CFG_SCALE).guided
     by_name = {c.name: c for c in cells}
     for seed in gv.SEEDS:
         for arm, over in gv.ARMS.items():
@@ -47,7 +48,15 @@ def test_every_arm_is_one_valid_normguard_config_and_cells_are_complete(cells):
             assert k % rl["train.checkpoint_every"] == 0
             assert dict(by_name[f"eval-plain-s{seed}-it{k}"].overrides)["checkpoint_step"] == k
         assert rl["train.keep_checkpoints"] * gv.CHECKPOINT_EVERY > gv.ITERATIONS
+        for arm, over in gv.CFG_ARMS.items():   # CFG in rollouts, sample grids and evaluation
+            rl = dict(by_name[f"rl-{arm}-s{seed}"].overrides)
+            assert rl["rollout.guidance_scale"] == gv.CFG_SCALE == rl["sample.guidance_scale"]
+            assert {k: rl[k] for k in over} == over and rl["seed"] == seed
+            ev = dict(by_name[f"eval-{arm}-s{seed}"].overrides)
+            assert ev == {"checkpoint": f"{gv.WORKROOT}/rl-{arm}-s{seed}",
+                          "sample.guidance_scale": gv.CFG_SCALE}
     assert dict(by_name["eval-base"].overrides) == {"checkpoint": rl_table.BASES["digits"]}
+    assert dict(by_name["eval-base-cfg"].overrides)["sample.guidance_scale"] == gv.CFG_SCALE
     assert dict(by_name[f"eval-base-n{gv.FEWSTEP}"].overrides)["sample.num_steps"] == gv.FEWSTEP
 
 
@@ -57,8 +66,12 @@ def test_seed_major_order_and_every_evaluation_after_its_rl_cell(cells):
         ckpt = dict(c.overrides).get("checkpoint", "")
         if ckpt.startswith(gv.WORKROOT):
             assert index[ckpt] < i
-    seeds = [int(c.name.rsplit("-s", 1)[1]) for c in cells if c.name.startswith("rl-")]
-    assert seeds == sorted(seeds)
+    rl = [c.name for c in cells if c.name.startswith("rl-")]
+    plain_rl = [n for n in rl if "cfg_" not in n]
+    assert rl == plain_rl + [n for n in rl if "cfg_" in n]   # the CFG arms run last
+    for names in (plain_rl, rl[len(plain_rl):]):              # each part seed-major
+        seeds = [int(n.rsplit("-s", 1)[1]) for n in names]
+        assert seeds == sorted(seeds)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,12 +128,15 @@ def synthetic(tmp_path, monkeypatch):
         _write_log(tmp_path, f"rl-plain-s{s}", [0.5, 0.6], [0.0, 0.0])
         _write_log(tmp_path, f"rl-sample-s{s}", [0.0, 0.5, 0.7], [0.0, 0.2, 0.4])
     _write_eval(tmp_path, "eval-batch-s0", 0.55, 9.0, steps)
+    for s in (0, 1):   # CFG arms: the guided hinge 0.5 better in FD than the conditional one
+        _write_eval(tmp_path, f"eval-cfg_cond-s{s}", 0.5, 10.0 + s, steps)
+        _write_eval(tmp_path, f"eval-cfg_guided-s{s}", 0.5, 9.5 + s * 1.1, steps)
     return tmp_path
 
 
 def test_collect_reads_per_step_rho_logs_and_names_the_missing(synthetic):
     data = guard_variants.collect()
-    assert set(data["final"]) == {"plain", "sample", "batch"}
+    assert set(data["final"]) == {"plain", "sample", "batch", "cfg_cond", "cfg_guided"}
     assert set(data["final"]["batch"]) == {0}
     row = data["final"]["sample"][1]
     assert row["rho_last"] == pytest.approx(1.0)                 # reversed profile ends at 1
@@ -177,7 +193,11 @@ def test_analyse_writes_tables_json_and_plots(synthetic):
     out = synthetic / "results"
     md = (out / "guard_variants.md").read_text()
     assert "| per-sample hinge (default) | 3 |" in md and "| batch ratio | 1 |" in md
-    assert "Not finished:" in md and "eval-ramp-s0" in md
+    assert "Not finished:" in md and "eval-ramp-s0" in md and "eval-base-cfg" in md
+    assert "| CFG: guided-velocity hinge | 2 |" in md
+    cfg = stats["vs_cfg_cond"]["cfg_guided"]["fd"]
+    assert cfg["n"] == 2 and cfg["mean"] == pytest.approx(-0.45)
+    assert "cfg_cond" not in stats["vs_plain"]      # CFG arms are compared among themselves
     for suffix in ("_profile.png", "_tradeoff.png"):
         assert (out / f"guard_variants{suffix}").stat().st_size > 10_000
     saved = json.loads((out / "guard_variants.json").read_text())

@@ -25,7 +25,13 @@ Cells (workdirs under ``WORKROOT``), seed-major so that an interrupted sweep lea
 - ``eval-plain-s<seed>-it<k>``: the unguarded runs at ``EARLY_STEPS``, the early-stopping
   control (does an earlier unguarded checkpoint at the guarded reward have its quality?);
 - ``eval-<arm>-s<seed>-n4`` for ``FEWSTEP_ARMS``: 4-step sampling of the same checkpoints
-  (the few-step claim), run last.
+  (the few-step claim);
+- under CFG (``CFG_ARMS``, run last): the same setting with classifier-free guidance
+  ``CFG_SCALE`` in the rollouts, the sample grids and the evaluation, where the sampler
+  integrates the guided velocity v_u + w·(v_c − v_u). ``cfg_plain`` is unguarded,
+  ``cfg_cond`` guards the conditional velocity v_θ(x, σ, c) against v_ref(x, σ, c) and
+  ``cfg_guided`` the guided one, the velocity the sampler integrates and the evaluation's ρ is
+  measured on. ``rl-<arm>-s<seed>`` and ``eval-<arm>-s<seed>`` for every seed.
 """
 
 from configs import rl_table
@@ -49,6 +55,14 @@ ARMS = {
              "normguard.ramp_low": 0.0},
 }
 FEWSTEP_ARMS = ("plain", "sample")
+CFG_SCALE = 1.5
+_CFG = {"rollout.guidance_scale": CFG_SCALE, "sample.guidance_scale": CFG_SCALE}
+CFG_ARMS = {
+    "cfg_plain": {**_CFG, "normguard.weight": 0.0},
+    "cfg_cond": {**_CFG, "normguard.weight": GUARD_WEIGHT, "normguard.velocity": "conditional"},
+    "cfg_guided": {**_CFG, "normguard.weight": GUARD_WEIGHT, "normguard.velocity": "guided"},
+}
+CFG_EVAL = {"sample.guidance_scale": CFG_SCALE}
 RL_DONE = f"samples/samples_{ITERATIONS:07d}.png"  # the last sample grid of a finished run
 
 
@@ -58,13 +72,16 @@ def _eval(name: str, checkpoint: str, group: str, **overrides) -> dict:
                       expect=["evaluation.json"])
 
 
-def seed_grids(seed: int) -> list[dict]:
-    """RL, evaluation and early-stopping cells of one seed (every arm)."""
-    s = f"s{seed}"
-    fixed = {"seed": seed, "train.iterations": ITERATIONS, "train.sample_every": ITERATIONS,
+def _rl_fixed(seed: int) -> dict:
+    return {"seed": seed, "train.iterations": ITERATIONS, "train.sample_every": ITERATIONS,
              "train.checkpoint_every": CHECKPOINT_EVERY,
              "train.keep_checkpoints": ITERATIONS // CHECKPOINT_EVERY + 1,
              "train.log_every": 1, "normguard.log_grad_norms": True}
+
+
+def seed_grids(seed: int) -> list[dict]:
+    """RL, evaluation and early-stopping cells of one seed (every arm of ``ARMS``)."""
+    s, fixed = f"s{seed}", _rl_fixed(seed)
     grids = [sweep.grid(name=f"rl-{{arm}}-{s}", config=f"configs/rl_table.py:{METHOD},{SETTING}",
                         axes={"arm": ARMS}, fixed=fixed, group=f"{{arm}}-{s}",
                         expect=[RL_DONE])]
@@ -83,13 +100,27 @@ def fewstep_grids() -> list[dict]:
     return grids
 
 
+def cfg_grids(seed: int) -> list[dict]:
+    """RL and evaluation cells of one seed under CFG (every arm of ``CFG_ARMS``)."""
+    s = f"s{seed}"
+    grids = [sweep.grid(name=f"rl-{{arm}}-{s}", config=f"configs/rl_table.py:{METHOD},{SETTING}",
+                        axes={"arm": CFG_ARMS}, fixed=_rl_fixed(seed), group=f"{{arm}}-{s}",
+                        expect=[RL_DONE])]
+    grids += [_eval(f"eval-{arm}-{s}", f"{WORKROOT}/rl-{arm}-{s}", f"{arm}-{s}", **CFG_EVAL)
+              for arm in CFG_ARMS]
+    return grids
+
+
 def get_config():
     """The variants sweep: base evaluation, then per seed every arm's RL and evaluation cells
-    and the early-stopping control, then the few-step evaluations."""
+    and the early-stopping control, the few-step evaluations, and the CFG arms."""
     c = sweep.base_config()
     c.workroot = WORKROOT
     c.grids = [_eval("eval-base", rl_table.BASES["digits"], "base")]
     for seed in SEEDS:
         c.grids += seed_grids(seed)
     c.grids += fewstep_grids()
+    c.grids.append(_eval("eval-base-cfg", rl_table.BASES["digits"], "base-cfg", **CFG_EVAL))
+    for seed in SEEDS:
+        c.grids += cfg_grids(seed)
     return c
