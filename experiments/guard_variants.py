@@ -253,6 +253,8 @@ def diff_table(data: dict, ref: str, arms: Sequence[str]) -> tuple[list[str], di
         lines.append(f"| {LABELS[arm]} | {n} | " + " | ".join(
             seed_spread.fmt_diff(diffs[k], spec) for k, _, spec in METRICS)
             + f" | {said or ('–' if n < 2 else 'nothing')} |")
+    if not stats:
+        lines.append("| (no finished pair yet) |" + " |" * (len(METRICS) + 2))
     return lines, stats
 
 
