@@ -329,8 +329,7 @@ def plot_profile(data: dict, path: str) -> None:
     for ax in (ax0, ax1):
         ax.axhline(1.0, color="k", lw=0.5)
     ax0.set(xlabel="ODE step (σ from 1 to 0)", ylabel="sampling ρ_k = ‖v_θ‖/‖v_ref‖",
-            title="On θ's own trajectory (mean over seeds; band: min–max; dashed: CFG, "
-                  "guided ρ)")
+            title="θ's own trajectory (band: min–max; dashed: CFG)")
     ax1.set(xlabel="RL iteration", ylabel="training ρ (training rows)",
             title="During training (mean over seeds)")
     ax0.legend(fontsize=7)
