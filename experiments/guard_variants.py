@@ -24,7 +24,6 @@ two-sided 5 % t critical value of experiments/seed_spread.py.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -410,11 +409,7 @@ def analyse(command: str) -> dict:
         lines += ["", "Not finished: " + ", ".join(data["missing"])]
     lines += ["", f"![ρ per step and over training]({OUT}_profile.png)", "",
               f"![reward against quality]({OUT}_tradeoff.png)"]
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, OUT + ".md"), "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(os.path.join(RESULTS, OUT + ".json"), "w", encoding="utf-8") as f:
-        json.dump({"data": data, "stats": stats}, f, indent=1, default=float)
+    table_sweeps.write_report(RESULTS, OUT, lines, {"data": data, "stats": stats})
     plot_profile(data, os.path.join(RESULTS, OUT + "_profile.png"))
     plot_tradeoff(data, os.path.join(RESULTS, OUT + "_tradeoff.png"))
     print("\n".join(lines), flush=True)
@@ -422,14 +417,9 @@ def analyse(command: str) -> dict:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--stages", default=",".join(STAGES),
-                        help=f"comma-separated stages, in order: {', '.join(STAGES)}")
+    parser = table_sweeps.stage_parser(__doc__, STAGES)
     args = parser.parse_args()
-    stages = [s for s in args.stages.split(",") if s]
-    unknown = sorted(set(stages) - set(STAGES))
-    if unknown:
-        parser.error(f"unknown stages {unknown}; choose from {list(STAGES)}")
+    stages = table_sweeps.chosen_stages(parser, args.stages, STAGES)
     os.chdir(REPO)
     for stage in stages:
         if stage == "base":

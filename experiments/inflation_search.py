@@ -21,7 +21,6 @@ candidate qualifies when the sampling ρ is ≥ ``TARGET`` on every finished see
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
@@ -168,25 +167,16 @@ def analyse(command: str) -> None:
     if data["missing"]:
         lines += ["", "Not finished: " + ", ".join(data["missing"])]
     lines += ["", f"![training ρ]({OUT}_training.png)"]
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, OUT + ".md"), "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(os.path.join(RESULTS, OUT + ".json"), "w", encoding="utf-8") as f:
-        json.dump({"data": data, "verdicts": ver}, f, indent=1)
+    table_sweeps.write_report(RESULTS, OUT, lines, {"data": data, "verdicts": ver})
     plot_training(data, os.path.join(RESULTS, OUT + "_training.png"))
     print("\n".join(lines), flush=True)
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--stages", default=",".join(STAGES),
-                        help=f"comma-separated stages, in order: {', '.join(STAGES)}")
+    parser = table_sweeps.stage_parser(__doc__, STAGES)
     parser.add_argument("--seeds", default="", help="sweep only these seeds, e.g. 0,1")
     args = parser.parse_args()
-    stages = [s for s in args.stages.split(",") if s]
-    unknown = sorted(set(stages) - set(STAGES))
-    if unknown:
-        parser.error(f"unknown stages {unknown}; choose from {list(STAGES)}")
+    stages = table_sweeps.chosen_stages(parser, args.stages, STAGES)
     os.chdir(REPO)
     for stage in stages:
         if stage == "base":

@@ -26,8 +26,6 @@ and the quality metrics come from each RL cell's evaluation (table_sweeps.summar
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 
 import matplotlib
@@ -351,11 +349,8 @@ def analyse(command: str) -> list[str]:
     if data["missing"]:
         lines += ["", "Not finished: " + ", ".join(data["missing"])]
     lines += ["", f"![summary]({OUT}.png)", "", f"![training ρ]({OUT}_training.png)"]
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, OUT + ".md"), "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(os.path.join(RESULTS, OUT + ".json"), "w", encoding="utf-8") as f:
-        json.dump({"command": command, "data": data, "notes": notes}, f, indent=1)
+    table_sweeps.write_report(RESULTS, OUT, lines,
+                              {"command": command, "data": data, "notes": notes})
     plot_summary(data, os.path.join(RESULTS, OUT + ".png"))
     plot_training(data, os.path.join(RESULTS, OUT + "_training.png"))
     print("\n".join(lines), flush=True)
@@ -363,14 +358,9 @@ def analyse(command: str) -> list[str]:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--stages", default=",".join(STAGES),
-                        help=f"comma-separated stages, in order: {', '.join(STAGES)}")
+    parser = table_sweeps.stage_parser(__doc__, STAGES)
     args = parser.parse_args()
-    stages = [s for s in args.stages.split(",") if s]
-    unknown = sorted(set(stages) - set(STAGES))
-    if unknown:
-        parser.error(f"unknown stages {unknown}; choose from {list(STAGES)}")
+    stages = table_sweeps.chosen_stages(parser, args.stages, STAGES)
     os.chdir(REPO)
     ok = True
     for stage in stages:

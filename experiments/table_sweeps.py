@@ -11,6 +11,7 @@ to ``RESULTS``.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -72,6 +73,34 @@ def run_sweep(spec: str, hosts: list[str]) -> bool:
     cmd = [sys.executable, "-m", "experiments.sweep", f"--config={spec}", *hosts]
     print("+", " ".join(cmd), flush=True)
     return subprocess.run(cmd, cwd=REPO).returncode == 0
+
+
+def stage_parser(doc: str, stages) -> argparse.ArgumentParser:
+    """An argument parser (description: the first line of ``doc``) with ``--stages``, the
+    comma-separated subset of ``stages`` to run (default: all, in order)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--stages", default=",".join(stages),
+                        help=f"comma-separated stages, in order: {', '.join(stages)}")
+    return parser
+
+
+def chosen_stages(parser: argparse.ArgumentParser, spec: str, stages) -> list[str]:
+    """The stage names of ``spec`` (comma-separated); ``parser.error`` names unknown ones."""
+    chosen = [s for s in spec.split(",") if s]
+    unknown = sorted(set(chosen) - set(stages))
+    if unknown:
+        parser.error(f"unknown stages {unknown}; choose from {list(stages)}")
+    return chosen
+
+
+def write_report(results: str, out: str, lines: list[str], payload: dict) -> None:
+    """``<results>/<out>.md`` (the markdown ``lines``) and ``<out>.json`` (``payload``; numpy
+    scalars as floats), creating ``results`` if needed."""
+    os.makedirs(results, exist_ok=True)
+    with open(os.path.join(results, out + ".md"), "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(results, out + ".json"), "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=1, default=float)
 
 
 # ----------------------------------------------------------------------------------------------
