@@ -24,7 +24,6 @@ two-sided 5 % t critical value of experiments/seed_spread.py.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 
@@ -82,17 +81,14 @@ def evaluation(name: str) -> dict | None:
 def training_log(rl_cell: str) -> dict[str, list]:
     """Per-iteration series of one RL cell (``iteration`` and the ``TRAIN_KEYS``; a key the
     run did not log is left out); {} when the cell has no metrics yet."""
-    path = os.path.join(table_sweeps.REPO, gv.WORKROOT, rl_cell, "metrics.jsonl")
-    if not os.path.exists(path):
+    rows = table_sweeps.metric_rows(os.path.join(table_sweeps.REPO, gv.WORKROOT, rl_cell),
+                                    TRAIN_KEYS["ratio"])
+    if not rows:
         return {}
-    with open(path, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    by_step = {r["step"]: r for r in rows if TRAIN_KEYS["ratio"] in r}  # resumed: last wins
-    steps = sorted(by_step)
-    out = {"iteration": steps}
+    out = {"iteration": [r["step"] for r in rows]}
     for name, key in TRAIN_KEYS.items():
-        if steps and all(key in by_step[s] for s in steps):
-            out[name] = [float(by_step[s][key]) for s in steps]
+        if all(key in r for r in rows):
+            out[name] = [float(r[key]) for r in rows]
     return out
 
 
@@ -111,36 +107,35 @@ def collect() -> dict:
     (every arm of ``ALL_ARMS``; summary with
     ``hinge_active`` and ``grad_share``), ``train[arm][seed]``, ``early[seed][k]``,
     ``fewstep[arm][seed]`` and the ``missing`` cell names."""
-    out = {"base": evaluation("eval-base"), "base_n4": evaluation(f"eval-base-n{gv.FEWSTEP}"),
-           "base_cfg": evaluation("eval-base-cfg"),
-           "final": {}, "train": {}, "early": {}, "fewstep": {}, "missing": []}
-    for name in ("eval-base", f"eval-base-n{gv.FEWSTEP}", "eval-base-cfg"):
-        if evaluation(name) is None:
+    out = {"base": None, "base_n4": None, "base_cfg": None, "final": {}, "train": {},
+           "early": {}, "fewstep": {}, "missing": []}
+
+    def get(name: str) -> dict | None:   # the summary, or None with the cell listed as missing
+        row = evaluation(name)
+        if row is None:
             out["missing"].append(name)
+        return row
+
+    out.update(base=get("eval-base"), base_n4=get(f"eval-base-n{gv.FEWSTEP}"),
+               base_cfg=get("eval-base-cfg"))
     for arm in ALL_ARMS:
         for seed in gv.SEEDS:
             key = f"{arm}-s{seed}"
-            log = training_log(f"rl-{key}")
-            row = evaluation(f"eval-{key}")
+            row = get(f"eval-{key}")
             if row is None:
-                out["missing"].append(f"eval-{key}")
                 continue
+            log = training_log(f"rl-{key}")
             row["hinge_active"] = float(np.mean(log["active"])) if log.get("active") else None
             row["grad_share"] = gradient_share(log)
             out["final"].setdefault(arm, {})[seed] = row
             out["train"].setdefault(arm, {})[seed] = log
-            if arm in gv.FEWSTEP_ARMS:
-                few = evaluation(f"eval-{key}-n{gv.FEWSTEP}")
-                if few is None:
-                    out["missing"].append(f"eval-{key}-n{gv.FEWSTEP}")
-                else:
-                    out["fewstep"].setdefault(arm, {})[seed] = few
+            few = get(f"eval-{key}-n{gv.FEWSTEP}") if arm in gv.FEWSTEP_ARMS else None
+            if few is not None:
+                out["fewstep"].setdefault(arm, {})[seed] = few
     for seed in gv.SEEDS:
         for k in gv.EARLY_STEPS:
-            row = evaluation(f"eval-plain-s{seed}-it{k}")
-            if row is None:
-                out["missing"].append(f"eval-plain-s{seed}-it{k}")
-            else:
+            row = get(f"eval-plain-s{seed}-it{k}")
+            if row is not None:
                 out["early"].setdefault(seed, {})[k] = row
     return out
 

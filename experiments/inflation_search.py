@@ -21,7 +21,6 @@ candidate qualifies when the sampling ρ is ≥ ``TARGET`` on every finished see
 
 from __future__ import annotations
 
-import json
 import os
 
 import matplotlib
@@ -45,16 +44,13 @@ STAGES = ("base", "sweep", "analyse")
 def training_log(cell: str) -> dict[str, list]:
     """Per-iteration training ρ, hinge-free, and mean rollout reward of one RL cell
     (``{"iteration", "ratio", "reward"}``, lists of equal length; empty when missing)."""
-    path = os.path.join(REPO, search.WORKROOT, cell, "metrics.jsonl")
-    if not os.path.exists(path):
+    rows = table_sweeps.metric_rows(os.path.join(REPO, search.WORKROOT, cell),
+                                    "train/normguard/ratio")
+    if not rows:
         return {}
-    with open(path, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    by_step = {r["step"]: r for r in rows if "train/normguard/ratio" in r}
-    steps = sorted(by_step)
-    return {"iteration": steps,
-            "ratio": [by_step[s]["train/normguard/ratio"] for s in steps],
-            "reward": [by_step[s].get("reward/mean", float("nan")) for s in steps]}
+    return {"iteration": [r["step"] for r in rows],
+            "ratio": [r["train/normguard/ratio"] for r in rows],
+            "reward": [r.get("reward/mean", float("nan")) for r in rows]}
 
 
 def collect() -> dict:

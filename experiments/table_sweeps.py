@@ -142,6 +142,17 @@ def summarise(result: dict | None, setting: str) -> dict | None:
     return row
 
 
+def metric_rows(workdir: str, key: str) -> list[dict]:
+    """The rows of ``<workdir>/metrics.jsonl`` that carry ``key``, one per step (a resumed run
+    logs an iteration again: the last line wins), sorted by step; [] when the file is missing."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        by_step = {r["step"]: r for r in map(json.loads, filter(str.strip, f)) if key in r}
+    return [by_step[s] for s in sorted(by_step)]
+
+
 def hinge_activity(workroot: str, name: str) -> float | None:
     """Mean over the logged iterations of the fraction of training rows where the hinge was
     active (``train/normguard/active_frac`` in the RL cell's metrics.jsonl), or None."""

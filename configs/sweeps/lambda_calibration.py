@@ -30,14 +30,13 @@ printed to stderr (:func:`calibrated_lambdas` raises :class:`NotCalibrated`).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 import numpy as np
 
 from configs import rl_table
-from experiments import sweep
+from experiments import sweep, table_sweeps
 from normguard_jax import normguard
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -66,14 +65,8 @@ def arm_name(fraction: float) -> str:
 
 def read_metrics(cell: str) -> list[dict]:
     """The rows of ``<REPO>/<WORKROOT>/<cell>/metrics.jsonl`` that carry NormGuard's gradient
-    norms, sorted by step ([] when the file is missing)."""
-    path = os.path.join(REPO, WORKROOT, cell, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    rows = [r for r in rows if METRIC + "grad_norm_base" in r]
-    return sorted(rows, key=lambda r: r["step"])
+    norms, one per step (the last logged wins), sorted by step ([] when the file is missing)."""
+    return table_sweeps.metric_rows(os.path.join(REPO, WORKROOT, cell), METRIC + "grad_norm_base")
 
 
 def active_norms(rows: list[dict]) -> dict:
@@ -126,8 +119,9 @@ def calibrated_lambdas(method: str) -> dict[float, float]:
       NotCalibrated: see :func:`calibration_norms`.
     """
     n = calibration_norms(method)
-    return {f: float(f"{normguard.lambda_for_fraction(f, n['mean_base'], n['mean_penalty']):.{SIGNIFICANT}g}")
+    lams = {f: normguard.lambda_for_fraction(f, n["mean_base"], n["mean_penalty"])
             for f in FRACTIONS}
+    return {f: float(f"{lam:.{SIGNIFICANT}g}") for f, lam in lams.items()}
 
 
 def _fixed(weight: float) -> dict:
