@@ -1,23 +1,28 @@
-"""Extra seeds of the main table, and one table cell on bases re-pretrained per seed.
+"""The main table over seeds, and one table cell on bases re-pretrained per seed.
 
-Run (from the repository root, after configs/sweeps/table_main.py has made the seed-0 table;
-experiments/main_table.py's ``seeds`` stage runs this):
+Every seed, seed 0 included, runs here in its own workroot, so that the seeds of one base's half
+are trained on one machine from one base (the single-seed table of configs/sweeps/table_main.py
+stays as it was). Run (from the repository root; experiments/main_table.py's ``seeds`` stage
+makes the bases and runs this):
   python -m experiments.sweep --config=configs/sweeps/table_seeds.py[:<parts>]
 ``<parts>`` is a comma-separated subset of ``PARTS`` ("" = all of them, in that order):
-``digits`` and ``shapes`` are the extra seeds of one base's half of the table (12 RL cells and
-their evaluations per seed), ``rebase`` the re-pretrained bases. On N hosts sharing the file
+``digits`` and ``shapes`` are the seeds of one base's half of the table (the base's evaluation,
+then 12 RL cells and their evaluations per seed), ``rebase`` the re-pretrained bases. On N hosts sharing the file
 system: add --config.num_hosts=N --config.host_index=<i> on each.
 
 Cells (workdirs under ``WORKROOT`` unless said otherwise):
+- ``eval-base-<base>``: the base's evaluation (as in the main table), the reference of the
+  re-pretrained bases' spread (base seed 0);
 - ``rl-<setting>-<method>-<arm>-s<k>`` and ``eval-<setting>-<method>-<arm>-s<k>``: the main
   table's cell ``rl-<setting>-<method>-<arm>`` (configs/sweeps/table_main.py) with
   ``--config.seed=k`` (prompts, rollout noise, re-noising and minibatch order), for k in
-  ``SEEDS``; seed 0 is the main table's own cell. The evaluation keeps its fixed sample seeds,
-  so seeds differ only through training. Seed-major: every cell of seed 1 runs before any of
-  seed 2, so an interrupted sweep leaves whole seeds.
+  ``SEEDS`` (seed 0 is the main table's configuration, rerun here). The evaluation keeps its
+  fixed sample seeds, so seeds differ only through training. Seed-major: every cell of seed 0
+  runs before any of seed 1, so an interrupted sweep leaves whole seeds.
 - ``rebase``, for ``REBASE_METHOD`` on ``REBASE_SETTING`` only (NFT on digits contrast, where
   unguarded NFT inflated ‖v_θ‖ on every seed of experiments/results/inflation_search.md), for
-  k in ``REBASE_SEEDS``:
+  k in ``REBASE_SEEDS`` (base seed 0 is the ``digits`` part: ``eval-base-digits`` and the
+  ``-s0`` cells):
   - ``pretrain-digits-b<k>``: configs/table_base.py:digits with ``--config.seed=k``
     (initialisation, data order, noise and σ draws), in ``rebase_workdir(k)`` =
     ``workdir/table_base_digits_s<k>`` (base seed 0 is the table's own base,
@@ -34,7 +39,7 @@ from configs.sweeps import table_main
 from experiments import sweep
 
 WORKROOT = "workdir/sweeps/table_seeds"
-SEEDS = (1, 2)                     # extra RL seeds of every table cell (seed 0: table_main.py).
+SEEDS = (0, 1, 2)                  # RL seeds of every table cell.
 PARTS = ("digits", "shapes", "rebase")
 REBASE_SETTING = "digits_contrast"
 REBASE_METHOD = "nft"
@@ -105,11 +110,21 @@ def rebase_grids(k: int):
     ]
 
 
+def base_eval_grids(bases):
+    """The evaluation ``eval-base-<base>`` of each of ``bases``, each its own group."""
+    return [sweep.grid(name=f"eval-base-{b}",
+                       config=f"configs/eval_table.py:{table_main.BASE_SETTING[b]}", axes={},
+                       fixed={"checkpoint": rl_table.BASES[b]}, group=f"base-{b}",
+                       expect=["evaluation.json"]) for b in bases]
+
+
 def get_config(arg: str = ""):
-    """The sweep of ``arg``'s parts (see ``parse_parts``): seed cells, then re-pretrained bases."""
+    """The sweep of ``arg``'s parts (see ``parse_parts``): base evaluations, seed cells, then
+    re-pretrained bases."""
     parts = parse_parts(arg)
-    settings = [s for base in ("digits", "shapes") if base in parts for s in settings_of(base)]
-    grids = seed_grids(settings, SEEDS) if settings else []
+    bases = [b for b in ("digits", "shapes") if b in parts]
+    settings = [s for base in bases for s in settings_of(base)]
+    grids = base_eval_grids(bases) + (seed_grids(settings, SEEDS) if settings else [])
     for k in REBASE_SEEDS if "rebase" in parts else ():
         grids += rebase_grids(k)
     c = sweep.base_config()
