@@ -21,12 +21,15 @@ evaluations and an analysis first, then the shapes half and few-step inference):
 - ``earlystop``: configs/sweeps/table_earlystop.py (intermediate checkpoints of the unguarded
   runs);
 - ``fewstep``: configs/sweeps/table_fewstep.py (2, 4, 8, 16, 40 ODE steps);
-- ``seeds``: configs/sweeps/table_seeds.py, the extra seeds of every table cell and NFT on
+- ``seeds``: configs/sweeps/table_seeds.py, every table cell with seeds 0, 1, 2 and NFT on
   digits contrast over re-pretrained bases; ``seeds:digits`` (``shapes``, ``rebase``, or
-  several joined by ``|``) only those parts. Not in the default stages (on 2 cores about
-  80 min for ``digits``, 55 for ``shapes``, 35 for ``rebase``);
-- ``analyse``: reads every evaluation.json (the seeds' included) and writes
-  ``experiments/results/main_table.md``, ``.json`` and ``main_table_*.png`` with whatever has finished (missing cells are listed).
+  several joined by ``|``) only those parts; then seed_spread.report() writes
+  ``experiments/results/main_table_seeds.md`` from every finished seed cell (this session's,
+  and earlier sessions' read back from its json). Not in the default stages (on 2 cores about
+  2 h for ``digits``, 1.5 h for ``shapes``, 35 min for ``rebase``; use 2 host processes);
+- ``analyse``: reads every evaluation.json of the single-seed sweeps and writes
+  ``experiments/results/main_table.md``, ``.json`` and ``main_table_*.png`` with whatever has
+  finished (missing cells are listed).
 
 With ``--num_hosts``, every host runs its share of each sweep (shared file system); run the
 ``analyse`` stage once all hosts are done.
@@ -93,26 +96,13 @@ def wall_time_md() -> str:
     parts = []
     for label, root in (("table", main_sweep.WORKROOT), ("λ", table_lambda.WORKROOT),
                         ("early stopping", table_earlystop.WORKROOT),
-                        ("few-step", table_fewstep.WORKROOT), ("seeds", seeds_sweep.WORKROOT)):
+                        ("few-step", table_fewstep.WORKROOT)):
         # experiments/run_all.py's GRPO/RAM cells share the table's workroot: not counted.
         done = sweep.finished_seconds(os.path.join(table_sweeps.REPO, root))
         seconds = [t for name, t in done.items() if name not in NORM_CELLS]
         parts.append(f"{label} {len(seconds)} cells, {sum(seconds) / 60:.0f} min")
-    bases = [rebase_seconds(k) for k in seeds_sweep.REBASE_SEEDS]
-    bases = [t for t in bases if t is not None]
-    parts.append(f"re-pretrained bases {len(bases)}, {sum(bases) / 60:.0f} min")
     return ("Wall time (sum of the cells' own times; more than the compute if other jobs shared "
             "the cores, see experiments/results/compute.md): " + "; ".join(parts) + ".")
-
-
-def rebase_seconds(k: int) -> float | None:
-    """Recorded wall time of the pretraining cell of base seed ``k``, or None if unfinished
-    (its workdir is outside the seeds' workroot)."""
-    path = os.path.join(table_sweeps.REPO, seeds_sweep.rebase_workdir(k), sweep.DONE_MARKER)
-    if not os.path.exists(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)["seconds"]
 
 
 def missing_md(missing: list[str]) -> str:
@@ -160,11 +150,9 @@ def analyse(lambda_choice: tuple[str, str] | None) -> None:
     data = table_sweeps.collect()
     choice = lambda_choice or lambda_sweep.choose_lambda_setting(data["main"])
     lam_rows = lambda_sweep.collect_lambda(*choice) if choice else {}
-    seeds = seed_spread.collect(data["main"])
-    max_n = seed_spread.max_seeds(seeds["runs"])
-    delta_lines, deltas = seed_spread.delta_md(seeds["runs"])
-    spread_lines, spreads = seed_spread.spread_md(seeds["runs"])
-    rebase_lines, rebase = seed_spread.rebase_md(seeds)
+    # This table has one seed (0); the seeds are main_table_seeds.md (seed_spread.report()).
+    runs = {key: ({0: row} if row is not None else {}) for key, row in data["main"].items()}
+    delta_lines, deltas = seed_spread.delta_md(runs)
     few_lines, gaps = few_step.fewstep_md(data)
     early_lines, early = early_stopping.earlystop_md(data)
     results = table_sweeps.RESULTS
@@ -177,8 +165,7 @@ def analyse(lambda_choice: tuple[str, str] | None) -> None:
         "# Main table, λ sweep, few-step inference, early-stopping control",
         "",
         "Command: `python experiments/main_table.py` (runs the sweeps configs/sweeps/"
-        "{table_main,table_lambda,table_earlystop,table_fewstep}.py, then this analysis; the "
-        "extra seeds of configs/sweeps/table_seeds.py run with `--stages seeds`; "
+        "{table_main,table_lambda,table_earlystop,table_fewstep}.py, then this analysis; "
         "`--stages analyse` rewrites this file from the finished cells).",
         "",
         *sizes_md(),
@@ -189,12 +176,15 @@ def analyse(lambda_choice: tuple[str, str] | None) -> None:
         "",
         wall_time_md(),
         "",
-        seed_spread.noise_md(max_n),
+        "Every cell here is a single run (seed 0), so no difference below has a standard "
+        "error or a verdict. The table over seeds, with paired differences, verdicts and the "
+        "measured seed spread, is [main_table_seeds.md](main_table_seeds.md) "
+        "(`--stages seeds`).",
         "",
         "The early-stopping control and few-step inference below are single-seed (seed 0) and "
         f"still read FD gaps against a fixed {NOISE['fd']:g} (two identical single-seed NFT runs "
         "differed by about 3 in FD, experiments/README.md \"Noise\"); compare it with the "
-        "measured FD spread in \"Seeds\".",
+        "measured FD spread in main_table_seeds.md.",
         "",
         "## Main table",
         "",
@@ -204,46 +194,14 @@ def analyse(lambda_choice: tuple[str, str] | None) -> None:
         "",
         *main_table_md(data),
         "",
-        "Guarded minus unguarded, paired over the seeds with both arms finished (seeds: how "
-        "many; mean ± s.e. and t when there are two or more, else the seed-0 difference). "
-        "The verdict names the quality metrics (FD, recall, judged real) whose |t| exceeds the "
-        "critical value; \"no difference detected\" means none did. Out of range and ρ are "
-        "means over those seeds. Hinge active = fraction of training rows with ‖v_θ‖ > "
-        "‖v_ref‖, averaged over the logged iterations (4, 8, 12) of the guarded runs. A hinge "
-        "that never acts leaves the run bit-identical to the unguarded one; where it acted on "
-        "only a few rows (other iterations were not logged), the gap between the two runs is "
-        "mostly run-to-run divergence, which RL amplifies from tiny differences: those pairs "
-        "show the noise at this size.",
+        "Guarded minus unguarded, seed 0 (one run per arm: no standard error, no verdict; see "
+        "main_table_seeds.md). Hinge active = fraction of training rows with ‖v_θ‖ > ‖v_ref‖, "
+        "averaged over the logged iterations (4, 8, 12) of the guarded runs. A hinge that never "
+        "acts leaves the run bit-identical to the unguarded one; where it acted on only a few "
+        "rows, the gap between the two runs is mostly run-to-run divergence, which RL amplifies "
+        "from tiny differences: those pairs show the noise at this size.",
         "",
         *delta_lines,
-        "",
-        "## Seeds",
-        "",
-        f"Extra RL seeds {', '.join(map(str, seeds_sweep.SEEDS))} of every cell "
-        "(configs/sweeps/table_seeds.py; `python experiments/main_table.py --stages "
-        "seeds:digits,analyse`, `seeds:shapes`, `seeds:rebase`); seed 0 is the main table. "
-        "Mean ± s.e. over the finished seeds:",
-        "",
-        *(seed_spread.mean_table_md(seeds["runs"]) if max_n >= 2 else
-          ["Only seed 0 has finished: the main table above is the whole table."]),
-        "",
-        "Seed spread, the measured noise level: std over seeds of the unguarded runs (– with "
-        "fewer than 2 seeds). A paired difference has its own s.e. above; the spread of one "
-        "arm is the scale against which single-seed rows (λ sweep, early stopping, few-step) "
-        "should be read.",
-        "",
-        *spread_lines,
-        "",
-        f"### Re-pretrained bases ({seeds_sweep.REBASE_METHOD} on "
-        f"{seeds_sweep.REBASE_SETTING})",
-        "",
-        "Base fixed: RL seeds 0, "
-        f"{', '.join(map(str, seeds_sweep.SEEDS))} on the table's base. Base re-pretrained: "
-        f"base k pretrained with seed k (configs/table_base.py:{seeds_sweep.REBASE_BASE}, "
-        "base 0 is the table's) and RL seed k on it, so both rows vary the RL seed and the "
-        "second also the base. Std over seeds:",
-        "",
-        *rebase_lines,
         "",
         "## Samples",
         "",
@@ -278,7 +236,7 @@ def analyse(lambda_choice: tuple[str, str] | None) -> None:
         "",
         "![early stopping](main_table_earlystop.png)",
         "",
-        missing_md(data["missing"] + seeds["missing"]),
+        missing_md(data["missing"]),
         "",
     ]
     with open(os.path.join(results, "main_table.md"), "w", encoding="utf-8") as f:
@@ -286,11 +244,7 @@ def analyse(lambda_choice: tuple[str, str] | None) -> None:
     with open(os.path.join(results, "main_table.json"), "w", encoding="utf-8") as f:
         json.dump({"data": data, "lambda_setting": choice,
                    "lambda": {f"{k:g}": v for k, v in lam_rows.items()}, "deltas": deltas,
-                   "fewstep_gaps": gaps, "earlystop": early,
-                   "seeds": {"runs": seeds["runs"], "rebase": seeds["rebase"],
-                             "spread": spreads, "rebase_spread": rebase,
-                             "missing": seeds["missing"],
-                             "alpha": seed_spread.ALPHA}}, f, indent=1)
+                   "fewstep_gaps": gaps, "earlystop": early}, f, indent=1)
     print("\n".join(lines), flush=True)
 
 
@@ -350,6 +304,7 @@ def main():
         elif name == "seeds":
             parts = seeds_sweep.parse_parts(only.replace("|", ","))
             table_sweeps.run_sweep(f"configs/sweeps/table_seeds.py:{','.join(parts)}", hosts)
+            seed_spread.report()
         elif name == "analyse":
             analyse(choice)
 

@@ -22,10 +22,10 @@ Stages run in order, each in its own process (the commands are in ``STAGES``):
   table's two bases in between (results/validity_table_bases.md; results/validity.md is the
   same check on the four pretraining-grid bases, after ``pretrain_grid``);
 - extended (not in ``core``): ``main_table_seeds_digits``, ``main_table_seeds_shapes``
-  (RL seeds 1 and 2 of one base's half of the main table, configs/sweeps/table_seeds.py,
-  about 80 and 55 min) and ``main_table_seeds_rebase`` (NFT on digits contrast, both arms, on
-  two digits bases re-pretrained with seeds 1 and 2, about 35 min), each followed by the
-  table's analysis; ``guard_ablation_awm_contrast``, ``guard_ablation`` (the
+  (RL seeds 0, 1 and 2 of one base's half of the main table, configs/sweeps/table_seeds.py,
+  about 2 h and 1.5 h on one process) and ``main_table_seeds_rebase`` (NFT on digits
+  contrast, both arms, on two digits bases re-pretrained with seeds 1 and 2, about 35 min),
+  each writing results/main_table_seeds.md from every finished seed cell; ``guard_ablation_awm_contrast``, ``guard_ablation`` (the
   multi-seed guard studies), ``rl_methods`` (24-iteration runs at 64 rollouts),
   ``pretrain_grid`` (every dataset × architecture), ``inflation_search`` (unguarded
   candidates × 3 seeds: where does ρ reach 1.05?), ``lambda_calibration`` (λ set per
@@ -74,11 +74,11 @@ STAGES = {
                  "--aux_dir=workdir/aux_nets", *(f"--base={b}" for b in rl_table.BASES.values()),
                  "--out=experiments/results/validity_table_bases.md"],
     "main_table_seeds_digits": [PY, "experiments/main_table.py", "--stages",
-                                "bases:digits,seeds:digits,analyse"],
+                                "bases:digits,seeds:digits"],
     "main_table_seeds_shapes": [PY, "experiments/main_table.py", "--stages",
-                                "bases:shapes,seeds:shapes,analyse"],
+                                "bases:shapes,seeds:shapes"],
     "main_table_seeds_rebase": [PY, "experiments/main_table.py", "--stages",
-                                "bases:digits,seeds:rebase,analyse"],
+                                "bases:digits,seeds:rebase"],
     "guard_ablation_awm_contrast": [PY, "experiments/guard_ablation.py", "--study",
                                     "awm_contrast"],
     "guard_ablation": [PY, "experiments/guard_ablation.py"],

@@ -1,13 +1,15 @@
 """Seeds of the main table: means ± s.e., paired differences, verdicts and the seed spread.
 
-Seed 0 of every cell is the main table's own (configs/sweeps/table_main.py); seeds 1, 2, ...
-and the re-pretrained bases come from configs/sweeps/table_seeds.py. A guarded − unguarded
-difference is paired by seed (both arms of a seed share the prompts and rollout noise of its
-first iteration) and judged against its own standard error: a metric moved when
-|t| = |mean| / s.e. exceeds the two-sided ``ALPHA`` critical value of Student's t with n − 1
-degrees of freedom (n = number of seeds with both arms finished). With one seed there is no
-standard error and no verdict. Run by experiments/main_table.py (stages ``seeds`` and
-``analyse``).
+Every seed of every cell, seed 0 included, comes from configs/sweeps/table_seeds.py (the
+single-seed table of configs/sweeps/table_main.py is not mixed in: it ran on another machine).
+A guarded − unguarded difference is paired by seed (both arms of a seed share the prompts and
+rollout noise of its first iteration) and judged against its own standard error: a metric moved
+when |t| = |mean| / s.e. exceeds the two-sided ``ALPHA`` critical value of Student's t with
+n − 1 degrees of freedom (n = number of seeds with both arms finished). With one seed there is
+no standard error and no verdict. ``report()`` writes experiments/results/main_table_seeds.md
+and .json; the json keeps every finished cell's summary, so a later session (on a fresh
+machine) adds the cells it runs to those of earlier sessions. Run by experiments/main_table.py
+(stage ``seeds``) or alone: ``python experiments/seed_spread.py``.
 
 Conventions: a summary is table_sweeps.summarise's dict (``reward``, the ``QUALITY`` keys,
 ``rho``, ...); ``runs`` maps ``<setting>-<method>-<arm>`` to {seed: summary} with only the
@@ -16,7 +18,11 @@ finished seeds; standard errors are sample std (ddof = 1) / √n; spreads are sa
 
 from __future__ import annotations
 
+import datetime
+import json
 import math
+import os
+import platform
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -25,7 +31,9 @@ from scipy import stats
 from configs import rl_table
 from configs.sweeps import table_main as main_sweep
 from configs.sweeps import table_seeds as seeds_sweep
-from experiments import table_sweeps, tables
+from experiments import sweep, table_sweeps, tables
+
+REPORT = "main_table_seeds"   # experiments/results/<REPORT>.md and .json
 
 ALPHA = 0.05
 # Paired differences reported: (summary key, label, format).
@@ -128,23 +136,67 @@ def pooled(spreads: Sequence[Mapping[str, float]], keys: Sequence[str]) -> dict[
 # ----------------------------------------------------------------------------------------------
 
 
-def collect(main: Mapping[str, dict | None]) -> dict:
-    """The runs of every seed, the re-pretrained bases and the missing seed cells.
+def machine() -> str:
+    """This machine in one line: cores, CPU model, whether it has AVX-512 (XLA:CPU rounds
+    differently with it, so runs on two kinds of CPU do not agree bit for bit)."""
+    cpu, avx512 = platform.machine(), False
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            lines = f.readlines()
+        cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")),
+                   cpu)
+        avx512 = any(ln.startswith("flags") and " avx512f" in ln for ln in lines)
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores, {cpu}{', AVX-512' if avx512 else ''}"
+
+
+def load_archive(path: str = "") -> dict:
+    """The cells recorded by an earlier analysis (``cells`` of ``<RESULTS>/<REPORT>.json``):
+    cell name -> {``summary``, ``machine``, ``finished``}; {} when there is none."""
+    path = path or os.path.join(table_sweeps.RESULTS, REPORT + ".json")
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f).get("cells", {})
+
+
+def collect(archive: Mapping[str, dict] | None = None) -> dict:
+    """The runs of every seed, the re-pretrained bases and the missing cells.
+
+    A cell is read from its workdir under configs/sweeps/table_seeds.WORKROOT when it has
+    finished there, else from ``archive`` (the cells an earlier analysis recorded, so that the
+    halves of the table can be run in different sessions, each on a fresh machine).
 
     Args:
-      main: ``table_sweeps.collect()["main"]`` (seed 0 of every ``<setting>-<method>-<arm>``).
+      archive: ``load_archive()``: cell name -> {``summary``, ``machine``, ``finished``}.
     Returns:
       ``runs``: ``<setting>-<method>-<arm>`` -> {seed: summary} (finished seeds only; the guarded
       summaries carry ``hinge_active``); ``rebase``: {``base``, ``plain``, ``guard``} -> {base
-      seed: summary}, base seed 0 being the table's own base and cells; ``missing``: unfinished
-      cells of configs/sweeps/table_seeds.py (``<workroot>/<name>``).
+      seed: summary}, base seed 0 being the table's base (``eval-base-<base>``) and its ``-s0``
+      cells; ``cells``: every cell found, name -> {``summary``, ``machine``, ``finished``
+      (date), ``source`` (``workdir`` | ``archive``)}; ``missing``: cells found nowhere
+      (``<workroot>/<name>``).
     """
+    archive = archive or {}
     root = seeds_sweep.WORKROOT
-    out = {"runs": {}, "rebase": {"base": {}, "plain": {}, "guard": {}}, "missing": []}
+    here = machine()
+    out = {"runs": {}, "rebase": {"base": {}, "plain": {}, "guard": {}}, "cells": {},
+           "missing": []}
 
-    def get(name, setting):
+    def get(name, setting, rl_name=None):
         row = table_sweeps.summarise(table_sweeps.load_eval(root, name), setting)
-        if row is None:
+        if row is not None:
+            if rl_name is not None:
+                row["hinge_active"] = table_sweeps.hinge_activity(root, rl_name)
+            done = os.path.join(table_sweeps.REPO, root, name, sweep.DONE_MARKER)
+            finished = datetime.date.fromtimestamp(os.path.getmtime(done)).isoformat()
+            out["cells"][name] = {"summary": row, "machine": here, "finished": finished,
+                                  "source": "workdir"}
+        elif name in archive:
+            row = dict(archive[name]["summary"])
+            out["cells"][name] = {**archive[name], "source": "archive"}
+        else:
             out["missing"].append(f"{root}/{name}")
         return row
 
@@ -152,28 +204,52 @@ def collect(main: Mapping[str, dict | None]) -> dict:
         for method in main_sweep.METHODS:
             for arm in main_sweep.ARMS:
                 key = f"{setting}-{method}-{arm}"
-                found = {0: main.get(key)}
-                for k in seeds_sweep.SEEDS:
-                    found[k] = get(f"eval-{key}-s{k}", setting)
-                    if found[k] is not None:
-                        found[k]["hinge_active"] = table_sweeps.hinge_activity(
-                            root, f"rl-{key}-s{k}")
+                found = {k: get(f"eval-{key}-s{k}", setting,
+                                f"rl-{key}-s{k}" if arm == "guard" else None)
+                         for k in seeds_sweep.SEEDS}
                 out["runs"][key] = {k: r for k, r in found.items() if r is not None}
     setting, method = seeds_sweep.REBASE_SETTING, seeds_sweep.REBASE_METHOD
     rebase = out["rebase"]
-    base0 = table_sweeps.summarise(
-        table_sweeps.load_eval(main_sweep.WORKROOT, f"eval-base-{seeds_sweep.REBASE_BASE}"),
-        setting)
     for k in (0, *seeds_sweep.REBASE_SEEDS):
-        rebase["base"][k] = base0 if k == 0 else get(
-            f"eval-base-{seeds_sweep.REBASE_BASE}-b{k}", setting)
+        rebase["base"][k] = get(f"eval-base-{seeds_sweep.REBASE_BASE}"
+                                + (f"-b{k}" if k else ""), setting)
         for arm in main_sweep.ARMS:
             rebase[arm][k] = (out["runs"][f"{setting}-{method}-{arm}"].get(0) if k == 0
-                              else get(f"eval-{setting}-{method}-{arm}-b{k}", setting))
+                              else get(f"eval-{setting}-{method}-{arm}-b{k}", setting,
+                                       f"rl-{setting}-{method}-{arm}-b{k}"
+                                       if arm == "guard" else None))
     for part in rebase.values():
         for k in [k for k, r in part.items() if r is None]:
             del part[k]
     return out
+
+
+def provenance_md(cells: Mapping[str, dict]) -> list[str]:
+    """Where the cells were run: one line per base half (and the re-pretrained bases) naming
+    the machines and dates of its cells and how many came from the archive; a half run on more
+    than one machine is flagged."""
+    groups = {}
+    for name, cell in cells.items():
+        part = ("re-pretrained bases" if name.rsplit("-", 1)[-1].startswith("b")
+                and name.rsplit("-", 1)[-1][1:].isdigit()
+                else "shapes" if "shapes" in name else "digits")
+        groups.setdefault(part, []).append(cell)
+    lines = []
+    for part in ("digits", "shapes", "re-pretrained bases"):
+        found = groups.get(part, [])
+        if not found:
+            lines.append(f"- {part}: no cell finished.")
+            continue
+        machines = sorted({c["machine"] for c in found})
+        dates = sorted({c["finished"] for c in found})
+        archived = sum(c["source"] == "archive" for c in found)
+        lines.append(
+            f"- {part}: {len(found)} cells, finished {dates[0]}"
+            + (f" to {dates[-1]}" if len(dates) > 1 else "") + f", on {'; '.join(machines)}"
+            + (f" ({archived} read from the committed json)" if archived else "")
+            + (". **More than one machine: seeds of this half are not comparable bit for "
+               "bit.**" if len(machines) > 1 else "."))
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------
@@ -337,3 +413,154 @@ def noise_md(max_n: int) -> str:
                        "error and no verdict yet: the table below is the single-seed table, "
                        "and its differences are single runs.")
     return head
+
+
+# ----------------------------------------------------------------------------------------------
+# The report.
+# ----------------------------------------------------------------------------------------------
+
+
+def plot_paired(records: Sequence[dict], path: str) -> None:
+    """Guarded − unguarded per setting × method: mean and the two-sided 95 % interval
+    (± t_crit · s.e.) of Δ reward, Δ FD, Δ recall and Δ ρ, one panel each; a pair whose interval
+    excludes 0 is drawn filled. Nothing is written when no pair has two seeds."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [r for r in records if r["paired"]["fd"]["n"] >= 2]
+    if not records:
+        return
+    keys = (("reward", "Δ reward"), ("fd", "Δ FD (↓ better)"), ("recall", "Δ recall (↑ better)"),
+            ("rho", "Δ ρ"))
+    labels = [f"{r['setting']} {r['method']}" for r in records]
+    y = np.arange(len(records))[::-1]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 0.45 * len(records) + 1.4),
+                             sharey=True)
+    for ax, (k, title) in zip(axes, keys):
+        for yi, r in zip(y, records):
+            d = r["paired"][k]
+            half = t_critical(d["n"]) * d["se"]
+            moved = significant_sign(d) != 0
+            ax.errorbar(d["mean"], yi, xerr=half, fmt="o", color="C3" if moved else "C0",
+                        mfc="C3" if moved else "white", capsize=3)
+        ax.axvline(0.0, color="0.5", lw=0.8)
+        ax.set_title(title, fontsize=9)
+    axes[0].set_yticks(y, labels, fontsize=8)
+    fig.suptitle("NormGuard λ = 0.1 minus unguarded, paired over seeds (95 % intervals; "
+                 "filled: excludes 0)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(results: str = "") -> dict:
+    """Reads every cell (workdir, else the committed json) and writes
+    ``<results>/main_table_seeds.md``, ``.json`` (with the ``cells`` a later session reads
+    back) and ``_paired.png``; returns the json payload."""
+    results = results or table_sweeps.RESULTS
+    seeds = collect(load_archive(os.path.join(results, REPORT + ".json")))
+    max_n = max_seeds(seeds["runs"])
+    delta_lines, deltas = delta_md(seeds["runs"])
+    spread_lines, spreads = spread_md(seeds["runs"])
+    rebase_lines, rebase = rebase_md(seeds)
+    os.makedirs(results, exist_ok=True)
+    plot_paired(deltas, os.path.join(results, REPORT + "_paired.png"))
+    seeds_text = ", ".join(map(str, seeds_sweep.SEEDS))
+    lines = [
+        "# The main table over seeds",
+        "",
+        "Command: `python experiments/main_table.py --stages bases:digits,seeds:digits` (and "
+        "`bases:shapes,seeds:shapes`, `bases:digits,seeds:rebase`; each writes this file from "
+        "every finished cell, and `python experiments/seed_spread.py` only rewrites it). Cells "
+        "finished in an earlier session are read back from `main_table_seeds.json`, so the "
+        "halves can run in different sessions.",
+        "",
+        f"Every cell of experiments/results/main_table.md (2 bases × 2 rewards × NFT/AWM/DPO, "
+        f"unguarded and NormGuard λ = {main_sweep.GUARD_WEIGHT}, {rl_table.ITERATIONS} RL "
+        f"iterations) with RL seeds {seeds_text} (configs/sweeps/table_seeds.py): the seed sets "
+        "the prompts, rollout noise, re-noising and minibatch order; the base and the "
+        "evaluation's sample seeds are fixed, so seeds differ only through training. All seeds, "
+        "0 included, are rerun here, so a half's seeds share one machine and one base (the "
+        "single-seed main_table.md is older and was run on another CPU).",
+        "",
+        "Where the cells ran:",
+        "",
+        *provenance_md(seeds["cells"]),
+        "",
+        wall_time_line(),
+        "",
+        noise_md(max_n),
+        "",
+        "## Guarded − unguarded, paired over seeds",
+        "",
+        "Mean ± s.e. (t) of the paired differences; out of range and ρ are means over the "
+        "seeds; hinge active = fraction of training rows with ‖v_θ‖ > ‖v_ref‖ over the logged "
+        "iterations of the guarded runs. The verdict names the quality metrics (FD, recall, "
+        "judged real) whose |t| exceeds the critical value.",
+        "",
+        *delta_lines,
+        "",
+        f"![paired differences]({REPORT}_paired.png)",
+        "",
+        "## Mean ± s.e. of each arm",
+        "",
+        *mean_table_md(seeds["runs"]),
+        "",
+        "## Seed spread (the measured noise)",
+        "",
+        "Std over seeds of the unguarded runs, per setting and method, and pooled per setting "
+        "(√ of the mean variance). This is the scale against which the single-seed studies "
+        "(λ sweep, early stopping, few-step in main_table.md) should be read.",
+        "",
+        *spread_lines,
+        "",
+        f"## Re-pretrained bases ({seeds_sweep.REBASE_METHOD} on {seeds_sweep.REBASE_SETTING})",
+        "",
+        f"Base fixed: RL seeds {seeds_text} on the table's base. Base re-pretrained: base k "
+        f"pretrained with seed k (configs/table_base.py:{seeds_sweep.REBASE_BASE}; base 0 is "
+        "the table's) and RL seed k on it, so both rows vary the RL seed and the second also "
+        "the base. Std over seeds:",
+        "",
+        *rebase_lines,
+        "",
+        missing_line(seeds["missing"]),
+        "",
+    ]
+    payload = {"alpha": ALPHA, "seeds": list(seeds_sweep.SEEDS), "deltas": deltas,
+               "spread": spreads, "rebase_spread": rebase, "runs": seeds["runs"],
+               "rebase": seeds["rebase"], "missing": seeds["missing"],
+               "cells": {name: {k: v for k, v in cell.items() if k != "source"}
+                         for name, cell in sorted(seeds["cells"].items())}}
+    table_sweeps.write_report(results, REPORT, lines, payload)
+    print("\n".join(lines), flush=True)
+    return payload
+
+
+def wall_time_line() -> str:
+    """Cells finished in this machine's workdir and their summed wall time (the cells' own
+    times), the re-pretrained bases' pretraining included."""
+    done = sweep.finished_seconds(os.path.join(table_sweeps.REPO, seeds_sweep.WORKROOT))
+    bases = []
+    for k in seeds_sweep.REBASE_SEEDS:
+        path = os.path.join(table_sweeps.REPO, seeds_sweep.rebase_workdir(k), sweep.DONE_MARKER)
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                bases.append(json.load(f)["seconds"])
+    return (f"Wall time on this machine (sum of the cells' own times; two cells ran at a time on "
+            f"the 2 cores, so each took longer than alone): {len(done)} cells, "
+            f"{sum(done.values()) / 60:.0f} min, and {len(bases)} re-pretrained bases, "
+            f"{sum(bases) / 60:.0f} min.")
+
+
+def missing_line(missing: Sequence[str]) -> str:
+    """How many cells have not finished anywhere (names when few)."""
+    if not missing:
+        return "Every cell has finished."
+    names = [m.rsplit("/", 1)[1] for m in missing]
+    return (f"Cells not finished when this was written: {len(names)}"
+            + (f" ({', '.join(names)})." if len(names) <= 8 else " (listed in the json)."))
+
+
+if __name__ == "__main__":
+    report()

@@ -44,7 +44,8 @@ def test_seed_stages_are_extended_and_run_one_part_each():
         command = run_all.STAGES[name]
         assert command[1] == "experiments/main_table.py"
         stages = command[command.index("--stages") + 1].split(",")
-        assert f"seeds:{part}" in stages and stages[-1] == "analyse"
+        # The seeds stage writes its own report; "analyse" would rewrite main_table.md.
+        assert stages[-1] == f"seeds:{part}" and "analyse" not in stages
         assert stages[0] == f"bases:{'shapes' if part == 'shapes' else 'digits'}"
 
 

@@ -35,9 +35,15 @@ def test_every_cell_has_valid_overrides_and_the_main_tables_names(monkeypatch):
     names = [c.name for c in cells]
     assert len(set(names)) == len(names)
     per_seed = len(rl_table.SETTINGS) * len(main_sweep.METHODS) * len(main_sweep.ARMS)
-    assert len(cells) == 2 * per_seed * len(seeds_sweep.SEEDS) + 6 * len(seeds_sweep.REBASE_SEEDS)
+    assert len(cells) == (2 + 2 * per_seed * len(seeds_sweep.SEEDS)
+                          + 6 * len(seeds_sweep.REBASE_SEEDS))
+    assert 0 in seeds_sweep.SEEDS   # seed 0 reruns here: one half's seeds share one machine
     table = {c.name: c for c in sweep.expand(main_sweep.get_config())}
     by_name = {c.name: c for c in cells}
+    for base, workdir in rl_table.BASES.items():   # the bases' evaluations, as in the table
+        mine, theirs = by_name[f"eval-base-{base}"], table[f"eval-base-{base}"]
+        assert mine.workdir == f"{seeds_sweep.WORKROOT}/eval-base-{base}"
+        assert mine.config == theirs.config and dict(mine.overrides) == {"checkpoint": workdir}
     for name, cell in table.items():
         if not name.startswith(("rl-", "eval-")) or name.startswith("eval-base"):
             continue
@@ -56,8 +62,10 @@ def test_every_cell_has_valid_overrides_and_the_main_tables_names(monkeypatch):
 
 def test_seed_major_order_and_evaluation_after_its_rl_cell(monkeypatch):
     cells = _cells("digits,shapes", monkeypatch)
+    assert [c.name for c in cells[:2]] == ["eval-base-digits", "eval-base-shapes"]
+    cells = cells[2:]
     seeds = [int(c.name.rsplit("-s", 1)[1]) for c in cells]
-    assert seeds == sorted(seeds)   # every cell of seed 1 before any of seed 2
+    assert seeds == sorted(seeds)   # every cell of seed 0 before any of seed 1
     index = {c.workdir: i for i, c in enumerate(cells)}
     for i, c in enumerate(cells):
         if c.name.startswith("eval-"):
@@ -66,7 +74,8 @@ def test_seed_major_order_and_evaluation_after_its_rl_cell(monkeypatch):
 
 @pytest.mark.parametrize("base", ["digits", "shapes"])
 def test_restriction_to_one_base(base, monkeypatch):
-    cells = _cells(base, monkeypatch)
+    base_eval, *cells = _cells(base, monkeypatch)
+    assert base_eval.name == f"eval-base-{base}"
     settings = {s for s, (b, _) in rl_table.SETTINGS.items() if b == base}
     assert len(cells) == len(settings) * 3 * 2 * 2 * len(seeds_sweep.SEEDS)   # 48: 12 × 2 × 2
     assert {c.name.split("-")[1] for c in cells} == settings
@@ -217,24 +226,22 @@ GUARD = {0: _values(fd=8.0, recall=0.40, reward=0.66, rho=0.98),
 
 
 def _write_seeds(repo, seeds, guard=GUARD):
-    main_root = repo / main_sweep.WORKROOT
     seeds_root = repo / seeds_sweep.WORKROOT
     key = f"{SETTING}-{METHOD}"
     for k in seeds:
-        root, suffix = (main_root, "") if k == 0 else (seeds_root, f"-s{k}")
-        _write_eval(root, f"eval-{key}-plain{suffix}", SETTING, PLAIN[k])
-        _write_eval(root, f"eval-{key}-guard{suffix}", SETTING, guard[k],
+        _write_eval(seeds_root, f"eval-{key}-plain-s{k}", SETTING, PLAIN[k])
+        _write_eval(seeds_root, f"eval-{key}-guard-s{k}", SETTING, guard[k],
                     active=[0.1 * (k + 1), 0.3 * (k + 1)])
 
 
 def test_seeds_are_read_and_paired(repo):
     _write_seeds(repo, (0, 1, 2))
-    data = table_sweeps.collect()
-    seeds = seed_spread.collect(data["main"])
+    seeds = seed_spread.collect()
     key = f"{SETTING}-{METHOD}"
     assert sorted(seeds["runs"][f"{key}-plain"]) == [0, 1, 2]
     assert seeds["runs"][f"{key}-guard"][2]["hinge_active"] == pytest.approx(0.6)
-    assert seeds["runs"][f"{key}-guard"][0]["hinge_active"] == pytest.approx(0.2)  # seed 0: table
+    assert seeds["runs"][f"{key}-guard"][0]["hinge_active"] == pytest.approx(0.2)
+    assert "hinge_active" not in seeds["runs"][f"{key}-plain"][0]
     assert seed_spread.max_seeds(seeds["runs"]) == 3
     assert f"{seeds_sweep.WORKROOT}/eval-digits_logprob-nft-plain-s1" in seeds["missing"]
     lines, records = seed_spread.delta_md(seeds["runs"])
@@ -266,14 +273,14 @@ def test_a_recall_that_flips_sign_is_no_verdict(repo):
     guard = {k: dict(v) for k, v in GUARD.items()}
     guard[2]["recall"] = 0.20                    # differences 0.10, 0.11, -0.10
     _write_seeds(repo, (0, 1, 2), guard)
-    seeds = seed_spread.collect(table_sweeps.collect()["main"])
+    seeds = seed_spread.collect()
     _, (r,) = seed_spread.delta_md(seeds["runs"])
     assert r["verdict"] == "no difference detected"
 
 
 def test_single_seed_falls_back_without_a_verdict(repo):
     _write_seeds(repo, (0,))
-    seeds = seed_spread.collect(table_sweeps.collect()["main"])
+    seeds = seed_spread.collect()
     assert seed_spread.max_seeds(seeds["runs"]) == 1
     lines, (r,) = seed_spread.delta_md(seeds["runs"])
     assert r["verdict"] == "cannot be decided (1 seed)" and r["fd"] == pytest.approx(-2.0)
@@ -281,28 +288,65 @@ def test_single_seed_falls_back_without_a_verdict(repo):
     assert "| -2.00 |" in row and "±" not in row
     assert "no verdict" in seed_spread.noise_md(1) and "12.71" in seed_spread.noise_md(1)
     assert "no verdict" not in seed_spread.noise_md(3) and "4.30" in seed_spread.noise_md(3)
-    main_table.analyse(("digits_contrast", "dpo"))
-    report = (repo / "results" / "main_table.md").read_text()
-    assert "Only seed 0 has finished: the main table above is the whole table." in report
-    assert "cannot be decided (1 seed)" in report and "treated as noise" not in report
+    seed_spread.report()
+    report = (repo / "results" / "main_table_seeds.md").read_text()
+    assert "cannot be decided (1 seed)" in report and "no verdict" in report
+    assert not (repo / "results" / "main_table_seeds_paired.png").exists()  # nothing to draw
 
 
 def test_report_with_three_seeds(repo):
     _write_seeds(repo, (0, 1, 2))
-    main_table.analyse(("digits_contrast", "dpo"))
-    report = (repo / "results" / "main_table.md").read_text()
-    assert "Only seed 0 has finished" not in report
+    seed_spread.report()
+    report = (repo / "results" / "main_table_seeds.md").read_text()
     assert "| digits_contrast | nft unguarded | 3 | 0.720 ± 0.012 |" in report
-    saved = json.loads((repo / "results" / "main_table.json").read_text())
+    assert "- digits: 6 cells" in report and seed_spread.machine() in report
+    assert "- shapes: no cell finished." in report
+    assert (repo / "results" / "main_table_seeds_paired.png").stat().st_size > 0
+    saved = json.loads((repo / "results" / "main_table_seeds.json").read_text())
     (r,) = saved["deltas"]
     assert r["verdict"] == "better (recall)" and r["seeds"] == [0, 1, 2]
-    assert saved["seeds"]["spread"][SETTING]["methods"][METHOD]["fd"] == pytest.approx(2.0)
+    assert saved["spread"][SETTING]["methods"][METHOD]["fd"] == pytest.approx(2.0)
+    assert set(saved["cells"]) == {f"eval-{SETTING}-{METHOD}-{arm}-s{k}"
+                                   for arm in ("plain", "guard") for k in (0, 1, 2)}
+
+
+def test_a_later_session_reads_the_earlier_cells_back_from_the_json(repo):
+    """Cells of an earlier session (workdir gone, fresh machine) come from the committed json;
+    a cell finished in this session's workdir wins over its archived record."""
+    _write_seeds(repo, (0, 1, 2))
+    first = seed_spread.report()
+    import shutil
+    shutil.rmtree(repo / seeds_sweep.WORKROOT)
+    again = seed_spread.report()
+    for key in ("deltas", "cells", "spread"):   # as text: nan != nan
+        assert json.dumps(again[key], sort_keys=True) == json.dumps(first[key], sort_keys=True)
+    report = (repo / "results" / "main_table_seeds.md").read_text()
+    assert "(6 read from the committed json)" in report
+    # This session reruns seed 2's unguarded cell with another result: the workdir wins.
+    _write_eval(repo / seeds_sweep.WORKROOT, f"eval-{SETTING}-{METHOD}-plain-s2", SETTING,
+                _values(fd=30.0, reward=0.72, rho=1.04))
+    third = seed_spread.report()
+    assert third["runs"][f"{SETTING}-{METHOD}-plain"][2]["fd"] == 30.0
+    assert third["cells"][f"eval-{SETTING}-{METHOD}-plain-s2"]["summary"]["fd"] == 30.0
+
+
+def test_a_half_run_on_two_machines_is_flagged():
+    cell = {"summary": {}, "finished": "2026-12-06", "source": "workdir"}
+    lines = seed_spread.provenance_md({
+        "eval-digits_logprob-nft-plain-s0": {**cell, "machine": "A"},
+        "eval-digits_logprob-nft-plain-s1": {**cell, "machine": "B", "source": "archive"},
+        "eval-base-digits-b1": {**cell, "machine": "A"},
+        "eval-shapes_rule-awm-guard-s2": {**cell, "machine": "A"}})
+    assert lines[0].startswith("- digits: 2 cells") and "More than one machine" in lines[0]
+    assert "(1 read from the committed json)" in lines[0]
+    assert lines[1].startswith("- shapes: 1 cells") and "More than one" not in lines[1]
+    assert lines[2].startswith("- re-pretrained bases: 1 cells")
 
 
 def test_rebase_spread_against_the_fixed_base(repo):
     _write_seeds(repo, (0, 1, 2))
-    main_root, seeds_root = repo / main_sweep.WORKROOT, repo / seeds_sweep.WORKROOT
-    _write_eval(main_root, "eval-base-digits", SETTING, _values(fd=2.0, reward=0.5))
+    seeds_root = repo / seeds_sweep.WORKROOT
+    _write_eval(seeds_root, "eval-base-digits", SETTING, _values(fd=2.0, reward=0.5))
     rebased = {1: (20.0, 0.30), 2: (6.0, 0.52)}   # (FD, recall) of the unguarded run on base k
     for k, (fd, recall) in rebased.items():
         _write_eval(seeds_root, f"eval-base-digits-b{k}", SETTING, _values(fd=2.0 + k))
@@ -310,7 +354,7 @@ def test_rebase_spread_against_the_fixed_base(repo):
                     _values(fd=fd, recall=recall))
         _write_eval(seeds_root, f"eval-{SETTING}-{METHOD}-guard-b{k}", SETTING,
                     _values(fd=fd - 1.0, recall=recall))
-    seeds = seed_spread.collect(table_sweeps.collect()["main"])
+    seeds = seed_spread.collect()
     assert sorted(seeds["rebase"]["base"]) == [0, 1, 2]
     assert seeds["rebase"]["plain"][0] == seeds["runs"][f"{SETTING}-{METHOD}-plain"][0]
     lines, out = seed_spread.rebase_md(seeds)
@@ -327,7 +371,7 @@ def test_rebase_spread_against_the_fixed_base(repo):
 
 
 def test_rebase_without_cells_says_so(repo):
-    seeds = seed_spread.collect(table_sweeps.collect()["main"])
+    seeds = seed_spread.collect()
     lines, out = seed_spread.rebase_md(seeds)
     assert out["paired"] is None and "none finished" in lines[-1]
 
@@ -337,6 +381,6 @@ def test_wall_time_counts_the_seeds_and_the_rebased_pretraining(repo):
     marker = repo / seeds_sweep.rebase_workdir(1) / "sweep_done.json"
     marker.parent.mkdir(parents=True)
     marker.write_text(json.dumps({"seconds": 510}))
-    line = main_table.wall_time_md()
-    assert "table 2 cells, 2 min" in line and "seeds 2 cells, 2 min" in line
-    assert "re-pretrained bases 1, 8 min" in line
+    line = seed_spread.wall_time_line()
+    assert "4 cells, 4 min, and 1 re-pretrained bases, 8 min" in line
+    assert "table 0 cells" in main_table.wall_time_md()   # the seeds are not the table's
