@@ -74,7 +74,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from normguard_jax import flow, lora, normguard, rl, sampling, sharding
-from normguard_jax.models import count_params, flux, make_velocity_fn, mmdit
+from normguard_jax.models import attention_impl, count_params, flux, make_velocity_fn, mmdit
 from normguard_jax.objectives import METHODS
 
 GiB = 2**30
@@ -307,14 +307,16 @@ def update_objective(normguard_weight: float = 0.1) -> Callable:
 
 
 def build_update(spec: ModelSpec, devices, *, remat: str = "none", min_shard_size: int = 2**16,
-                 normguard_weight: float = 0.1,
-                 lora_cfg: lora.LoRAConfig | None = None) -> tuple[Callable, tuple]:
+                 normguard_weight: float = 0.1, lora_cfg: lora.LoRAConfig | None = None,
+                 attention: str = "xla") -> tuple[Callable, tuple]:
     """The jitted RL update (NFT + NormGuard, AdamW) and its abstract sharded arguments.
 
     The program is ``rl.update`` jitted as ``rl.build_programs`` jits it: the trainable tree
     (θ, or with ``lora_cfg`` of rank > 0 the LoRA adapter), its AdamW state and θ_old (the
     trainable tree's dtype, float32, as ``rl_state.initial_state`` copies it) sharded by
     ``sharding.tree_shardings``, θ_ref (bfloat16) likewise, θ and the optimizer state donated.
+    ``attention``: the kernel of the blocks' attention (``models.attention_impl``; "flash" is
+    the Pallas TPU kernel, per device over the batch's shards).
 
     Returns:
       ``(jitted, args)``: ``jitted.lower(*args).compile()`` gives the program of one step;
@@ -324,6 +326,7 @@ def build_update(spec: ModelSpec, devices, *, remat: str = "none", min_shard_siz
     """
     mesh = mesh_of(devices)
     velocity, policy, trainable, reference = _policy_trees(spec, remat, lora_cfg)
+    velocity = attention_impl.bind(velocity, attention, mesh)
     optimizer = optax.adamw(1e-5, weight_decay=1e-4)
     args_params = sharding.abstract_tree(trainable, mesh, min_shard_size)
     opt_state = sharding.abstract_tree(jax.eval_shape(optimizer.init, trainable), mesh,
@@ -349,8 +352,8 @@ def build_update(spec: ModelSpec, devices, *, remat: str = "none", min_shard_siz
 
 
 def build_sample(spec: ModelSpec, devices, *, num_steps: int = 10, shift: float = 3.0,
-                 min_shard_size: int = 2**16,
-                 lora_cfg: lora.LoRAConfig | None = None) -> tuple[Callable, tuple]:
+                 min_shard_size: int = 2**16, lora_cfg: lora.LoRAConfig | None = None,
+                 attention: str = "xla") -> tuple[Callable, tuple]:
     """The jitted rollout sampler (ODE over ``num_steps`` steps, the model's guidance) and its
     abstract sharded arguments: the policy as ``rl.build_programs``' rollout takes it (θ, the
     float32 master weights, cast to bfloat16 by each layer; or with ``lora_cfg`` of rank > 0
@@ -358,6 +361,7 @@ def build_sample(spec: ModelSpec, devices, *, num_steps: int = 10, shift: float 
     (``sample_batch`` images per device), key."""
     mesh = mesh_of(devices)
     velocity, policy, trainable, reference = _policy_trees(spec, "none", lora_cfg)
+    velocity = attention_impl.bind(velocity, attention, mesh)
     params = policy(sharding.abstract_tree(reference, mesh, min_shard_size),
                     sharding.abstract_tree(trainable, mesh, min_shard_size))
     data_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
@@ -445,13 +449,21 @@ def tuning_name(lora_cfg: lora.LoRAConfig | None) -> str:
     return f"lora r{lora_cfg.rank} α{lora_cfg.alpha:g} {lora_cfg.targets}"
 
 
+def program_name(program: str, attention: str) -> str:
+    """The row's ``program``: ``program`` itself with XLA's attention, else
+    ``"<program>, <attention> attention"``."""
+    return program if attention == "xla" else f"{program}, {attention} attention"
+
+
 def run(models, chips, remats, *, num_steps: int, lora_cfgs=(None,),
-        programs=("update", "sample"), blocks=None, log=print) -> list[dict]:
+        programs=("update", "sample"), blocks=None, attentions=("xla",),
+        log=print) -> list[dict]:
     """Measures every (model, chip, tuning, program) cell; returns the rows (see
     :func:`measure`; plus ``host_peak_rss_gib``, the compiling process's peak resident memory
     so far, and ``trainable_params``). ``blocks``: compile the models at this reduced depth
     (:func:`with_blocks`; the rows get a ``blocks`` field and ``params`` stays the full
-    model's)."""
+    model's). ``attentions``: the attention kernels (``models.attention_impl``) each program is
+    compiled with."""
     rows = []
     for model in models:
         spec = MODELS[model]
@@ -465,14 +477,17 @@ def run(models, chips, remats, *, num_steps: int, lora_cfgs=(None,),
             devices = topology_devices(chip.topology)
             for lora_cfg in lora_cfgs:
                 cells = []
-                if "update" in programs:
-                    cells += [(f"update remat={r}",
-                               functools.partial(build_update, remat=r, lora_cfg=lora_cfg), 1)
-                              for r in remats]
-                if "sample" in programs:
-                    cells.append((f"sample {num_steps} steps",
-                                  functools.partial(build_sample, num_steps=num_steps,
-                                                    lora_cfg=lora_cfg), num_steps))
+                for att in attentions:
+                    if "update" in programs:
+                        cells += [(program_name(f"update remat={r}", att),
+                                   functools.partial(build_update, remat=r, lora_cfg=lora_cfg,
+                                                     attention=att), 1)
+                                  for r in remats]
+                    if "sample" in programs:
+                        cells.append((program_name(f"sample {num_steps} steps", att),
+                                      functools.partial(build_sample, num_steps=num_steps,
+                                                        lora_cfg=lora_cfg, attention=att),
+                                      num_steps))
                 trainable = jax.eval_shape(
                     lambda b, c=lora_cfg: rl.trainable_init(run_config(c), b), p)
                 for program, build, loop_steps in cells:
@@ -598,6 +613,9 @@ def main(argv=None) -> int:
     parser.add_argument("--remat", default="none,full",
                         help="remat policies of the update (models.layers.REMAT_POLICIES)")
     parser.add_argument("--programs", default="update,sample", help="update, sample or both")
+    parser.add_argument("--attention", default="xla",
+                        help="comma-separated attention kernels (models.attention_impl: xla, "
+                             "flash = the Pallas TPU flash kernel)")
     parser.add_argument("--num_steps", type=int, default=10, help="sampler steps")
     parser.add_argument("--blocks", default="",
                         help="compile at a reduced depth 'N1,N2' (MMDiT dual-attention, plain "
@@ -632,7 +650,9 @@ def main(argv=None) -> int:
         print(HEADER, flush=True)
         blocks = tuple(int(b) for b in a.blocks.split(",")) if a.blocks else None
         rows = run(models, chips, remats, num_steps=a.num_steps, lora_cfgs=lora_cfgs,
-                   programs=programs, blocks=blocks, log=lambda line: print(line, flush=True))
+                   programs=programs, blocks=blocks,
+                   attentions=tuple(attention_impl.check(x) for x in a.attention.split(",")),
+                   log=lambda line: print(line, flush=True))
     meta = {"jax": jax.__version__, "command": "python -m benchmarks.tpu_aot " +
             " ".join(sys.argv[1:] if argv is None else argv),
             "chips": {k: dataclasses.asdict(v) for k, v in CHIPS.items()},

@@ -35,6 +35,8 @@ def make(method: str, objective: dict) -> ml_collections.ConfigDict:
                                 # FLUX models without a guidance embedding).
     c.base.remat = "none"       # none | full | dots: rematerialisation of the transformer blocks
                                 # in the backward pass (models.layers.REMAT_POLICIES).
+    c.base.attention = "xla"    # xla | flash: the MMDiT/FLUX attention kernel in rollouts and
+                                # updates (models.attention_impl; flash = Pallas, TPU only).
 
     c.rewards = ml_collections.ConfigDict()   # reward name -> weight (normguard_jax.rewards.REWARDS).
     c.rewards.classifier_logprob = 1.0        # alignment: log p(class | image); saturates near 0.

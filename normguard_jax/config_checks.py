@@ -185,7 +185,7 @@ RESUME_ALLOWED = (
     "train.checkpoint_every", "train.keep_checkpoints", "train.max_nonfinite",
     "sample.num_steps", "sample.shift", "sample.guidance_scale", "sample.per_class",
     "data.data_dir", "mesh.data", "mesh.fsdp", "mesh.min_shard_size",
-    "normguard.log_grad_norms",
+    "normguard.log_grad_norms", "base.attention",
 )
 # Blocks never compared: how the processes of one launch find each other (the coordinator's
 # address changes from launch to launch and process_id from process to process).
@@ -227,6 +227,7 @@ ADDED_FIELDS = {
     "base.param_dtype": "float32",
     "base.guidance": 3.5,
     "base.remat": "none",
+    "base.attention": "xla",              # the same maths by another kernel
     "sample.renormalize_phi": 1.0,        # evaluate: full renormalisation (when renormalising)
     "sample.renormalize_sigma_max": 1.0,  # evaluate: at every step
 }

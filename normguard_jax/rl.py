@@ -38,6 +38,7 @@ from absl import logging
 from normguard_jax import (advantages, auxnets, checkpointing, conditioning, config_checks,
                            distributed, flow, generators, lora, loop, models, nonfinite,
                            normguard, optim, paths, reporting, rewards, sampling, sharding)
+from normguard_jax.models import attention_impl
 from normguard_jax.objectives import METHODS
 from normguard_jax.objectives.base import BatchSpec, Context, Rollout
 from normguard_jax.rl_state import (OLD_POLICY_DECAY_PRESETS, RLState, initial_state,
@@ -132,6 +133,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     c = config_checks
     c.integer(config, "seed", 0)
     c.one_of(config, "method", METHODS)
+    if c.one_of(config, "base.attention", attention_impl.IMPLEMENTATIONS) == "flash" and (
+            jax.default_backend() != "tpu"):
+        raise c.ConfigError("config.base.attention='flash' is the Pallas TPU kernel; this "
+                            f"backend is {jax.default_backend()!r}: use 'xla'")
     c.integer(config, "rollout.prompts_per_iter", 1)
     c.integer(config, "rollout.group_size", 2)
     c.one_of(config, "rollout.sampler", sampling.STEP_FNS)
@@ -773,7 +778,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, hooks: Iterable[Hook],
     table = generators.prompt_table(base, "train")
     reward_fn = build_reward(config, base, table)
     optimizer, schedule = build_optimizer(config)
-    base = base._replace(velocity=run_velocity(config, base))
+    base = base._replace(velocity=attention_impl.bind(run_velocity(config, base),
+                                                      config.base.attention, mesh))
     programs = build_programs(config, base, mesh, reward_fn, optimizer,
                               null=None if table.is_class else table.device_null())
     ref_params = sharding.shard_tree(reference_params(config, base.params), mesh,

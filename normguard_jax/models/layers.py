@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from normguard_jax.models import config_kwargs
+from normguard_jax.models import attention_impl, config_kwargs
 from normguard_jax.models.embeddings import SIGMA_SCALE
 
 # eps of every LayerNorm and of the q/k RMSNorms.
@@ -248,9 +248,10 @@ class Attention(nnx.Module):
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """Softmax attention, scale 1/sqrt(head_dim), logits and softmax in float32 whatever the
-    input dtype (``jax.nn.dot_product_attention``): q (B, S, heads, head_dim), k, v
-    (B, S', heads, head_dim) -> (B, S, heads·head_dim)."""
-    out = jax.nn.dot_product_attention(q, k, v)
+    input dtype: q (B, S, heads, head_dim), k, v (B, S', heads, head_dim) ->
+    (B, S, heads·head_dim). The kernel is ``attention_impl``'s choice in effect at trace time
+    (default ``jax.nn.dot_product_attention``'s XLA path; ``"flash"``: the Pallas TPU kernel)."""
+    out = attention_impl.attention(q, k, v)
     return out.reshape(out.shape[0], out.shape[1], -1)
 
 
