@@ -407,7 +407,7 @@ def noise_md(max_n: int) -> str:
             f"({crit}; n = seeds with both arms finished). Each of FD, recall and judged real "
             "is tested on its own, with no correction for testing three metrics in twelve "
             "pairs. The measured seed spread (std over seeds of the unguarded runs) is in "
-            "\"Seeds\" below.")
+            "\"Seed spread\" below.")
     if max_n < 2:
         return head + (" Only seed 0 has finished for every pair, so there is no standard "
                        "error and no verdict yet: the table below is the single-seed table, "
