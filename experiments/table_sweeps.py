@@ -155,14 +155,10 @@ def metric_rows(workdir: str, key: str) -> list[dict]:
 
 def hinge_activity(workroot: str, name: str) -> float | None:
     """Mean over the logged iterations of the fraction of training rows where the hinge was
-    active (``train/normguard/active_frac`` in the RL cell's metrics.jsonl), or None."""
-    path = os.path.join(REPO, workroot, name, "metrics.jsonl")
-    if not os.path.exists(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    values = [r["train/normguard/active_frac"] for r in rows
-              if "train/normguard/active_frac" in r]
+    active (``train/normguard/active_frac`` in the RL cell's metrics.jsonl; an iteration logged
+    again after a resume counts once, its last line), or None."""
+    key = "train/normguard/active_frac"
+    values = [r[key] for r in metric_rows(os.path.join(REPO, workroot, name), key)]
     return float(np.mean(values)) if values else None
 
 

@@ -199,7 +199,8 @@ def _write_eval(root, name, setting, values, active=None):
         rl = root / ("rl-" + name[len("eval-"):])
         rl.mkdir(parents=True)
         (rl / "metrics.jsonl").write_text(
-            "\n".join(json.dumps({"train/normguard/active_frac": a}) for a in active))
+            "\n".join(json.dumps({"step": 4 * (i + 1), "train/normguard/active_frac": a})
+                      for i, a in enumerate(active)))
 
 
 def _values(**kw):
@@ -384,3 +385,16 @@ def test_wall_time_counts_the_seeds_and_the_rebased_pretraining(repo):
     line = seed_spread.wall_time_line()
     assert "4 cells, 4 min, and 1 re-pretrained bases, 8 min" in line
     assert "table 0 cells" in main_table.wall_time_md()   # the seeds are not the table's
+
+
+def test_hinge_activity_counts_a_resumed_iteration_once(repo):
+    """A run resumed after iteration 4 logs it again: the last line of a step wins."""
+    cell = repo / "root" / "rl-x"
+    cell.mkdir(parents=True)
+    lines = [{"step": 4, "train/normguard/active_frac": 0.9},
+             {"step": 4, "train/normguard/active_frac": 0.3},   # the resumed run's line
+             {"step": 8, "train/normguard/active_frac": 0.5},
+             {"step": 8, "train/loss": 1.0}]
+    (cell / "metrics.jsonl").write_text("\n".join(map(json.dumps, lines)))
+    assert table_sweeps.hinge_activity("root", "rl-x") == pytest.approx(0.4)
+    assert table_sweeps.hinge_activity("root", "missing") is None
