@@ -56,7 +56,7 @@ import time
 
 from configs import rl_table
 from configs.sweeps import table_norms
-from experiments import sweep
+from experiments import sweep, tables
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
@@ -124,13 +124,8 @@ def save_timings(timings: dict) -> None:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}"
+    """Cores, CPU model and Python version, for compute.md."""
+    return f"{os.cpu_count()} cores, {tables.cpu()[0]}, Python {platform.python_version()}"
 
 
 def cell_times(sweeps_root: str = os.path.join(REPO, "workdir", "sweeps")) -> list[tuple]:

@@ -22,7 +22,6 @@ import datetime
 import json
 import math
 import os
-import platform
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -78,15 +77,43 @@ def significant_sign(d: Mapping, alpha: float = ALPHA) -> int:
     return 1 if d["mean"] > 0 else -1
 
 
-def verdict(diffs: Mapping[str, Mapping], alpha: float = ALPHA) -> str:
+def p_value(d: Mapping) -> float:
+    """Two-sided p-value of a paired difference's t with n − 1 degrees of freedom (nan for
+    n < 2 or an undefined t; 0 for an infinite t)."""
+    if d["n"] < 2 or math.isnan(d["t"]):
+        return float("nan")
+    return float(2 * stats.t.sf(abs(d["t"]), d["n"] - 1))
+
+
+def holm(pvalues: Sequence[float], alpha: float = ALPHA) -> list[bool]:
+    """Holm's step-down correction for testing ``len(pvalues)`` hypotheses at family-wise error
+    ``alpha``: sorted ascending, the i-th smallest (0-based) is rejected while
+    p ≤ alpha / (m − i); the first that is not stops the rejections. A nan p-value (no
+    standard error) counts as untested: it is never rejected and does not enlarge m.
+    Returns, in the input order, whether each hypothesis is rejected."""
+    tested = sorted((p, i) for i, p in enumerate(pvalues) if not math.isnan(p))
+    rejected = [False] * len(pvalues)
+    for rank, (p, i) in enumerate(tested):
+        if p > alpha / (len(tested) - rank):
+            break
+        rejected[i] = True
+    return rejected
+
+
+def verdict(diffs: Mapping[str, Mapping], alpha: float = ALPHA,
+            survives: Mapping[str, bool] | None = None) -> str:
     """Quality verdict of guarded − unguarded from the paired differences of the
     ``QUALITY_SIGNS`` metrics: ``better``/``worse``/``mixed`` (naming the metrics that moved
-    beyond the critical value), ``no difference detected`` or, for one seed, undecided."""
+    beyond the critical value), ``no difference detected`` or, for one seed, undecided.
+    ``survives``: metric -> whether its test survives a multiple-testing correction
+    (:func:`holm`); a metric that does not is not counted as moved."""
     n = diffs["fd"]["n"]
     if n < 2:
         return f"cannot be decided ({n} seed{'s' if n != 1 else ''})"
     labels = dict((k, label) for k, label, _ in PAIRED)
-    moved = {k: s * significant_sign(diffs[k], alpha) for k, s in QUALITY_SIGNS.items()}
+    moved = {k: s * significant_sign(diffs[k], alpha)
+             * (1 if survives is None or survives.get(k, False) else 0)
+             for k, s in QUALITY_SIGNS.items()}
     up = [labels[k] for k, m in moved.items() if m > 0]
     down = [labels[k] for k, m in moved.items() if m < 0]
     if up and down:
@@ -137,18 +164,9 @@ def pooled(spreads: Sequence[Mapping[str, float]], keys: Sequence[str]) -> dict[
 
 
 def machine() -> str:
-    """This machine in one line: cores, CPU model, whether it has AVX-512 (XLA:CPU rounds
-    differently with it, so runs on two kinds of CPU do not agree bit for bit)."""
-    cpu, avx512 = platform.machine(), False
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            lines = f.readlines()
-        cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")),
-                   cpu)
-        avx512 = any(ln.startswith("flags") and " avx512f" in ln for ln in lines)
-    except OSError:
-        pass
-    return f"{os.cpu_count()} cores, {cpu}{', AVX-512' if avx512 else ''}"
+    """This machine in one line: cores, CPU model, whether it has AVX-512."""
+    model, avx512 = tables.cpu()
+    return f"{os.cpu_count()} cores, {model}{', AVX-512' if avx512 else ''}"
 
 
 def load_archive(path: str = "") -> dict:
@@ -279,23 +297,27 @@ def max_seeds(runs: Mapping[str, Mapping[int, dict]]) -> int:
 
 def delta_md(runs: Mapping[str, Mapping[int, dict]]) -> tuple[list[str], list[dict]]:
     """Guarded − unguarded per setting and method, paired over the seeds with both arms
-    finished, with the verdict; and one record per pair (means, s.e., t, n, verdict)."""
+    finished, with two verdicts: each quality metric tested on its own (``verdict``), and
+    after Holm's correction over every quality test of the table (``verdict_holm``: 3 metrics
+    × the pairs with ≥ 2 seeds); and one record per pair (means, s.e., t, p, n, verdicts)."""
     head = ["setting", "method", "seeds", *[f"Δ {label}" for _, label, _ in PAIRED],
             "out of range unguarded → guarded", "ρ unguarded → guarded",
-            "hinge active (training)", "quality: guarded vs unguarded"]
-    lines = [tables.row(head), "|---|---|---:|" + "---:|" * len(PAIRED) + "---|---|---:|---|"]
-    records = []
+            "hinge active (training)", "quality: guarded vs unguarded",
+            "after Holm's correction"]
+    lines = [tables.row(head), "|---|---|---:|" + "---:|" * len(PAIRED) + "---|---|---:|---|---|"]
+    records, pending = [], []
     for setting in rl_table.SETTINGS:
         for method in main_sweep.METHODS:
             key = f"{setting}-{method}"
             seeds = paired_seeds(runs, key)
             if not seeds:
-                lines.append(tables.row([setting, method, "0", "not run"]
-                                        + [""] * (len(head) - 4)))
+                pending.append(None)
+                records.append({"setting": setting, "method": method, "seeds": []})
                 continue
             plain, guard = runs[f"{key}-plain"], runs[f"{key}-guard"]
             diffs = paired_diffs(plain, guard, seeds)
-            v = verdict(diffs)
+            for d in diffs.values():
+                d["p"] = p_value(d)
             mean = {arm: {k: float(np.mean([rows[s][k] for s in seeds]))
                           for k in ("out_of_range", "rho")}
                     for arm, rows in (("plain", plain), ("guard", guard))}
@@ -303,17 +325,29 @@ def delta_md(runs: Mapping[str, Mapping[int, dict]]) -> tuple[list[str], list[di
             hinge = None if any(h is None for h in hinge) else float(np.mean(hinge))
             records.append({"setting": setting, "method": method, "seeds": seeds,
                             **{k: d["mean"] for k, d in diffs.items()}, "paired": diffs,
-                            "verdict": v, "out_of_range_plain": mean["plain"]["out_of_range"],
+                            "verdict": verdict(diffs),
+                            "out_of_range_plain": mean["plain"]["out_of_range"],
                             "out_of_range_guard": mean["guard"]["out_of_range"],
                             "rho_plain": mean["plain"]["rho"], "rho_guard": mean["guard"]["rho"],
                             "hinge_active": hinge})
-            lines.append(tables.row(
-                [setting, method, str(len(seeds)),
-                 *[fmt_diff(diffs[k], spec) for k, _, spec in PAIRED],
-                 f"{mean['plain']['out_of_range']:.3f} → {mean['guard']['out_of_range']:.3f}",
-                 f"{mean['plain']['rho']:.3f} → {mean['guard']['rho']:.3f}",
-                 tables.fmt(hinge, "{:.2f}"), v]))
-    return lines, records
+            pending.append(diffs)
+    family = [(i, k) for i, diffs in enumerate(pending) if diffs for k in QUALITY_SIGNS]
+    rejected = dict(zip(family, holm([pending[i][k]["p"] for i, k in family])))
+    tests = sum(not math.isnan(pending[i][k]["p"]) for i, k in family)
+    for i, (r, diffs) in enumerate(zip(records, pending)):
+        if diffs is None:
+            lines.append(tables.row([r["setting"], r["method"], "0", "not run"]
+                                    + [""] * (len(head) - 4)))
+            continue
+        r["verdict_holm"] = verdict(diffs, survives={k: rejected[(i, k)] for k in QUALITY_SIGNS})
+        r["holm_tests"] = tests
+        lines.append(tables.row(
+            [r["setting"], r["method"], str(len(r["seeds"])),
+             *[fmt_diff(diffs[k], spec) for k, _, spec in PAIRED],
+             f"{r['out_of_range_plain']:.3f} → {r['out_of_range_guard']:.3f}",
+             f"{r['rho_plain']:.3f} → {r['rho_guard']:.3f}",
+             tables.fmt(r["hinge_active"], "{:.2f}"), r["verdict"], r["verdict_holm"]]))
+    return lines, [r for r in records if r["seeds"]]
 
 
 def mean_table_md(runs: Mapping[str, Mapping[int, dict]]) -> list[str]:
@@ -401,13 +435,19 @@ def rebase_md(seeds: dict) -> tuple[list[str], dict]:
 def noise_md(max_n: int) -> str:
     """The paragraph stating how noise is judged, with the critical values used."""
     crit = ", ".join(f"n = {n}: {t_critical(n):.2f}" for n in range(2, max(max_n, 3) + 1))
+    m = len(QUALITY_SIGNS) * len(rl_table.SETTINGS) * len(main_sweep.METHODS)
+    holm_t = t_critical(max(max_n, 3), ALPHA / m)
     head = (f"Noise is measured, not assumed. A guarded − unguarded difference is paired by seed "
             f"and counts as a change when |t| = |mean| / s.e. exceeds the two-sided "
             f"{ALPHA * 100:g} % critical value of Student's t with n − 1 degrees of freedom "
             f"({crit}; n = seeds with both arms finished). Each of FD, recall and judged real "
-            "is tested on its own, with no correction for testing three metrics in twelve "
-            "pairs. The measured seed spread (std over seeds of the unguarded runs) is in "
-            "\"Seed spread\" below.")
+            "is tested on its own in the verdict column; the last column keeps only the tests "
+            "that survive Holm's step-down correction over every quality test of the table "
+            f"(three metrics × the pairs with two seeds or more, family-wise {ALPHA * 100:g} "
+            f"%; with {max(max_n, 3)} seeds in all {m // len(QUALITY_SIGNS)} pairs ({m} tests) "
+            f"the smallest p-value must beat "
+            f"{ALPHA:g} / {m}, |t| > {holm_t:.1f}). The measured seed spread (std over seeds of the unguarded runs) is in \"Seed "
+            "spread\" below.")
     if max_n < 2:
         return head + (" Only seed 0 has finished for every pair, so there is no standard "
                        "error and no verdict yet: the table below is the single-seed table, "

@@ -6,6 +6,8 @@ table, a missing value, a mean ± standard error and an early-stopping match the
 
 from __future__ import annotations
 
+import os
+import platform
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -75,3 +77,19 @@ def interpolate_at_reward(path: Sequence[tuple[int, dict]], reward: float, key: 
             w = (reward - a["reward"]) / (b["reward"] - a["reward"])
             return a[key] + w * (b[key] - a[key])
     return None
+
+
+def cpu() -> tuple[str, bool]:
+    """This machine's CPU model (``/proc/cpuinfo``, else the platform's name) and whether it has
+    AVX-512 (XLA:CPU rounds differently with it, so runs on two kinds of CPU do not agree bit
+    for bit)."""
+    model, avx512 = platform.processor() or platform.machine(), False
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            lines = f.readlines()
+    except OSError:
+        return model, avx512
+    model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")),
+                 model)
+    avx512 = any(ln.startswith("flags") and " avx512f" in ln for ln in lines)
+    return model, avx512

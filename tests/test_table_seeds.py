@@ -398,3 +398,46 @@ def test_hinge_activity_counts_a_resumed_iteration_once(repo):
     (cell / "metrics.jsonl").write_text("\n".join(map(json.dumps, lines)))
     assert table_sweeps.hinge_activity("root", "rl-x") == pytest.approx(0.4)
     assert table_sweeps.hinge_activity("root", "missing") is None
+
+
+def test_holm_step_down():
+    """Holm: the i-th smallest p is compared with α/(m − i) and the first failure stops; nan
+    p-values are untested (not rejected, not counted in m)."""
+    nan = float("nan")
+    assert seed_spread.holm([0.01, 0.04, 0.03]) == [True, False, False]      # 0.03 > 0.05/2
+    assert seed_spread.holm([0.001, 0.02, 0.5]) == [True, True, False]       # 0.02 ≤ 0.05/2
+    assert seed_spread.holm([0.03, 0.03]) == [False, False]                  # 0.03 > 0.05/2
+    assert seed_spread.holm([0.02, nan]) == [True, False]                    # m = 1
+    assert seed_spread.holm([]) == []
+
+
+def test_p_value_matches_the_critical_value():
+    crit = seed_spread.t_critical(3)
+    assert seed_spread.p_value(_d(-1.0, crit)) == pytest.approx(0.05, rel=1e-9)
+    assert seed_spread.p_value(_d(-1.0, -math.inf)) == 0.0
+    assert math.isnan(seed_spread.p_value(_d(-1.0, float("nan"), n=1)))
+
+
+def test_holm_verdict_over_the_whole_table():
+    """Every pair of the table with PLAIN/GUARD's recall gain (t ≈ 4.9 on 3 seeds, p ≈ 0.003):
+    each is "better" on its own, none survives Holm over 3 × 12 tests (p must beat 0.05/36 for
+    the smallest); one pair with a near-exact gain (t in the hundreds) survives alone."""
+    runs = {}
+    pairs = [f"{s}-{m}" for s in rl_table.SETTINGS for m in main_sweep.METHODS]
+    for key in pairs:
+        runs[f"{key}-plain"], runs[f"{key}-guard"] = dict(PLAIN), dict(GUARD)
+    sure = pairs[0]
+    runs[f"{sure}-guard"] = {k: dict(PLAIN[k], recall=PLAIN[k]["recall"] + 0.1 + 1e-4 * k)
+                             for k in PLAIN}
+    _, records = seed_spread.delta_md(runs)
+    assert len(records) == len(pairs) == 12
+    by_pair = {f"{r['setting']}-{r['method']}": r for r in records}
+    assert by_pair[sure]["verdict"] == by_pair[sure]["verdict_holm"] == "better (recall)"
+    for key in pairs[1:]:
+        r = by_pair[key]
+        assert r["paired"]["recall"]["p"] == pytest.approx(0.0033, abs=2e-4)
+        assert r["verdict"] == "better (recall)"
+        assert r["verdict_holm"] == "no difference detected"
+    # FD and recall are tested in every pair but the sure one, whose FD is equal in both arms
+    # (no s.e., untested), as judged real is everywhere: 2 × 11 + 1.
+    assert {r["holm_tests"] for r in records} == {23}
