@@ -457,16 +457,20 @@ def program_name(program: str, attention: str) -> str:
 
 def run(models, chips, remats, *, num_steps: int, lora_cfgs=(None,),
         programs=("update", "sample"), blocks=None, attentions=("xla",),
-        log=print) -> list[dict]:
+        update_batch=None, log=print) -> list[dict]:
     """Measures every (model, chip, tuning, program) cell; returns the rows (see
     :func:`measure`; plus ``host_peak_rss_gib``, the compiling process's peak resident memory
     so far, and ``trainable_params``). ``blocks``: compile the models at this reduced depth
     (:func:`with_blocks`; the rows get a ``blocks`` field and ``params`` stays the full
     model's). ``attentions``: the attention kernels (``models.attention_impl``) each program is
-    compiled with."""
+    compiled with. ``update_batch``: rows per device of the update instead of the model's
+    (a micro-step of an accumulated update: ``train.minibatch_size`` with
+    ``optim.accumulate_steps``)."""
     rows = []
     for model in models:
         spec = MODELS[model]
+        if update_batch:
+            spec = dataclasses.replace(spec, update_batch=int(update_batch))
         _, p = spec.build("none", jnp.bfloat16, jnp.float32)
         n_params = count_params(p)
         if blocks is not None:
@@ -513,9 +517,10 @@ def run(models, chips, remats, *, num_steps: int, lora_cfgs=(None,),
 
 
 def cell_key(row: dict, depth: bool = False) -> tuple:
-    """What identifies a cell of the table; with ``depth`` also the compiled depth (rows of the
-    same cell and depth replace each other in ``--append``)."""
-    key = (row["model"], row.get("tuning", "full"), row["chip"], row["program"])
+    """What identifies a cell of the table (with its rows per device); with ``depth`` also the
+    compiled depth (rows of the same cell and depth replace each other in ``--append``)."""
+    key = (row["model"], row.get("tuning", "full"), row["chip"], row["program"],
+           row["batch_per_device"])
     return key + (tuple(row.get("blocks") or ()),) if depth else key
 
 
@@ -549,7 +554,8 @@ def _order(row: dict) -> tuple:
     return (models.index(row["model"]) if row["model"] in models else len(models),
             row.get("tuning", "full") != "full", row.get("tuning", "full"),
             chips.index(row["chip"]) if row["chip"] in chips else len(chips),
-            remats.index(program) if program in remats else len(remats), program)
+            remats.index(program) if program in remats else len(remats), program,
+            -row["batch_per_device"])
 
 
 def _markdown_row(r: dict) -> str:
@@ -617,6 +623,9 @@ def main(argv=None) -> int:
                         help="comma-separated attention kernels (models.attention_impl: xla, "
                              "flash = the Pallas TPU flash kernel)")
     parser.add_argument("--num_steps", type=int, default=10, help="sampler steps")
+    parser.add_argument("--update_batch", type=int, default=0,
+                        help="rows per device of the update (default: the model's); fewer rows "
+                             "are one micro-step of an accumulated update")
     parser.add_argument("--blocks", default="",
                         help="compile at a reduced depth 'N1,N2' (MMDiT dual-attention, plain "
                              "blocks; FLUX double, single blocks); the markdown extrapolates")
@@ -630,6 +639,8 @@ def main(argv=None) -> int:
     parser.add_argument("--markdown", action="store_true",
                         help="only print --out's rows as a markdown table (no compiling)")
     a = parser.parse_args(argv)
+    if a.update_batch < 0:
+        parser.error(f"--update_batch={a.update_batch} must be ≥ 1 (or 0 for the model's)")
     if a.markdown:
         with open(a.out, encoding="utf-8") as f:
             print(markdown(json.load(f)["rows"]))
@@ -640,7 +651,7 @@ def main(argv=None) -> int:
     if a.failed:
         rows = [{"model": m, "tuning": tuning_name(c), "chip": ch, "topology": CHIPS[ch].topology,
                  "program": prog, "batch_per_device": (MODELS[m].sample_batch if prog.startswith("sample")
-                                                       else MODELS[m].update_batch),
+                                                       else a.update_batch or MODELS[m].update_batch),
                  "error": a.failed}
                 for m in models for ch in chips for c in lora_cfgs
                 for prog in ([f"update remat={r}" for r in remats] if "update" in programs
@@ -650,7 +661,7 @@ def main(argv=None) -> int:
         print(HEADER, flush=True)
         blocks = tuple(int(b) for b in a.blocks.split(",")) if a.blocks else None
         rows = run(models, chips, remats, num_steps=a.num_steps, lora_cfgs=lora_cfgs,
-                   programs=programs, blocks=blocks,
+                   programs=programs, blocks=blocks, update_batch=a.update_batch or None,
                    attentions=tuple(attention_impl.check(x) for x in a.attention.split(",")),
                    log=lambda line: print(line, flush=True))
     meta = {"jax": jax.__version__, "command": "python -m benchmarks.tpu_aot " +

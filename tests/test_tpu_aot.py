@@ -238,3 +238,35 @@ def test_extrapolation_from_reduced_depths_recovers_the_parameter_count(model, d
     # The table marks the extrapolated cell and lists the compiles it came from.
     table = tpu_aot.markdown(rows)
     assert "update remat=full ≈" in table and "Reduced-depth compiles" in table
+
+
+def test_update_batch_is_part_of_the_cell(tmp_path):
+    """Rows per device are part of a cell: ``--update_batch`` cells are appended beside the
+    model's own batch, not over it, and each batch is extrapolated from its own depths (a
+    fit across both batches would mix two programs)."""
+    out = str(tmp_path / "aot.json")
+    for batch in ("0", "4"):
+        tpu_aot.main(["--models", "flux-dev", "--chips", "v5e-8", "--lora", "32", "--remat",
+                      "full", "--programs", "update", "--failed", f"b{batch}", "--out", out,
+                      "--append", "--update_batch", batch])
+    with open(out, encoding="utf-8") as f:
+        rows = json.load(f)["rows"]
+    assert sorted((r["batch_per_device"], r["error"]) for r in rows) == [(4, "b4"), (8, "b0")]
+    with pytest.raises(SystemExit):
+        tpu_aot.main(["--update_batch", "-1", "--out", out])
+
+    spec = tpu_aot.MODELS["flux-dev"]
+    rows = []
+    for batch, scale in ((8, 1.0), (4, 0.5)):
+        for blocks in ((1, 2), (2, 4)):
+            n = count_params(tpu_aot.with_blocks(spec, blocks).build(
+                "none", jnp.bfloat16, jnp.float32)[1])
+            rows.append(dict({f: scale * n for f in tpu_aot.EXTENSIVE}, model="flux-dev",
+                             tuning="lora", chip="v5e-8", program="update remat=full",
+                             batch_per_device=batch, blocks=list(blocks), alias_bytes=0))
+    full = count_params(spec.build("none", jnp.bfloat16, jnp.float32)[1])
+    fits = {r["batch_per_device"]: r for r in tpu_aot.extrapolate(rows)}
+    assert set(fits) == {8, 4}
+    assert fits[8]["flops"] == pytest.approx(full, rel=1e-9)
+    assert fits[4]["flops"] == pytest.approx(full / 2, rel=1e-9)
+    assert fits[4]["fit_residual"] < 1e-9
