@@ -422,3 +422,15 @@ def test_prompt_rewards_read_the_tables_texts(pipeline, tmp_path):
     off_diagonal = logits[~np.eye(3, dtype=bool)].reshape(3, 2)
     assert (np.abs(off_diagonal - ours[:, None]) > 0.1).all()
     np.testing.assert_allclose(np.asarray(total), np.asarray(parts["pickscore"]))
+
+
+@pytest.mark.parametrize("method,updates", [("grpo", 2), ("nft", 1), ("awm", 1), ("am", 1)])
+def test_flux_micro_steps_are_four_rows_per_chip(method, updates):
+    """rl_flux.py trains on 4 rows per chip per micro-step on 8 chips (the size whose LoRA
+    update was compiled to fit a v5e), accumulated to the references' optimizer updates."""
+    config = load_config_file("rl_flux.py", method)
+    assert config.train.minibatch_size == 32
+    micro = rl.updates_per_iteration(config)
+    assert micro * config.train.minibatch_size == (config.train.inner_epochs
+                                                   * rl.rows_per_iteration(config))
+    assert micro == updates * config.optim.accumulate_steps
